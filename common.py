@@ -120,6 +120,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "w"):
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a normal file is what users expect
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

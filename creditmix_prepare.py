@@ -1,0 +1,77 @@
+"""Balance CreditMix classes and write the SFT / KD / DPO training files plus a held-out validation file.
+
+    python creditmix_prepare.py --src data/creditmix_dataset.json --outdir data
+    python creditmix_prepare.py --src ../shared/data/creditmix/creditmix_labeled.jsonl --outdir runs/data_cm6
+    python creditmix_prepare.py --src ../shared/data/creditmix/kaggle_credit_score_subset.csv --features rich --outdir runs/data_cm20
+
+Sources: the README's seed format ({"question": features, "answer": Good|Standard|Bad}, JSON list or JSONL), a
+Kaggle-style credit CSV (dirty values cleaned; Name, SSN and Credit_Score never reach a prompt; Credit_Mix "_" rows
+skipped and counted), or creditmix_labeled.jsonl (its `source_split` holdout becomes the validation split).
+Writes creditmix_{sft,kd,dpo}.jsonl (balanced: per-class cap = smallest class), creditmix_val.jsonl (balanced, no
+prompt shared with training) and creditmix_prepare.json (what was done). eval_creditmix.py rebuilds the same
+validation split from the same --src, --features and --seed.
+"""
+import argparse
+import random
+from collections import Counter
+from pathlib import Path
+
+import creditmix as cm
+from common import sha256_file, user_errors, write_json, write_jsonl
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    p.add_argument("--src", required=True, help="seed JSON/JSONL, Kaggle CSV, or creditmix_labeled.jsonl")
+    p.add_argument("--features", default="readme",
+                   help="Kaggle columns for the prompt: 'readme' (the README's six), 'rich' (twenty) or a "
+                        "comma-separated list; ignored for the seed format")
+    p.add_argument("--val_per_class", type=int, default=None,
+                   help="validation rows per class (default: the whole balanced holdout if the source has one, "
+                        "else --val_frac of the smallest class)")
+    p.add_argument("--val_frac", type=float, default=0.1, help="validation share of the smallest class")
+    p.add_argument("--seed", type=int, default=42, help="seed of the split and of DPO's rejected labels")
+    # output
+    p.add_argument("--outdir", default="data", help="folder for the creditmix_*.jsonl files")
+    return p.parse_args(argv)
+
+
+def training_files(train: list[dict], seed: int) -> dict[str, list[dict]]:
+    """The README's three formats from the balanced training rows; DPO's rejected is a wrong label."""
+    rng = random.Random(seed)
+    prompts = [cm.prompt_for(r["features"]) for r in train]
+    return {
+        "creditmix_sft.jsonl": [{"input": p, "output": r["label"]} for p, r in zip(prompts, train)],
+        "creditmix_kd.jsonl": [{"input": p, "teacher_output": r["label"]} for p, r in zip(prompts, train)],
+        "creditmix_dpo.jsonl": [{"prompt": p, "chosen": r["label"], "rejected": cm.wrong_label(r["label"], rng)}
+                                for p, r in zip(prompts, train)],
+    }
+
+
+def main(args):
+    # load
+    cols = cm.resolve_features(args.features)
+    rows, report = cm.load_examples(args.src, cols)
+    # run
+    val, train = cm.split_balanced(rows, args.seed, args.val_per_class, args.val_frac)
+    files = training_files(train, args.seed)
+    files["creditmix_val.jsonl"] = [{"input": cm.prompt_for(r["features"]), "output": r["label"],
+                                     "features": r["features"]} for r in val]
+    # save
+    out = Path(args.outdir)
+    for name, recs in files.items():
+        write_jsonl(out / name, recs)
+    summary = {"src": str(args.src), "src_sha256": sha256_file(args.src), "features": cols, "seed": args.seed,
+               "val_per_class": len(val) // len(cm.LABELS), "train_per_class": len(train) // len(cm.LABELS),
+               "source_counts": dict(Counter(r["label"] for r in rows)), **report}
+    write_json(out / "creditmix_prepare.json", summary)
+    skipped = f", skipped {report['skipped_unknown_label']} rows with unknown Credit_Mix" if report else ""
+    print(f"{len(rows)} labelled rows{skipped}; per class: {summary['train_per_class']} train, "
+          f"{summary['val_per_class']} validation -> {', '.join(str(out / n) for n in files)}")
+    return summary
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse_args())

@@ -1,0 +1,151 @@
+"""Evaluate a CreditMix classifier on a balanced validation split: accuracy, macro-F1, classification report and
+confusion matrix for each calibration (multi_null, batch, none), all from one pass of raw label scores.
+
+    python eval_creditmix.py --model_dir smollm2-135m --data data/creditmix_val.jsonl
+    python eval_creditmix.py --model_dir runs/creditmix_sft --data data/creditmix_dataset.json --val_per_class 1500
+    python eval_creditmix.py --model_dir runs/cm6_sft --data ../shared/data/creditmix/creditmix_labeled.jsonl --val_per_class 438
+
+--data is either a validation file written by creditmix_prepare.py ({"input","output"}), or a raw source (seed
+JSON, Kaggle CSV, creditmix_labeled.jsonl): then prepare's held-out split is rebuilt from the same --features and
+--seed, and a row the evaluated run trained on is refused, never scored.
+"""
+import argparse
+import json
+from collections import Counter
+
+import numpy as np
+
+import creditmix as cm
+from common import UserError, load_model, need_file, read_records, resolve_model, save_eval, user_errors, write_json
+from scoring import CALIBRATIONS, prior_for
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    p.add_argument("--model_dir", default="Qwen/Qwen2.5-3B-Instruct",
+                   help="run dir (adapter + its base), model folder, hub id, .gguf or smollm2-135m")
+    p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"], help="auto: 4-bit on CUDA")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    # data
+    p.add_argument("--data", required=True, help="creditmix_val.jsonl, or a raw source to rebuild the split from")
+    p.add_argument("--val_per_class", type=int, default=None, help="validation rows per class (raw source)")
+    p.add_argument("--val_frac", type=float, default=0.1, help="else this share of the smallest class")
+    p.add_argument("--features", default="readme", help="Kaggle columns, as given to creditmix_prepare.py")
+    p.add_argument("--seed", type=int, default=42, help="split seed, as given to creditmix_prepare.py")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N per class (quick checks)")
+    # run
+    p.add_argument("--batch_size", type=int, default=16, help="prompts per forward pass")
+    # output
+    p.add_argument("--out", default=None, help="also write the metrics JSON here")
+    return p.parse_args(argv)
+
+
+def first_per_class(pairs: list[tuple[str, str]], n: int | None) -> list[tuple[str, str]]:
+    if not n:
+        return pairs
+    seen = Counter()
+    out = []
+    for prompt, label in pairs:
+        seen[label] += 1
+        if seen[label] <= n:
+            out.append((prompt, label))
+    return out
+
+
+def is_validation_file(path: str) -> bool:
+    """A prepared file ({"input","output"} rows) rather than a raw source."""
+    if not path.endswith(".jsonl"):
+        return False
+    need_file(path, "data file")
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        rec = json.loads(first)
+    except json.JSONDecodeError:
+        return False  # read_records reports the line
+    return isinstance(rec, dict) and "input" in rec and "output" in rec
+
+
+def validation_rows(args) -> list[tuple[str, str]]:
+    """(user prompt, label) pairs, balanced per class."""
+    if is_validation_file(args.data):
+        pairs = []
+        for n, r in enumerate(read_records(args.data), 1):
+            if r.get("output") not in cm.LABELS or not isinstance(r.get("input"), str):
+                raise UserError(f"{args.data}: line {n}: needs 'input' and an 'output' in {', '.join(cm.LABELS)}")
+            pairs.append((r["input"], r["output"]))
+        pairs = first_per_class(pairs, args.val_per_class)
+    else:
+        rows, _ = cm.load_examples(args.data, cm.resolve_features(args.features))
+        val, _ = cm.split_balanced(rows, args.seed, args.val_per_class, args.val_frac)
+        pairs = [(cm.prompt_for(r["features"]), r["label"]) for r in val]
+    return first_per_class(pairs, args.limit)
+
+
+def training_overlap(model_dir: str, prompts: set[str]) -> tuple[int, str | None]:
+    """How many validation prompts the evaluated run trained on (0 when its training file is unknown)."""
+    ms = resolve_model(model_dir)
+    if not ms.adapter:
+        return 0, None
+    try:
+        run = json.loads(open(f"{ms.adapter}/run.json").read())
+        path = run["data"]["path"]
+        seen = {r.get("input") or r.get("prompt") for r in read_records(path)}
+    except (OSError, KeyError, TypeError, ValueError, UserError):
+        return 0, None
+    return len(prompts & seen), path
+
+
+def metrics_for(y_true: list[str], y_pred: list[str]) -> dict:
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+    return {
+        "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
+        "macro_f1": round(float(f1_score(y_true, y_pred, labels=cm.LABELS, average="macro", zero_division=0)), 4),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=cm.LABELS).tolist(),
+        "classification_report": classification_report(y_true, y_pred, labels=cm.LABELS, output_dict=True,
+                                                        zero_division=0),
+    }
+
+
+def main(args):
+    from sklearn.metrics import classification_report
+
+    # load
+    pairs = validation_rows(args)
+    overlap, train_file = training_overlap(args.model_dir, {p for p, _ in pairs})
+    if overlap:
+        raise UserError(f"{overlap} of {len(pairs)} validation rows are in this run's training file {train_file}: "
+                        "creditmix_prepare.py held out fewer rows; rerun it with --val_per_class "
+                        f"{args.val_per_class or 'N'} (and the same --seed/--features), then retrain")
+    model, tok, _ = load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+    # run
+    raw = cm.label_scores(model, tok, [p for p, _ in pairs], args.batch_size, progress=True)
+    nulls = cm.null_scores(model, tok)
+    y_true = [y for _, y in pairs]
+    results, reports = {}, {}
+    for mode in CALIBRATIONS:
+        pred = [cm.LABELS[i] for i in np.argmax(raw - prior_for(mode, raw, nulls), 1)]
+        results[mode] = metrics_for(y_true, pred)
+        reports[mode] = classification_report(y_true, pred, labels=cm.LABELS, digits=3, zero_division=0)
+    metrics = {"n": len(pairs), "val_per_class": dict(Counter(y_true)), "labels": cm.LABELS,
+               "calibrations": results}
+    # save
+    print(f"\n{args.model_dir} on {args.data}: {len(pairs)} rows {dict(Counter(y_true))}")
+    print(f"{'calibration':<12} {'accuracy':>9} {'macro_f1':>9}")
+    for mode in CALIBRATIONS:
+        print(f"{mode:<12} {results[mode]['accuracy']:>9.4f} {results[mode]['macro_f1']:>9.4f}")
+    for mode in CALIBRATIONS:
+        print(f"\n[{mode}] classification_report\n{reports[mode]}")
+        print(f"[{mode}] confusion_matrix (rows: true {cm.LABELS}, cols: predicted)")
+        print("\n".join("  " + " ".join(f"{v:>6}" for v in row) for row in results[mode]["confusion_matrix"]))
+    saved = save_eval(args.model_dir, "creditmix", args.data, args, metrics, "eval_creditmix.py")
+    if args.out:
+        write_json(args.out, metrics)
+    print(f"\nsaved {saved}")
+    return metrics
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse_args())

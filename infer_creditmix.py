@@ -1,0 +1,54 @@
+"""Classify a customer's credit mix (Good / Standard / Bad) by calibrated label ranking; prints the README's JSON.
+
+    python infer_creditmix.py --model_dir smollm2-135m --features "Age: 23.0, Occupation: Scientist, Annual Income: 19114.12, Outstanding Debt: 809.98, Credit Utilization Ratio: 35.03, Payment Behaviour: Low_spent_Small_value_payments"
+    python infer_creditmix.py --model_dir runs/creditmix_sft --features "Age: 23.0, Occupation: Scientist, Annual Income: 19114.12, Outstanding Debt: 809.98, Credit Utilization Ratio: 35.03, Payment Behaviour: Low_spent_Small_value_payments"
+
+Each label is scored by its length-normalised log-likelihood at the assistant position; the prior (multi-null: the
+mean score over content-free prompts) is subtracted; the highest calibrated score wins.
+"""
+import argparse
+import json
+
+import creditmix as cm
+from common import UserError, load_model, user_errors
+from scoring import CALIBRATIONS, prior_for, response
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    p.add_argument("--model_dir", default="Qwen/Qwen2.5-3B-Instruct",
+                   help="run dir (adapter + its base), model folder, hub id, .gguf or smollm2-135m")
+    p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"], help="auto: 4-bit on CUDA")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    # data
+    p.add_argument("--features", action="append", required=True,
+                   help='customer features, e.g. "Age: 23.0, Occupation: Scientist, …"; repeat for several')
+    # run
+    p.add_argument("--calibration", default="multi_null", choices=CALIBRATIONS,
+                   help="prior to subtract: multi_null (content-free prompts), batch (mean over the given "
+                        "inputs; needs several), none (raw scores)")
+    p.add_argument("--batch_size", type=int, default=16, help="prompts per forward pass")
+    return p.parse_args(argv)
+
+
+def main(args):
+    if any(not f.strip() for f in args.features):
+        raise UserError("--features is empty")
+    if args.calibration == "batch" and len(args.features) < 2:
+        raise UserError("--calibration batch needs several inputs (repeat --features), or use multi_null")
+    # load
+    model, tok, _ = load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+    # run
+    raw = cm.label_scores(model, tok, [cm.prompt_for(f.strip()) for f in args.features], args.batch_size)
+    nulls = cm.null_scores(model, tok) if args.calibration == "multi_null" else None
+    prior = prior_for(args.calibration, raw, nulls)
+    out = [response(args.model_dir, cm.LABELS, r, prior) for r in raw]
+    # save
+    print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse_args())

@@ -1,0 +1,136 @@
+"""What sft_train.py, kd_train.py and dpo_train.py share: the training flags, the tokenised dataset, the TRL config,
+the run-directory logs (metrics.jsonl, TensorBoard under logs/) and the final save (adapter, tokenizer, run.json)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+from common import UserError, encode_example, note, print_config, write_run_json
+
+
+def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: float = 2e-4, epochs: float = 1.0,
+                      batch: int = 1, accum: int = 8) -> None:
+    """The README's trainer flags, shared by the three trainers (each script passes its own defaults)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--student", default="Qwen/Qwen2.5-3B-Instruct",
+                   help="base model: hub id, local folder, .gguf, run dir (continue its adapter) or smollm2-135m")
+    g.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"],
+                   help="auto: 4-bit NF4 (QLoRA) on CUDA, unquantised plain LoRA on CPU")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
+    g.add_argument("--lora_r", type=int, default=16, help="LoRA rank (README: 16)")
+    g.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (README: 32)")
+    g.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout (README: 0.05)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=float, default=epochs, help="passes over the data (ignored with --max_steps)")
+    g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
+    g.add_argument("--per_device_train_batch_size", type=int, default=batch, help="micro-batch per device")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=accum,
+                   help="micro-batches per optimizer step (effective batch = micro-batch x this x devices)")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (linear decay, 3%% warmup)")
+    g.add_argument("--max_len", type=int, default=max_len, help="max tokens per example (prompt + answer)")
+    g.add_argument("--seed", type=int, default=42, help="random seed (data order, LoRA init)")
+    g.add_argument("--gradient_checkpointing", default="auto", choices=["auto", "on", "off"],
+                   help="auto: on with CUDA (memory), off on CPU (speed)")
+    g.add_argument("--logging_steps", type=int, default=10, help="log loss every N optimizer steps")
+    g = p.add_argument_group("output")
+    g.add_argument("--save_dir", required=True, help="run directory: adapter, tokenizer, run.json, logs")
+    g.add_argument("--save_steps", type=int, default=200, help="checkpoint every N steps (for --resume)")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --save_dir")
+
+
+def encode_rows(tok, rows: list[dict], prompt_key: str, target_key: str, max_len: int, keep_whole: bool = False,
+                source: str = "data"):
+    """Tokenise (prompt, target) rows into a datasets.Dataset of input_ids/labels; count what max_len cut."""
+    from datasets import Dataset
+
+    enc, counts = [], Counter()
+    for r in rows:
+        ex, status = encode_example(tok, r[prompt_key], r[target_key], max_len, keep_whole)
+        counts[status] += 1
+        if ex is not None:
+            enc.append(ex)
+    if counts["truncated"]:
+        note(f"{counts['truncated']} of {len(rows)} rows of {source} were longer than --max_len {max_len}: "
+             "their answers are cut")
+    if counts["too_long"]:
+        note(f"{counts['too_long']} of {len(rows)} rows of {source} do not fit --max_len {max_len} whole: skipped")
+    if not enc:
+        raise UserError(f"{source}: no row fits --max_len {max_len}")
+    return Dataset.from_list(enc), dict(counts)
+
+
+def trl_kwargs(args, save_dir: str) -> dict:
+    """TrainingArguments shared by the TRL configs. The data is tokenised already (max_length=None)."""
+    import torch
+    cuda = torch.cuda.is_available()
+    gc = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and cuda)
+    return dict(
+        output_dir=save_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.lr,
+        lr_scheduler_type="linear", warmup_steps=0.03, weight_decay=0.0, seed=args.seed, data_seed=args.seed,
+        logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
+        report_to="none", bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,
+        gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False},
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=False,
+        max_length=None,
+    )
+
+
+def log_callbacks(save_dir: str) -> list:
+    """metrics.jsonl (one line per log, appended across resumes) and TensorBoard under <save_dir>/logs."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import TrainerCallback
+    from transformers.integrations import TensorBoardCallback
+
+    class MetricsJsonl(TrainerCallback):
+        def on_log(self, targs, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                with open(Path(save_dir) / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+    cbs = [MetricsJsonl()]
+    try:
+        cbs.append(TensorBoardCallback(SummaryWriter(log_dir=str(Path(save_dir) / "logs"))))
+    except Exception as e:  # TensorBoard is a nicety: never fail a run over it
+        note(f"TensorBoard logging off: {e}")
+    return cbs
+
+
+def resume_checkpoint(args) -> bool | None:
+    if not args.resume:
+        return None
+    if not any(Path(args.save_dir).glob("checkpoint-*")):
+        raise UserError(f"--resume: no checkpoint in {args.save_dir} to continue from")
+    return True
+
+
+def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: str, data: str, started: float,
+                   data_report: dict, extra_metrics: dict | None = None, extra: dict | None = None) -> dict:
+    """Run the trainer (resuming when asked), save the adapter and tokenizer (rank 0), write run.json."""
+    result = trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    state = trainer.state
+    metrics = {
+        "train_loss": round(result.training_loss, 6) if not math.isnan(result.training_loss) else None,
+        "train_steps": state.global_step, "train_runtime_s": round(result.metrics.get("train_runtime", 0), 1),
+        "tokens_seen": int(state.num_input_tokens_seen or 0),
+        "tokens_per_s": round((state.num_input_tokens_seen or 0) / max(result.metrics.get("train_runtime", 1), 1e-9), 1),
+        "final_loss": next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None),
+        "data_rows": data_report, **(extra_metrics or {}),
+    }
+    if trainer.is_world_process_zero():
+        trainer.save_model(args.save_dir)  # PEFT: the adapter only, never the base weights
+        tok.save_pretrained(args.save_dir)
+        write_run_json(args.save_dir, script=script, method=method, args=args, base_model=base_model, data=data,
+                       metrics=metrics, started=started, extra=extra)
+        print(json.dumps({"save_dir": args.save_dir, **{k: v for k, v in metrics.items() if k != "data_rows"}}))
+    return metrics
+
+
+def start(title: str, args) -> float:
+    print_config(title, args)
+    return time.time()
