@@ -35,8 +35,8 @@ def make_run(root: Path, name: str, method: str = "sft", task: str | None = "cre
     rec.update(info)
     (d / "run.json").write_text(json.dumps(rec))
     if loss:
-        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": 10 * (i + 1), "epoch": 0.1 * i, "loss": v,
-                                                             "learning_rate": 1e-4}) + "\n" for i, v in enumerate(loss)))
+        logs = [{"step": 10 * (i + 1), "epoch": 0.1 * i, "loss": v, "learning_rate": 1e-4} for i, v in enumerate(loss)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logs))
     for e in evals:
         write_eval(d, e.get("task", task), e["metrics"], e.get("dataset", f"{task}_dataset"),
                    e.get("stamp", "20261126-100000"), e.get("sha256", "cd" * 32))
@@ -302,3 +302,31 @@ def test_docs_example_command_makes_its_picture(tmp_path):
     res = make_compare_example.main(make_compare_example.parse_args(["--out", str(out)]))
     assert [r["run"] for r in res["tables"]["creditmix"]["rows"]] == list(make_compare_example.FAKE)
     assert_png(out)
+
+
+def test_reads_what_common_writes(tmp_path, monkeypatch):
+    """The run record and evaluation files as the trainers and evals write them (common.write_run_json/save_eval)."""
+    import time
+
+    import common
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("DISTILL_SLM_RUNS", str(runs))
+    data = tmp_path / "creditmix_sft.jsonl"
+    data.write_text('{"prompt": "p", "completion": "Good"}\n')
+    dataset = tmp_path / "creditmix_dataset.json"
+    dataset.write_text("[]")
+    sft = runs / "creditmix_sft"
+    sft.mkdir(parents=True)
+    (sft / "adapter_config.json").write_text("{}")  # what makes save_eval file the evaluation in the run dir
+    (sft / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    common.write_run_json(sft, script="sft_train.py", method="sft", args={"epochs": 1}, base_model="smollm2-135m",
+                          data=data, metrics={"train_loss": 1.75, "train_steps": 2}, started=time.time() - 3)
+    common.save_eval(str(sft), "creditmix", dataset, {}, creditmix_metrics(0.8, 0.79), script="eval_creditmix.py")
+    common.save_eval("smollm2-135m", "creditmix", dataset, {}, creditmix_metrics(0.33, 0.3), script="eval_creditmix.py")
+    res = compare(runs, "--out", tmp_path / "report")
+    rows = rows_by_run(res)
+    assert sorted(rows) == ["base-smollm2-135m", "creditmix_sft"]
+    assert rows["creditmix_sft"]["steps"] == 2 and rows["creditmix_sft"]["data"] == "creditmix_sft.jsonl"
+    assert rows["creditmix_sft"]["metrics"]["F1 multi_null"] == pytest.approx(0.79)
+    assert rows["base-smollm2-135m"]["method"] == "base" and rows["base-smollm2-135m"]["missing"] == []
+    assert {r["dataset"] for r in rows.values()} == {"creditmix_dataset"}
