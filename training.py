@@ -76,7 +76,7 @@ def trl_kwargs(args, save_dir: str) -> dict:
         logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
         report_to="none", bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,
         gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False},
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=False,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, dataloader_pin_memory=cuda,
         max_length=None,
     )
 

@@ -50,3 +50,35 @@ def shared_data(rel: str) -> Path:
     if not p.exists():
         pytest.skip(f"real data not found: {p} (see ../shared/data/PROVENANCE.md)")
     return p
+
+
+def write_creditmix_sample(outdir: Path, per_class: dict | None = None, seed: int = 7) -> Path:
+    """A small synthetic CreditMix source plus its prepared files (creditmix_prepare.py) in outdir."""
+    import creditmix_prepare
+    import make_sample_data
+    from common import write_json
+    rows = make_sample_data.creditmix_dataset(per_class or {"Good": 20, "Standard": 30, "Bad": 16}, seed)
+    src = outdir / "creditmix_dataset.json"
+    write_json(src, rows)
+    creditmix_prepare.main(creditmix_prepare.parse_args(["--src", str(src), "--outdir", str(outdir),
+                                                          "--val_per_class", "4"]))
+    return src
+
+
+@pytest.fixture(scope="session")
+def creditmix_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("creditmix")
+    write_creditmix_sample(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_run(tmp_path_factory, tiny_model_dir, creditmix_dir) -> Path:
+    """A finished 2-step SFT run of the tiny model on the sample CreditMix data."""
+    import sft_train
+    out = tmp_path_factory.mktemp("runs") / "tiny_sft"
+    sft_train.main(sft_train.parse_args([
+        "--student", str(tiny_model_dir), "--data", str(creditmix_dir / "creditmix_sft.jsonl"),
+        "--save_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--lr", "1e-3"]))
+    return out

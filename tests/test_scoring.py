@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import torch
+
+import common
+import scoring
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tok, _ = common.load_model(str(tiny_model_dir))
+    return model, tok
+
+
+LABELS = ["Good", "Standard", "Bad", "Standard deviation of loans"]  # the last one is several tokens
+
+
+def test_batched_kv_shared_scores_equal_one_by_one(tiny):
+    model, tok = tiny
+    assert max(len(x) for x in scoring.label_token_ids(tok, LABELS)) > 1
+    prompts = [common.chat_prompt(tok, "customer " + "x " * i) for i in range(5)]  # different lengths
+    naive = scoring.naive_label_scores(model, tok, prompts, LABELS)
+    for bs in (1, 2, 5):
+        np.testing.assert_allclose(scoring.raw_label_scores(model, tok, prompts, LABELS, batch_size=bs), naive,
+                                   atol=1e-4)
+
+
+def test_raw_score_is_mean_token_logprob(tiny):
+    """Hand computation: log-softmax of the next-token logits over the full sequence, averaged over label tokens."""
+    model, tok = tiny
+    prompt = common.chat_prompt(tok, "hello")
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    label = "Standard deviation"
+    x = tok(label, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([p + x])).logits[0].double()
+    lp = torch.log_softmax(logits, -1)
+    hand = sum(lp[len(p) - 1 + j, t].item() for j, t in enumerate(x)) / len(x)
+    got = scoring.raw_label_scores(model, tok, [prompt], [label])[0, 0]
+    assert got == pytest.approx(hand, abs=1e-4)
+
+
+def test_calibration_and_response_arithmetic():
+    raw = np.array([[-3.0, -1.0, -2.0], [-1.0, -2.0, -4.0]])
+    nulls = np.array([[-2.0, -1.0, -1.0], [-2.0, -2.0, -1.0]])
+    np.testing.assert_allclose(scoring.prior_for("multi_null", raw, nulls), [-2.0, -1.5, -1.0])
+    np.testing.assert_allclose(scoring.prior_for("batch", raw), [-2.0, -1.5, -3.0])
+    np.testing.assert_allclose(scoring.prior_for("none", raw), [0, 0, 0])
+    with pytest.raises(ValueError):
+        scoring.prior_for("multi_null", raw)
+    r = scoring.response("m", ["Good", "Standard", "Bad"], raw[0], np.array([-2.0, -1.5, -1.0]))
+    # calibrated = raw - prior = [-1.0, 0.5, -1.0]
+    assert r["scores"] == {"Good": -1.0, "Standard": 0.5, "Bad": -1.0}
+    assert r["prediction"] == "Standard"
+    e = np.exp([-1.0, 0.5, -1.0])
+    assert r["probabilities"]["Standard"] == pytest.approx(e[1] / e.sum(), abs=1e-4)
+    assert r["top2_margin"] == pytest.approx(1.5)
+    assert list(r) == ["model_name", "prediction", "scores", "raw_scores", "prior", "probabilities", "top2_margin"]
+
+
+@pytest.mark.real_model
+def test_real_model_batched_equals_naive():
+    model, tok, _ = common.load_model("smollm2-135m")
+    prompts = [common.chat_prompt(tok, f"Customer {i}: Age {20 + i}") for i in range(3)]
+    np.testing.assert_allclose(scoring.raw_label_scores(model, tok, prompts, ["Good", "Standard", "Bad"]),
+                               scoring.naive_label_scores(model, tok, prompts, ["Good", "Standard", "Bad"]),
+                               atol=1e-3)
