@@ -1,0 +1,253 @@
+"""KD: distil a teacher into a QLoRA student, from the teacher's outputs (sequence-level) or its logits (token-level).
+
+    python kd_train.py --student smollm2-135m --data data/creditmix_kd.jsonl --idp_mode --save_dir runs/creditmix_kd --epochs 2
+    python kd_train.py --student Qwen/Qwen2.5-3B-Instruct --data data/creditmix_kd.jsonl --idp_mode --save_dir runs/creditmix_kd --epochs 5 --max_steps 7115
+    python kd_train.py --student smollm2-135m --teacher runs/creditmix_sft --data data/creditmix_kd.jsonl --idp_mode --kd_loss forward_kl --alpha 0.5 --eval_kl data/creditmix_val.jsonl --save_dir runs/creditmix_kd_logit
+
+Three modes, one trainer (TRL's SFTTrainer, subclassed as TRL's GKDTrainer does):
+- no --teacher: sequence-level KD, the README's: cross-entropy on {"input","teacher_output"} (fill teacher_output
+  with teacher_generate.py). Any teacher, any tokenizer.
+- --teacher MODEL: adds a token-level divergence between the teacher's and the student's next-token distributions on
+  the completion tokens: loss = (1 - alpha) * ce + alpha * T^2 * kd. Same tokenizer needed. The teacher is loaded
+  once, frozen (4-bit on CUDA); neither model's [tokens, vocab] logits are built (kd_losses.py, TRL's chunked kernels).
+- --teacher with --lmbda > 0: on-policy (GKD): that fraction of micro-batches has its completions sampled from the
+  student (--max_new_tokens) and scored by the teacher; those batches train the divergence alone (no reference answer
+  to take a CE against: a CE on the student's own samples would reinforce its mistakes).
+"""
+import argparse
+import json
+
+from common import UserError, load_model, load_student, note, read_records, user_errors
+from kd_losses import KD_LOSSES, canonical_rows, load_schema, target_key
+from training import add_training_args, encode_rows, log_callbacks, start, train_and_save, trl_kwargs
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help='JSONL of {"input": prompt, "teacher_output": answer}')
+    g.add_argument("--idp_mode", action="store_true",
+                   help="structured answers (IDP JSON, CreditMix labels): each target trained whole (rows that "
+                        "--max_len would cut are skipped and counted), JSON targets must parse and are trained in one "
+                        "canonical form, a bare label such as Good is taken as it is")
+    g.add_argument("--schema", default=None,
+                   help="with --idp_mode: JSON Schema whose property order the canonical JSON follows (the order "
+                        "infer_idp.py generates); default: each target keeps its own key order")
+    g.add_argument("--eval_kl", default=None,
+                   help='held-out JSONL ({"input", "teacher_output" or "output"}): KL(teacher||student) on its '
+                        "answer tokens before and after training, into run.json (needs --teacher)")
+    g = p.add_argument_group("teacher (logit-level KD)")
+    g.add_argument("--teacher", default=None,
+                   help="teacher for logit KD: hub id, local folder, run dir (adapter) or smollm2-135m; must share "
+                        "the student's tokenizer. Default: none (sequence-level KD on teacher_output)")
+    g.add_argument("--kd_loss", default="forward_kl", choices=KD_LOSSES,
+                   help="forward_kl = KL(teacher||student) (mode covering, Hinton), reverse_kl = KL(student||teacher) "
+                        "(mode seeking, MiniLLM), jsd = generalised Jensen-Shannon (GKD)")
+    g.add_argument("--jsd_beta", type=float, default=0.5,
+                   help="jsd only: mixture weight of the teacher in (0, 1); 0.5 is the symmetric JSD, toward 0 it "
+                        "acts like forward KL, toward 1 like reverse KL (TRL/GKD convention)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature of both distributions in the divergence (and on-policy sampling); the "
+                        "divergence is scaled by T^2 (Hinton et al. 2015)")
+    g.add_argument("--alpha", type=float, default=0.5,
+                   help="weight of the divergence: loss = (1 - alpha) * CE(teacher_output) + alpha * T^2 * KD")
+    g.add_argument("--lmbda", type=float, default=0.0,
+                   help="on-policy share: fraction of micro-batches whose completions the student samples (GKD); 0 = "
+                        "all on teacher_output")
+    g.add_argument("--max_new_tokens", type=int, default=128, help="on-policy: tokens the student may sample")
+    add_training_args(p, max_len=1024, lr=2e-4, epochs=1.0, batch=1, accum=8)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+
+def check_args(args) -> None:
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1] (got {args.alpha})")
+    if not 0.0 <= args.lmbda <= 1.0:
+        raise UserError(f"--lmbda must be in [0, 1] (got {args.lmbda})")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature must be > 0 (got {args.temperature})")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be >= 1 (got {args.max_new_tokens})")
+    if args.kd_loss == "jsd" and not 0.0 < args.jsd_beta < 1.0:
+        raise UserError(f"--jsd_beta must be strictly between 0 and 1 (got {args.jsd_beta})")
+    if args.schema and not args.idp_mode:
+        raise UserError("--schema orders canonical JSON targets: it needs --idp_mode")
+    if args.teacher is None:
+        for flag, bad in (("--lmbda", args.lmbda > 0), ("--eval_kl", args.eval_kl)):
+            if bad:
+                raise UserError(f"{flag} needs --teacher (logit-level KD)")
+        note("no --teacher: sequence-level KD (cross-entropy on teacher_output, as the README's KD)")
+    elif args.alpha == 0 and args.lmbda == 0:
+        note("--alpha 0: the divergence has no weight; it is computed and logged only")
+
+
+def kd_record(args, teacher_spec=None) -> dict:
+    mode = "sequence" if args.teacher is None else ("on_policy" if args.lmbda > 0 else "logit")
+    if args.teacher is None:
+        return {"mode": mode, "teacher": None}
+    return {"mode": mode, "teacher": args.teacher, "teacher_base": teacher_spec.base_spec,
+            "teacher_adapter": teacher_spec.adapter, "kd_loss": args.kd_loss,
+            "jsd_beta": args.jsd_beta if args.kd_loss == "jsd" else None, "temperature": args.temperature,
+            "alpha": args.alpha, "lmbda": args.lmbda, "max_new_tokens": args.max_new_tokens if args.lmbda else None}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# trainer
+
+def build_trainer(args, model, tok, dataset, teacher=None, vocab=None, callbacks=None):
+    """TRL's SFTTrainer with the KD loss: without a teacher it is SFTTrainer itself (fused chunked CE); with one,
+    compute_loss runs kd_losses.kd_terms (one backbone pass per model, chunked CE and divergence on the completion
+    tokens) and training_step makes the on-policy batches. Benchmarks build it directly and call .train()."""
+    import random
+
+    import torch
+    from trl import SFTConfig, SFTTrainer
+    from trl.models import unwrap_model_for_generation
+    from trl.models.utils import _ForwardRedirection
+
+    from kd_losses import kd_terms
+
+    class KDTrainer(SFTTrainer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.teacher, self.on_policy = teacher, False
+            self.rng = random.Random(args.seed)
+            if teacher is not None:
+                teacher.eval()
+                teacher.requires_grad_(False)
+                # compute_loss returns per-micro-batch token means (as TRL's GKDTrainer): let Trainer divide by the
+                # accumulation steps (transformers' documented switch for a compute_loss without num_items_in_batch)
+                self.model_accepts_loss_kwargs = False
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.on_policy = teacher is not None and args.lmbda > 0 and self.rng.random() < args.lmbda
+            if self.on_policy:
+                inputs = self.student_completions(model, inputs)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def student_completions(self, model, inputs):
+            """GKD's on-policy batch: each row's prompt (left-padded) continued by a student sample."""
+            ids, labels, att = inputs["input_ids"], inputs["labels"], inputs["attention_mask"]
+            starts = [int((lab != -100).nonzero()[0]) if (lab != -100).any() else int(a.sum())
+                      for lab, a in zip(labels, att)]
+            width, pad = max(starts), tok.pad_token_id
+            prompts = ids.new_full((len(starts), width), pad)
+            pmask = torch.zeros_like(prompts)
+            for i, s in enumerate(starts):
+                prompts[i, width - s:], pmask[i, width - s:] = ids[i, :s], 1
+            with unwrap_model_for_generation(model, self.accelerator,
+                                             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as m:
+                was = m.training
+                m.eval()
+                seq = m.generate(input_ids=prompts, attention_mask=pmask, max_new_tokens=args.max_new_tokens,
+                                 do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
+                                 pad_token_id=pad, use_cache=True)
+                m.train(was)
+                eos = m.generation_config.eos_token_id
+            eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or [tok.eos_token_id]), device=seq.device)
+            comp = seq[:, width:]
+            ended = torch.isin(comp, eos)
+            first = torch.where(ended.any(1), ended.int().argmax(1), comp.shape[1])
+            cmask = (torch.arange(comp.shape[1], device=seq.device)[None] <= first[:, None]).long()
+            att = torch.cat([pmask, cmask], 1)
+            labels = seq.masked_fill(att == 0, -100)
+            labels[:, :width] = -100
+            return {"input_ids": seq, "attention_mask": att, "labels": labels,
+                    "position_ids": (att.cumsum(1) - 1).clamp(min=0)}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.teacher is None:  # sequence-level KD: exactly SFTTrainer's loss
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            mode = "train" if self.model.training else "eval"
+            on_policy = self.on_policy and mode == "train"
+            kw = dict(kd_loss=args.kd_loss, jsd_beta=args.jsd_beta, temperature=args.temperature, vocab=vocab,
+                      with_ce=not on_policy and args.alpha < 1)
+            unwrapped = self.accelerator.unwrap_model(model)
+            if model is unwrapped:
+                t = kd_terms(unwrapped, self.teacher, inputs, **kw)
+            else:  # DDP/FSDP: run through the wrapper's forward so its hooks fire (as TRL's DistillationTrainer)
+                t = _ForwardRedirection()(model, unwrapped, kd_terms, unwrapped, self.teacher, inputs, **kw)
+            ce = t["ce"] if t["ce"] is not None else torch.zeros((), device=t["kd"].device)
+            kd = args.temperature ** 2 * t["kd"]  # Hinton et al. 2015: soft-target gradients keep the CE's scale
+            loss = kd if on_policy else (1 - args.alpha) * ce + args.alpha * kd
+            m = self._metrics[mode]
+            m["kd_loss"].append(t["kd"].item())
+            m["on_policy"].append(float(on_policy))
+            m["entropy"].append(t["entropy"])
+            if t["ce"] is not None:
+                m["ce_loss"].append(t["ce"].item())
+                m["mean_token_accuracy"].append(t["accuracy"])
+            return (loss, None) if return_outputs else loss
+
+    return KDTrainer(model=model, args=SFTConfig(**trl_kwargs(args, args.save_dir)), train_dataset=dataset,
+                     processing_class=tok, callbacks=callbacks)
+
+
+def kd_callback(record: dict, held=None):
+    """Keeps the last logged kd_loss / ce_loss in `record` and, at the end of training, the held-out KL: train_and_save
+    reads `record` after training, so it lands in run.json's metrics."""
+    from transformers import TrainerCallback
+
+    class KDRecord(TrainerCallback):
+        def on_log(self, targs, state, control, logs=None, **kw):
+            for k in ("kd_loss", "ce_loss"):
+                if logs and k in logs:
+                    record[f"final_{k}"] = round(logs[k], 6)
+
+        def on_train_end(self, targs, state, control, model=None, **kw):
+            if held is not None:
+                after = held(model)
+                record.update(kl_after=after["kl"], kl_first_token_after=after["kl_first_token"])
+
+    return KDRecord()
+
+
+def main(args):
+    started = start("kd_train", args)
+    check_args(args)
+    # load
+    rows = read_records(args.data, required=("input", "teacher_output"), nonempty=("input", "teacher_output"))
+    schema = load_schema(args.schema)
+    if args.idp_mode:
+        rows = canonical_rows(rows, "teacher_output", args.data, schema)
+    held_rows = held_key = None
+    if args.eval_kl:
+        held_rows = read_records(args.eval_kl, required=("input",), nonempty=("input",))
+        held_key = target_key(held_rows, args.eval_kl)
+        if args.idp_mode:
+            held_rows = canonical_rows(held_rows, held_key, args.eval_kl, schema)
+    model, tok, ms = load_student(args.student, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                                  lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    teacher = vocab = tms = None
+    if args.teacher:
+        from kd_losses import check_vocab
+        teacher, ttok, tms = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+        vocab = check_vocab(tok, ttok, model, teacher)
+    dataset, report = encode_rows(tok, rows, "input", "teacher_output", args.max_len, keep_whole=args.idp_mode,
+                                  source=args.data)
+    # run
+    record, held = {}, None
+    if held_rows is not None:
+        from kd_losses import heldout_kl
+
+        def held(student):
+            return heldout_kl(teacher, student, tok, held_rows, prompt_key="input", target_key=held_key,
+                              max_len=args.max_len, batch_size=max(args.per_device_train_batch_size, 8), vocab=vocab)
+        before = held(model)
+        record.update(kl_before=before["kl"], kl_first_token_before=before["kl_first_token"],
+                      kl_rows=before["rows"], kl_data=args.eval_kl)
+        print(json.dumps({"heldout_kl_before": before}))
+    trainer = build_trainer(args, model, tok, dataset, teacher=teacher, vocab=vocab,
+                            callbacks=log_callbacks(args.save_dir) + [kd_callback(record, held)])
+    # save
+    return train_and_save(trainer, tok, args, script="kd_train.py", method="kd", base_model=ms.base_spec,
+                          data=args.data, started=started, data_report=report, extra_metrics=record,
+                          extra={"kd": kd_record(args, tms)})
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse_args())
