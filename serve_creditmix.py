@@ -78,6 +78,8 @@ class ServeConfig:
     max_items: int = 64                # MAX_ITEMS: cap on the strings in one request's list
     max_body_bytes: int = 1 << 20      # MAX_BODY_BYTES: request bodies above this get a 413
     max_new_tokens_cap: int = 512      # MAX_NEW_TOKENS: upper bound of a generation request's max_new_tokens
+    max_document_chars: int = 20000    # MAX_DOCUMENT_CHARS: cap on an IDP document
+    idp_schema: str = "data/idp_schema.json"  # IDP_SCHEMA: the schema /extract/idp uses when a request sends none
     api_key: str | None = None         # API_KEY: when set, every endpoint but /health needs "Bearer <key>"
     load_retry_s: float = 30.0         # LOAD_RETRY_S: a failed model load is retried after this many seconds
     preload: list[str] = field(default_factory=list)  # PRELOAD: endpoints to load at startup ("all" or "base,sft")
@@ -127,6 +129,8 @@ class ServeConfig:
             max_items=num("MAX_ITEMS", d.max_items, int, 1),
             max_body_bytes=num("MAX_BODY_BYTES", d.max_body_bytes, int, 1024),
             max_new_tokens_cap=num("MAX_NEW_TOKENS", d.max_new_tokens_cap, int, 1),
+            max_document_chars=num("MAX_DOCUMENT_CHARS", d.max_document_chars, int, 1),
+            idp_schema=env.get("IDP_SCHEMA", "").strip() or d.idp_schema,
             api_key=env.get("API_KEY") or None,
             load_retry_s=num("LOAD_RETRY_S", d.load_retry_s, float, 0),
             preload=preload,
@@ -184,6 +188,20 @@ def check_text(v: Any, name: str, cap: int, cap_var: str = "MAX_FEATURES_CHARS")
     return v
 
 
+def check_int(v: Any, name: str, lo: int, hi: int, cap_var: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an integer, got {JSON_TYPE.get(type(v), type(v).__name__)}")
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi} ({cap_var}), got {v}")
+    return v
+
+
+def check_bool(v: Any, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be true or false, got {JSON_TYPE.get(type(v), type(v).__name__)}")
+    return v
+
+
 def check_texts(v: Any, name: str, cap: int, max_items: int) -> str | list[str]:
     """A non-empty string, or a non-empty list of them (at most max_items): stripped, each under the cap."""
     if isinstance(v, list):
@@ -212,6 +230,7 @@ class Slot:
         self.error: str | None = None
         self.failed_at = 0.0
         self.loads = 0              # completed loads (the tests check concurrent first requests give one)
+        self.grammars = None        # IDP: json_grammar.GrammarCache for this tokenizer, made on first use
         self.load_seconds: float | None = None
 
     async def ensure(self, where: str) -> "Slot":
@@ -487,6 +506,58 @@ def score_creditmix(slot: Slot, features: list[str], batch_size: int) -> list[di
     return [response(slot.spec, cm.LABELS, r, slot.prior) for r in raw]
 
 
+def _groups(items: list, key: Callable) -> dict:
+    """Indices of `items` grouped by key(item): one generate() call per group of identical settings."""
+    out: dict = {}
+    for i, x in enumerate(items):
+        out.setdefault(key(x), []).append(i)
+    return out
+
+
+def run_codegen(slot: Slot, items: list[tuple], batch_size: int) -> list[dict]:
+    """items: (task, max_new_tokens, plan_then_code). Greedy answers through codegen.answer, code extracted."""
+    import codegen
+    out: list = [None] * len(items)
+    for (n, plan), idx in _groups(items, lambda x: (x[1], x[2])).items():
+        answers = codegen.answer(slot.model, slot.tok, [items[i][0] for i in idx], plan_then_code=plan,
+                                 plan_tokens=min(256, n), max_new_tokens=n, batch_size=batch_size)
+        for i, a in zip(idx, answers):
+            out[i] = {"model_name": slot.spec, "code": codegen.extract_code(a[0]["raw"]), "raw": a[0]["raw"],
+                      "plan": a[0]["plan"]}
+    return out
+
+
+def run_idp(slot: Slot, items: list[tuple], batch_size: int) -> list:
+    """items: (document, schema, compiled grammar, validator, max_new_tokens). Grammar-constrained greedy decoding
+    through json_grammar.generate (one call per schema and budget), each output parsed and validated."""
+    import common
+    import idp
+    import json_grammar as jg
+    out: list = [None] * len(items)
+    for (_, n), idx in _groups(items, lambda x: (id(x[2]), x[4])).items():
+        schema, compiled, validator = items[idx[0]][1], items[idx[0]][2], items[idx[0]][3]
+        limit = idp.input_token_limit(slot.model, slot.tok, 0, n)
+        ok, prompts, cut = [], [], {}
+        for i in idx:
+            try:
+                text, cut[i] = idp.fit_document(slot.tok, schema, items[i][0], limit, quiet=True)
+            except UserError as e:
+                out[i] = ApiError(422, str(e))
+                continue
+            ok.append(i)
+            prompts.append(common.chat_prompt(slot.tok, idp.idp_user_message(schema, text)))
+        if not ok:
+            continue
+        results, _ = jg.generate(slot.model, slot.tok, prompts, max_new_tokens=n, batch_size=batch_size,
+                                 grammar=compiled, cache=slot.grammars)
+        for i, r in zip(ok, results):
+            c = jg.check_output(r["text"], validator)
+            out[i] = {"model_name": slot.spec, "output": c["json"] if c["schema_valid"] else None,
+                      "valid": c["schema_valid"], "error": c["error"], "budget_closed": r["budget_closed"],
+                      "truncated": cut[i], "new_tokens": r["new_tokens"]}
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the app
 
@@ -494,11 +565,33 @@ ERROR_BODY = {"content": {"application/json": {"schema": {
     "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}
 
 
+# infer_idp.py's defaults for the bounds the grammar gives unbounded strings and arrays
+IDP_MAX_STRING_CHARS, IDP_MAX_ARRAY_ITEMS = 256, 32
+GRAMMARS_KEPT = 64  # distinct request schemas compiled per model before the grammar cache is emptied
+
+
 def _error_docs(*codes: int) -> dict:
     why = {401: "missing or wrong API key (when API_KEY is set)", 404: "no such endpoint",
            413: "request body too large", 415: "the body is not sent as application/json", 422: "invalid request: the message says what is wrong",
            503: "the endpoint's model cannot be loaded, or the server is busy"}
     return {c: {"description": why[c], **ERROR_BODY} for c in codes}
+
+
+class CodeGenAnswer(BaseModel):
+    model_name: str = Field(description="the model spec behind the endpoint (MODEL_CODEGEN)")
+    code: str = Field(description="the Python code extracted from the answer (empty if there is none)")
+    raw: str = Field(description="the model's whole answer")
+    plan: str | None = Field(description="the plan written first, with plan_then_code; else null")
+
+
+class IdpAnswer(BaseModel):
+    model_name: str = Field(description="the model spec behind the endpoint (MODEL_IDP)")
+    output: dict | None = Field(description="the extracted JSON object, valid for the schema; null when not valid")
+    valid: bool = Field(description="output parsed and validated against the schema (jsonschema)")
+    error: str | None = Field(description="why the output is not valid, else null")
+    budget_closed: bool = Field(description="the JSON was closed early to fit max_new_tokens")
+    truncated: bool = Field(description="the document was cut at its end to fit the model's context")
+    new_tokens: int = Field(description="tokens generated")
 
 
 class CreditMixAnswer(BaseModel):
@@ -626,6 +719,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             raise
         except UserError as e:  # input the model cannot take (a check deeper than the request's)
             raise ApiError(422, str(e)) from None
+        for x in out:  # a per-item failure (e.g. an IDP document that cannot fit) answers that request
+            if isinstance(x, Exception):
+                raise x
         metrics.items.labels(path).inc(len(items))
         return out
 
@@ -651,6 +747,115 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         if task == "creditmix":
             creditmix_route(name)
 
+    # ------------------------------------------------------------------ CodeGen
+    default_new = min(512, cfg.max_new_tokens_cap)
+
+    class CodeGenRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+            {"prompt": "Write a function that sorts a list.", "max_new_tokens": 256, "plan_then_code": False}]})
+        prompt: Text = Field(description=f"the coding task (at most {cfg.max_chars} characters)")
+        max_new_tokens: Annotated[int, Field(ge=1, le=cfg.max_new_tokens_cap)] = Field(
+            default_new, description=f"token budget of the answer (and of the plan), at most {cfg.max_new_tokens_cap}")
+        plan_then_code: bool = Field(False, description="write a short plan first, then code that follows it")
+
+        @field_validator("prompt", mode="before")
+        @classmethod
+        def _prompt(cls, v):
+            return check_text(v, "prompt", cfg.max_chars)
+
+        @field_validator("max_new_tokens", mode="before")
+        @classmethod
+        def _budget(cls, v):
+            return check_int(v, "max_new_tokens", 1, cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
+
+        @field_validator("plan_then_code", mode="before")
+        @classmethod
+        def _plan(cls, v):
+            return check_bool(v, "plan_then_code")
+
+    @app.post("/generate/codegen", tags=["codegen"], response_model=CodeGenAnswer,
+              summary="Python code for a task, greedy decoding capped at max_new_tokens (MODEL_CODEGEN)",
+              responses=_error_docs(401, 413, 415, 422, 503))
+    async def generate_codegen(request: Request, body: CodeGenRequest):
+        items = [(body.prompt, body.max_new_tokens, body.plan_then_code)]
+        out = await process(request, "codegen", items, lambda slot, xs: run_codegen(slot, xs, cfg.max_batch))
+        return JSONResponse(out[0])
+
+    # ------------------------------------------------------------------ IDP
+    Doc = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_document_chars, pattern=r"\S")]
+
+    class IdpRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+            {"document": "Invoice #INV1 date 2025-10-01 from Bar LLC total USD 50.", "max_new_tokens": 256}]})
+        document: Doc = Field(description=f"the document text (at most {cfg.max_document_chars} characters)")
+        json_schema: dict | None = Field(None, alias="schema", description=(
+            f"the JSON Schema the output must conform to (root type object); default: the server's IDP_SCHEMA "
+            f"file ({cfg.idp_schema})"))
+        max_new_tokens: Annotated[int, Field(ge=1, le=cfg.max_new_tokens_cap)] = Field(
+            default_new, description=f"token budget of the reply, at most {cfg.max_new_tokens_cap}; the JSON is "
+                                     "always closed within it")
+
+        @field_validator("document", mode="before")
+        @classmethod
+        def _document(cls, v):
+            return check_text(v, "document", cfg.max_document_chars, "MAX_DOCUMENT_CHARS")
+
+        @field_validator("json_schema", mode="before")
+        @classmethod
+        def _schema(cls, v):
+            if v is not None and not isinstance(v, dict):
+                raise ValueError(f"schema must be a JSON object, got {JSON_TYPE.get(type(v), type(v).__name__)}")
+            return v
+
+        @field_validator("max_new_tokens", mode="before")
+        @classmethod
+        def _budget(cls, v):
+            return check_int(v, "max_new_tokens", 1, cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
+
+    def default_schema() -> dict:
+        import json_grammar as jg
+        if "idp_schema" not in state:
+            try:
+                state["idp_schema"] = jg.load_schema(cfg.idp_schema)
+            except UserError as e:
+                raise ApiError(503, f"/extract/idp: the server's default schema is unusable ({e}); send a "
+                                    "\"schema\" in the request or fix IDP_SCHEMA") from None
+        return state["idp_schema"]
+
+    @app.post("/extract/idp", tags=["idp"], response_model=IdpAnswer,
+              summary="one JSON object per document, grammar-constrained by a JSON Schema and validated "
+                      "(MODEL_IDP)",
+              responses=_error_docs(401, 413, 415, 422, 503))
+    async def extract_idp(request: Request, body: IdpRequest):
+        import json_grammar as jg
+        schema = body.json_schema
+        if schema is None:
+            schema = default_schema()
+        else:
+            try:
+                jg.check_schema(schema, "schema")
+            except UserError as e:
+                raise ApiError(422, str(e)) from None
+        slot = await state["slots"]["idp"].ensure("/extract/idp")
+        if slot.grammars is None:
+            async with slot.lock:
+                if slot.grammars is None:
+                    slot.grammars = await asyncio.to_thread(jg.GrammarCache, slot.tok,
+                                                            vocab_size=slot.model.config.vocab_size)
+        if len(slot.grammars._cache) >= GRAMMARS_KEPT:  # bound the memory many distinct request schemas take
+            slot.grammars._cache.clear()
+        try:  # compiled off the inference thread (a new schema takes ~1-2 s), cached per schema
+            compiled = await asyncio.to_thread(slot.grammars.compile, schema, IDP_MAX_STRING_CHARS,
+                                               IDP_MAX_ARRAY_ITEMS)
+        except UserError as e:
+            raise ApiError(422, f"schema: {e}") from None
+        if compiled.min_tokens > body.max_new_tokens:
+            raise ApiError(422, f"max_new_tokens {body.max_new_tokens} is too small: the smallest valid JSON for "
+                                f"this schema needs {compiled.min_tokens} tokens")
+        items = [(body.document, schema, compiled, jg.make_validator(schema), body.max_new_tokens)]
+        out = await process(request, "idp", items, lambda slot, xs: run_idp(slot, xs, cfg.max_batch))
+        return JSONResponse(out[0])
+
     # ------------------------------------------------------------------ service endpoints
     @app.get("/health", tags=["service"], summary="liveness: 200 while the server runs (no auth)")
     async def health():
@@ -664,7 +869,8 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
                               for n in ENDPOINTS},
                 "micro_batching": cfg.micro_batching, "batch_wait_ms": cfg.batch_wait_ms,
                 "max_batch": cfg.max_batch, "max_items": cfg.max_items, "max_chars": cfg.max_chars,
-                "max_new_tokens_cap": cfg.max_new_tokens_cap}
+                "max_new_tokens_cap": cfg.max_new_tokens_cap, "max_document_chars": cfg.max_document_chars,
+                "idp_schema": cfg.idp_schema}
 
     @app.get("/metrics", tags=["service"], summary="Prometheus metrics (text exposition format)",
              response_class=Response, responses={200: {"content": {"text/plain": {}}}, **_error_docs(401)})

@@ -1,7 +1,8 @@
 """serve_creditmix.py through a real HTTP connection: one uvicorn subprocess per module on a free loopback port,
-serving tiny random models (base), a copy of one (dpo: only the load-once test touches it), a missing run dir (kd) and
-an unfinished run dir (sft), with API_KEY set. Checks the README's response JSON and its calibration, lists, load
-once under concurrent first requests, micro-batching, the bad inputs of the issue, auth, disconnects, /metrics."""
+serving tiny random models (base, codegen, idp: one shared copy), a copy of one (dpo: only the load-once test touches
+it), a missing run dir (kd) and an unfinished run dir (sft), with API_KEY set. Checks the README's response JSON and
+its calibration, lists, load once under concurrent first requests, micro-batching, the bad inputs of the issue, auth,
+disconnects, /metrics, and the CodeGen / IDP endpoints (budget cap, schema-valid JSON)."""
 import json
 import os
 import shutil
@@ -43,7 +44,8 @@ def server(tiny_model_dir, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "API_KEY": KEY,
            "MODEL_BASE": str(tiny_model_dir), "MODEL_SFT": str(unfinished), "MODEL_KD": str(d / "missing_run"),
-           "MODEL_DPO": str(dpo), "BATCH_WAIT_MS": "100", "MAX_BATCH": "8", "MAX_ITEMS": "4",
+           "MODEL_DPO": str(dpo), "MODEL_CODEGEN": str(tiny_model_dir), "MODEL_IDP": str(tiny_model_dir),
+           "MAX_NEW_TOKENS": "32", "BATCH_WAIT_MS": "100", "MAX_BATCH": "8", "MAX_ITEMS": "4",
            "MAX_FEATURES_CHARS": "300", "MAX_BODY_BYTES": "4096", "LOAD_RETRY_S": "600"}
     log = open(d / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serve_creditmix:app", "--host", "127.0.0.1",
@@ -248,6 +250,43 @@ def test_models_health_and_metrics(server):
     assert metric(server, "serve_errors_total", endpoint="/infer/base", status="422") >= 1
     assert metric(server, "serve_request_latency_seconds_count", endpoint="/infer/base") >= 2
     assert "Traceback" not in server.log.read_text()
+
+
+def test_codegen_endpoint(server):
+    r = server.post("/generate/codegen", json={"prompt": "Write a function that sorts a list.", "max_new_tokens": 8})
+    assert r.status_code == 200, r.text
+    a = r.json()
+    assert list(a) == ["model_name", "code", "raw", "plan"] and a["plan"] is None
+    assert isinstance(a["code"], str) and isinstance(a["raw"], str)
+    r = server.post("/generate/codegen", json={"prompt": "Sort a list.", "max_new_tokens": 4, "plan_then_code": True})
+    assert r.status_code == 200 and isinstance(r.json()["plan"], str)
+    for body, says in [({"prompt": "x", "max_new_tokens": 33}, "between 1 and 32 (MAX_NEW_TOKENS)"),
+                       ({"prompt": "x", "max_new_tokens": "8"}, "must be an integer"),
+                       ({"prompt": "x", "plan_then_code": "yes"}, "true or false"),
+                       ({"prompt": " "}, "prompt is empty"), ({}, "missing field 'prompt'")]:
+        r = server.post("/generate/codegen", json=body)
+        assert r.status_code == 422 and says in r.json()["error"], r.text
+
+
+def test_idp_endpoint_returns_schema_valid_json(server):
+    import jsonschema
+    schema = {"type": "object", "properties": {"vendor": {"type": "string"}, "total": {"type": "number"}},
+              "required": ["vendor", "total"]}
+    doc = "Invoice #INV1 date 2025-10-01 from Bar LLC total USD 50."
+    r = server.post("/extract/idp", json={"document": doc, "schema": schema, "max_new_tokens": 24})
+    assert r.status_code == 200, r.text
+    a = r.json()
+    assert a["valid"] is True and a["error"] is None
+    jsonschema.validate(a["output"], schema)  # a random model, yet the grammar makes it valid
+    assert a["new_tokens"] <= 24
+    for body, says in [({"document": doc, "schema": {"type": "array"}}, "root must be an object"),
+                       ({"document": doc, "schema": {"type": "object", "properties": {"a": {"type": "strin"}}}},
+                        "invalid JSON Schema"),
+                       ({"document": doc, "schema": [1]}, "schema must be a JSON object"),
+                       ({"document": doc, "schema": schema, "max_new_tokens": 2}, "too small"),
+                       ({"document": "", "schema": schema}, "document is empty")]:
+        r = server.post("/extract/idp", json=body)
+        assert r.status_code == 422 and says in r.json()["error"], r.text
 
 
 def test_config_from_env():
