@@ -1,0 +1,91 @@
+"""teacher_generate.py: fills teacher_output by batched generation, keeps the rows' other fields, and resumes an
+interrupted run without losing or duplicating rows."""
+import json
+
+import pytest
+
+import teacher_generate as tg
+from common import UserError
+
+
+def write_rows(path, n):
+    path.write_text("".join(json.dumps({"input": f"Customer {i}: income {100 * i}. Return only the label.",
+                                        "output": "Good", "id": i}) + "\n" for i in range(n)))
+    return path
+
+
+def gen(tmp_path, teacher, data, *extra):
+    return tg.main(tg.parse_args(["--teacher", str(teacher), "--data", str(data), "--out", str(tmp_path / "kd.jsonl"),
+                                  "--max_new_tokens", "3", "--batch_size", "2", *extra]))
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_fills_teacher_output(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "in.jsonl", 5)
+    summary = gen(tmp_path, tiny_model_dir, data)
+    rows = read(tmp_path / "kd.jsonl")
+    assert summary["generated"] == 5 and len(rows) == 5
+    assert [r["id"] for r in rows] == list(range(5))  # input order, other fields kept
+    assert all(isinstance(r["teacher_output"], str) and r["teacher"] == str(tiny_model_dir) for r in rows)
+    assert all(r["input"].startswith(f"Customer {i}:") for i, r in enumerate(rows))
+
+
+def test_batched_equals_one_by_one(tiny_model_dir, tmp_path):
+    """Left padding: a prompt's greedy answer does not depend on its batch neighbours."""
+    data = write_rows(tmp_path / "in.jsonl", 4)
+    gen(tmp_path / "a", tiny_model_dir, data, "--batch_size", "4")
+    gen(tmp_path / "b", tiny_model_dir, data, "--batch_size", "1")
+    assert [r["teacher_output"] for r in read(tmp_path / "a" / "kd.jsonl")] == \
+        [r["teacher_output"] for r in read(tmp_path / "b" / "kd.jsonl")]
+
+
+def test_resume_after_interruption_keeps_rows_and_never_duplicates(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_rows(tmp_path / "in.jsonl", 7)
+    out = tmp_path / "kd.jsonl"
+    real, calls = tg.generate, []
+
+    def flaky(*a, **kw):  # the third batch dies, as a killed job would
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tg, "generate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        gen(tmp_path, tiny_model_dir, data)
+    kept = out.read_text()
+    assert len(read(out)) == 4  # two batches of 2 written and flushed
+    with open(out, "a") as f:
+        f.write('{"input": "half a li')  # a line cut mid-write
+    monkeypatch.setattr(tg, "generate", real)
+    summary = gen(tmp_path, tiny_model_dir, data)
+    rows = read(out)
+    assert summary == {"out": str(out), "rows": 7, "generated": 3, "kept": 4, "cut": summary["cut"],
+                       "empty": summary["empty"]}
+    assert [r["id"] for r in rows] == list(range(7))
+    assert out.read_text().startswith(kept)  # the first rows are the ones written before, untouched
+    assert gen(tmp_path, tiny_model_dir, data)["generated"] == 0  # complete: nothing to do, nothing added
+    assert len(read(out)) == 7
+
+
+def test_resume_refuses_another_data_or_teacher(tiny_model_dir, tmp_path):
+    gen(tmp_path, tiny_model_dir, write_rows(tmp_path / "in.jsonl", 2))
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"input": "something else"}) + "\n" + json.dumps({"input": "more"}) + "\n")
+    with pytest.raises(UserError, match="differs from row 1"):
+        gen(tmp_path, tiny_model_dir, other)
+    with pytest.raises(UserError, match="written by teacher"):
+        gen(tmp_path, "smollm2-135m", tmp_path / "in.jsonl")
+    assert gen(tmp_path, tiny_model_dir, other, "--overwrite")["generated"] == 2
+
+
+def test_plan_then_code_trace(tiny_model_dir, tmp_path):
+    codegen = pytest.importorskip("codegen")
+    data = tmp_path / "codegen.jsonl"
+    data.write_text(json.dumps({"prompt": codegen.code_request("Write a function that sorts a list.")}) + "\n")
+    gen(tmp_path, tiny_model_dir, data, "--plan_then_code", "--plan_tokens", "3")
+    (row,) = read(tmp_path / "kd.jsonl")
+    assert row["teacher_output"].startswith("Plan:\n") and row["input"] == row["prompt"]
