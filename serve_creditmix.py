@@ -173,14 +173,20 @@ def validation_message(errors: list[dict]) -> str:
     return "; ".join(dict.fromkeys(msgs))  # union types repeat a message per member
 
 
+# ASCII whitespace only: Python's str.strip() also strips control characters such as \x1e that the OpenAPI
+# pattern (ECMA regex) counts as content, and the two must agree on what "empty" means.
+SPACE = " \t\n\r\f\v"
+NOT_BLANK = r"[^ \t\n\r\f\v]"
+
+
 def check_text(v: Any, name: str, cap: int, cap_var: str = "MAX_FEATURES_CHARS") -> str:
     if not isinstance(v, str):
         raise ValueError(f"{name} must be a string, got {JSON_TYPE.get(type(v), type(v).__name__)}")
-    v = v.strip()
-    if not v:
-        raise ValueError(f"{name} is empty")
     if len(v) > cap:
         raise ValueError(f"{name} is {len(v)} characters long; the cap is {cap} ({cap_var})")
+    v = v.strip(SPACE)
+    if not v:
+        raise ValueError(f"{name} is empty")
     try:
         v.encode("utf-8")
     except UnicodeEncodeError:
@@ -189,6 +195,8 @@ def check_text(v: Any, name: str, cap: int, cap_var: str = "MAX_FEATURES_CHARS")
 
 
 def check_int(v: Any, name: str, lo: int, hi: int, cap_var: str) -> int:
+    if isinstance(v, float) and v.is_integer():  # JSON Schema's "integer" includes 8.0
+        v = int(v)
     if isinstance(v, bool) or not isinstance(v, int):
         raise ValueError(f"{name} must be an integer, got {JSON_TYPE.get(type(v), type(v).__name__)}")
     if not lo <= v <= hi:
@@ -617,7 +625,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     metrics = Metrics()
     state: dict[str, Any] = {}  # built in the lifespan: executor, slots, batchers
 
-    Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_chars, pattern=r"\S")]
+    Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_chars, pattern=NOT_BLANK)]
 
     class CreditMixRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"features": README_FEATURES}]})
@@ -674,6 +682,8 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             msg = f"no such endpoint: {request.method} {request.url.path} (see GET /models for the endpoints)"
         elif exc.status_code == 405:
             msg = f"{request.method} is not allowed on {request.url.path}"
+        elif exc.status_code == 400 and "parsing the body" in str(exc.detail):  # FastAPI: bytes that are not UTF-8
+            return error_response(422, "invalid JSON in the request body (not UTF-8 text)")
         else:
             msg = str(exc.detail)
         return error_response(exc.status_code, msg, getattr(exc, "headers", None))
@@ -782,7 +792,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         return JSONResponse(out[0])
 
     # ------------------------------------------------------------------ IDP
-    Doc = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_document_chars, pattern=r"\S")]
+    Doc = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_document_chars, pattern=NOT_BLANK)]
 
     class IdpRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [

@@ -174,6 +174,7 @@ def test_concurrent_requests_are_micro_batched(server):
     ('{"features": "%s"}' % ("x" * 301), 422, "301 characters long; the cap is 300"),
     ('{"features": "Age: 1", "calibration": "none"}', 422, "unknown field 'calibration'"),
     ('{"features": "\\ud800"}', 422, "not valid Unicode"),
+    (b'{"features": "\xff\xfe"}', 422, "not UTF-8"),
 ])
 def test_bad_input_is_a_clear_4xx(server, body, status, says):
     r = server.post("/infer/base", content=body, headers={"Content-Type": "application/json"})
@@ -258,7 +259,7 @@ def test_codegen_endpoint(server):
     a = r.json()
     assert list(a) == ["model_name", "code", "raw", "plan"] and a["plan"] is None
     assert isinstance(a["code"], str) and isinstance(a["raw"], str)
-    r = server.post("/generate/codegen", json={"prompt": "Sort a list.", "max_new_tokens": 4, "plan_then_code": True})
+    r = server.post("/generate/codegen", json={"prompt": "Sort a list.", "max_new_tokens": 4.0, "plan_then_code": True})
     assert r.status_code == 200 and isinstance(r.json()["plan"], str)
     for body, says in [({"prompt": "x", "max_new_tokens": 33}, "between 1 and 32 (MAX_NEW_TOKENS)"),
                        ({"prompt": "x", "max_new_tokens": "8"}, "must be an integer"),
@@ -287,6 +288,28 @@ def test_idp_endpoint_returns_schema_valid_json(server):
                        ({"document": "", "schema": schema}, "document is empty")]:
         r = server.post("/extract/idp", json=body)
         assert r.status_code == 422 and says in r.json()["error"], r.text
+
+
+def test_loadtest_against_the_server(server, tmp_path):
+    import loadtest
+    out = tmp_path / "load.json"
+    args = loadtest.parse_args(["--url", str(server.base_url), "--endpoint", "base", "--concurrency", "1,3",
+                                "--requests", "6", "--rss_requests", "6", "--api_key", KEY, "--out", str(out)])
+    results = loadtest.main(args)
+    levels = results[0]["levels"]
+    assert [lv["clients"] for lv in levels] == [1, 3]
+    assert all(lv["requests"] == 6 and lv["errors"] == 0 and lv["p50_ms"] > 0 for lv in levels)
+    assert results[0]["rss"]["requests"] == 6  # no --server_pid: RSS is not read, the requests still run
+    assert json.loads(out.read_text())["results"][0]["levels"][1]["ok"] == 6
+
+
+def test_loadtest_refuses_non_loopback_hosts():
+    import loadtest
+    assert loadtest.require_loopback("http://localhost:8000/") == "http://localhost:8000"
+    assert loadtest.require_loopback("http://[::1]:8000")
+    for url in ("http://10.1.2.3:8000", "http://8.8.8.8", "ftp://127.0.0.1"):
+        with pytest.raises(UserError):
+            loadtest.require_loopback(url)
 
 
 def test_config_from_env():
