@@ -16,7 +16,6 @@ the machine with the server (on a 2-core CPU it takes some of the server's time)
 import argparse
 import asyncio
 import ipaddress
-import json
 import os
 import signal
 import socket

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 import time
@@ -39,7 +38,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common import DEFAULT_STUDENT, EMBEDDED_ALIAS, UserError, user_errors
+from common import DEFAULT_STUDENT, UserError, user_errors
 
 # a child of uvicorn's logger, so its lines appear in uvicorn's output with the same format and level
 log = logging.getLogger("uvicorn.error.serve_creditmix")
@@ -219,7 +218,8 @@ def check_texts(v: Any, name: str, cap: int, max_items: int) -> str | list[str]:
             raise ValueError(f"{name} holds {len(v)} strings; the cap is {max_items} per request (MAX_ITEMS)")
         return [check_text(x, f"{name}[{i}]", cap) for i, x in enumerate(v)]
     if not isinstance(v, str):
-        raise ValueError(f"{name} must be a string or a list of strings, got {JSON_TYPE.get(type(v), type(v).__name__)}")
+        got = JSON_TYPE.get(type(v), type(v).__name__)
+        raise ValueError(f"{name} must be a string or a list of strings, got {got}")
     return check_text(v, name, cap)
 
 
@@ -257,7 +257,8 @@ class Slot:
                 await asyncio.to_thread(self._load)
             except Exception as e:  # any load failure is this endpoint's 503, never the server's crash
                 self.state, self.failed_at = "error", time.monotonic()
-                self.error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                first = str(e).splitlines()[0][:300] if str(e) else ""
+                self.error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {first}"
                 if not isinstance(e, UserError):
                     log.error("loading %s failed:\n%s", self.spec, traceback.format_exc())
                 self.metrics.load_failures.labels(self.spec).inc()
@@ -580,7 +581,8 @@ GRAMMARS_KEPT = 64  # distinct request schemas compiled per model before the gra
 
 def _error_docs(*codes: int) -> dict:
     why = {401: "missing or wrong API key (when API_KEY is set)", 404: "no such endpoint",
-           413: "request body too large", 415: "the body is not sent as application/json", 422: "invalid request: the message says what is wrong",
+           413: "request body too large", 415: "the body is not sent as application/json",
+           422: "invalid request: the message says what is wrong",
            503: "the endpoint's model cannot be loaded, or the server is busy"}
     return {c: {"description": why[c], **ERROR_BODY} for c in codes}
 
