@@ -274,7 +274,7 @@ def reward_summary(log_history: list[dict]) -> dict:
     out = {name: round(logs[-1][key], 6) for key, name in REWARD_KEYS.items() if key in logs[-1]}
     out["reward_step"] = logs[-1].get("step")
     out["first_reward_accuracy"] = round(logs[0]["rewards/accuracies"], 6)
-    out["first_reward_margin"] = round(logs[0].get("rewards/margins", float("nan")), 6)
+    out["first_reward_margin"] = round(logs[0]["rewards/margins"], 6) if "rewards/margins" in logs[0] else None
     return out
 
 
