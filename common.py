@@ -326,7 +326,7 @@ def use_4bit(quantize: str, device: str) -> bool:
     if quantize == "none":
         return False
     if device != "cuda":
-        note("4-bit QLoRA needs a CUDA GPU; on this CPU the base loads unquantised and trains plain LoRA")
+        note("4-bit QLoRA needs a CUDA GPU: on this CPU the base loads unquantised (training uses plain LoRA)")
         return False
     return True
 
@@ -339,13 +339,26 @@ def compute_dtype(device: str):
     return torch.float32 if os.environ.get("DISTILL_SLM_CPU_DTYPE", "fp32") == "fp32" else torch.bfloat16
 
 
+def fsdp_enabled() -> bool:
+    """True under `accelerate launch` with an FSDP config: FSDP places and shards the weights itself."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def bnb_config(dtype=None):
     """The README's QLoRA quantisation: NF4, double quantisation, bf16 compute. Under FSDP the 4-bit weights are
     stored in the compute dtype so FSDP can shard them alongside the bf16 parameters."""
     import torch
     from transformers import BitsAndBytesConfig
     dtype = dtype or torch.bfloat16
-    storage = dtype if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") else torch.uint8
+    storage = dtype if fsdp_enabled() else torch.uint8
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=storage)
 
@@ -365,9 +378,9 @@ def load_model(spec: str, *, quantize: str = "auto", trust_remote_code: bool = F
     kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None)
     if use_4bit(quantize, device):
         kw["quantization_config"] = bnb_config(dtype)
-        kw["device_map"] = {"": torch.cuda.current_device()}
-    elif device == "cuda":
-        kw["device_map"] = {"": torch.cuda.current_device()}
+    if device == "cuda" and not fsdp_enabled():
+        # one whole copy per process, on this process's GPU (accelerate launch: LOCAL_RANK)
+        kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     offload = os.environ.get("OFFLOAD_FOLDER")
     if offload and device == "cuda" and not for_training:
         note(f"OFFLOAD_FOLDER={offload}: layers that do not fit the GPU are offloaded to CPU/disk")
@@ -388,16 +401,21 @@ def load_model(spec: str, *, quantize: str = "auto", trust_remote_code: bool = F
     return model, tok, ms
 
 
-def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, targets=None):
-    """Wrap with the README's LoRA. Adapter weights stay fp32 (autocast_adapter_dtype) over a bf16/4-bit body."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(model, r: int = 16, alpha: int = 32, dropout: float = 0.05):
+    """The README's LoRA on whichever of q,k,v,o,gate,up,down projections the model has."""
+    from peft import LoraConfig
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    targets = [t for t in (targets or LORA_TARGETS) if t in names]
+    targets = [t for t in LORA_TARGETS if t in names]
     if not targets:
         raise UserError(f"none of the LoRA target modules {LORA_TARGETS} exist in this model")
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
-                     target_modules=targets)
-    return get_peft_model(model, cfg)
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                      target_modules=targets)
+
+
+def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05):
+    """Wrap with the README's LoRA. Adapter weights stay fp32 (autocast_adapter_dtype) over a bf16/4-bit body."""
+    from peft import get_peft_model
+    return get_peft_model(model, lora_config(model, r, alpha, dropout))
 
 
 def prepare_for_training(model, gradient_checkpointing: bool = True):
@@ -408,13 +426,33 @@ def prepare_for_training(model, gradient_checkpointing: bool = True):
     return model
 
 
+def check_attention_kernel(model) -> bool:
+    """On CUDA, say so when attention cannot run on a flash or memory-efficient kernel and would fall back to the
+    O(n^2) math kernel (the fp32 upcast of PEFT's prepare_model_for_kbit_training does that). True if fine."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if not torch.cuda.is_available() or getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
+        return True
+    ids = torch.ones((1, 16), dtype=torch.long, device=next(model.parameters()).device)
+    try:
+        with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            model(input_ids=ids)
+        return True
+    except RuntimeError as e:
+        note(f"attention would fall back to the O(n^2) math kernel ({str(e).splitlines()[0][:120]}): long "
+             "sequences will need far more memory; keep the model body in bf16")
+        return False
+
+
 def load_student(spec: str, *, quantize: str = "auto", trust_remote_code: bool = False, lora_r: int = 16,
-                 lora_alpha: int = 32, lora_dropout: float = 0.05, gradient_checkpointing: bool = True):
-    """A trainable student: the base (4-bit on CUDA) with a fresh LoRA, or a run dir's adapter to continue."""
+                 lora_alpha: int = 32, lora_dropout: float = 0.05, gradient_checkpointing: bool = False):
+    """A trainable student: the base (4-bit on CUDA) with a fresh LoRA, or a run dir's adapter to continue.
+    Gradient checkpointing is the trainer's to switch on (--gradient_checkpointing); custom loops pass True."""
     model, tok, ms = load_model(spec, quantize=quantize, trust_remote_code=trust_remote_code, for_training=True)
     prepare_for_training(model, gradient_checkpointing)
     if not ms.adapter:
         model = add_lora(model, lora_r, lora_alpha, lora_dropout)
+    check_attention_kernel(model)
     return model, tok, ms
 
 

@@ -25,7 +25,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from common import (LORA_TARGETS, UserError, check_attention_kernel, encode_example, load_model, note,
+from common import (UserError, check_attention_kernel, encode_example, load_model, lora_config, note,
                     prepare_for_training, read_records, resolve_model, user_errors)
 from training import add_training_args, log_callbacks, start, train_and_save, trl_kwargs
 
@@ -169,17 +169,6 @@ def encode_pairs(tok, rows: list[dict], max_len: int, max_prompt_len: int | None
 # ----------------------------------------------------------------------------------------------------------------
 # model and trainer
 
-def lora_config(model, args):
-    """The README's LoRA (same as common.add_lora), as a config for TRL to apply."""
-    from peft import LoraConfig
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    targets = [t for t in LORA_TARGETS if t in names]
-    if not targets:
-        raise UserError(f"none of the LoRA target modules {LORA_TARGETS} exist in this model")
-    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, bias="none",
-                      task_type="CAUSAL_LM", target_modules=targets)
-
-
 def load_policy(args):
     """(model, tokenizer, ModelSpec, peft_config). A fresh student comes back unwrapped with a LoraConfig: TRL adds
     the adapter, and with no other adapter its reference is the base with the adapter disabled. A start from an SFT
@@ -205,7 +194,7 @@ def load_policy(args):
     if ms.adapter:
         note(f"DPO continues the adapter of {ms.adapter}; the reference is that policy (a frozen copy of it)")
         return model, tok, ms, None
-    return model, tok, ms, lora_config(model, args)
+    return model, tok, ms, lora_config(model, args.lora_r, args.lora_alpha, args.lora_dropout)
 
 
 def dpo_config(args):
@@ -247,7 +236,7 @@ def bench_case(args, path, trainer_args, StepTimer, mem, n_params) -> dict:
 
     model, tok, _ = load_model(str(path), for_training=True)
     prepare_for_training(model, torch.cuda.is_available())
-    peft_config = lora_config(model, argparse.Namespace(lora_r=16, lora_alpha=32, lora_dropout=0.05))
+    peft_config = lora_config(model)
     ns, kw = trainer_args(args, tempfile.mkdtemp(), args.batch, args.accum)
     n, half = args.batch * args.accum * (args.steps + 1), args.seq // 2
     g = torch.Generator().manual_seed(0)

@@ -16,7 +16,8 @@ from collections import Counter
 import numpy as np
 
 import creditmix as cm
-from common import UserError, load_model, need_file, read_records, resolve_model, save_eval, user_errors, write_json
+from common import (UserError, load_model, need_file, read_records, resolve_model, save_eval, user_errors,
+                    world_size, write_json)
 from scoring import CALIBRATIONS, prior_for
 
 
@@ -97,6 +98,20 @@ def training_overlap(model_dir: str, prompts: set[str]) -> tuple[int, str | None
     return len(prompts & seen), path
 
 
+def sharded(score, prompts: list[str]):
+    """Score prompts split across processes (one process: all of them). Returns the [N, 3] scores on the main
+    process, None elsewhere."""
+    if world_size() == 1:
+        return score(prompts)
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    state = PartialState()
+    with state.split_between_processes(prompts) as part:
+        mine = score(part)
+    rows = gather_object([mine])  # one array per process, in rank order
+    return np.concatenate(rows) if state.is_main_process else None
+
+
 def metrics_for(y_true: list[str], y_pred: list[str]) -> dict:
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
     return {
@@ -119,8 +134,11 @@ def main(args):
                         "creditmix_prepare.py held out fewer rows; rerun it with --val_per_class "
                         f"{args.val_per_class or 'N'} (and the same --seed/--features), then retrain")
     model, tok, _ = load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
-    # run
-    raw = cm.label_scores(model, tok, [p for p, _ in pairs], args.batch_size, progress=True)
+    # run: under `accelerate launch`, each process scores a contiguous shard; gathered back in order
+    raw = sharded(lambda part: cm.label_scores(model, tok, part, args.batch_size, progress=True),
+                  [p for p, _ in pairs])
+    if raw is None:
+        return None  # not the main process
     nulls = cm.null_scores(model, tok)
     y_true = [y for _, y in pairs]
     results, reports = {}, {}

@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import UserError, encode_example, note, print_config, write_run_json
+from common import UserError, encode_example, is_main_process, note, print_config, world_size, write_run_json
 
 
 def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: float = 2e-4, epochs: float = 1.0,
@@ -36,6 +36,9 @@ def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: fl
     g.add_argument("--gradient_checkpointing", default="auto", choices=["auto", "on", "off"],
                    help="auto: on with CUDA (memory), off on CPU (speed)")
     g.add_argument("--logging_steps", type=int, default=10, help="log loss every N optimizer steps")
+    g.add_argument("--max_memory_gb", type=float, default=8,
+                   help="CUDA: cap GPU memory to this and pick the largest micro-batch (dividing the effective batch) "
+                        "that fits, raising gradient accumulation to keep the effective batch; 0 = off")
     g = p.add_argument_group("output")
     g.add_argument("--save_dir", required=True, help="run directory: adapter, tokenizer, run.json, logs")
     g.add_argument("--save_steps", type=int, default=200, help="checkpoint every N steps (for --resume)")
@@ -63,15 +66,27 @@ def encode_rows(tok, rows: list[dict], prompt_key: str, target_key: str, max_len
     return Dataset.from_list(enc), dict(counts)
 
 
+def distributed_batch(args) -> dict:
+    """Under `accelerate launch` with N processes, split the gradient accumulation over them so the effective
+    batch (micro-batch x accumulation x processes), and so the learning-rate schedule, stay as configured."""
+    n = world_size()
+    accum = args.gradient_accumulation_steps
+    if n > 1:
+        if accum % n:
+            note(f"--gradient_accumulation_steps {accum} is not a multiple of {n} processes: the effective batch "
+                 f"becomes {args.per_device_train_batch_size * max(1, accum // n) * n}")
+        accum = max(1, accum // n)
+    return {"per_device_train_batch_size": args.per_device_train_batch_size, "gradient_accumulation_steps": accum}
+
+
 def trl_kwargs(args, save_dir: str) -> dict:
     """TrainingArguments shared by the TRL configs. The data is tokenised already (max_length=None)."""
     import torch
     cuda = torch.cuda.is_available()
     gc = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and cuda)
-    return dict(
+    return dict(**distributed_batch(args),
         output_dir=save_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.lr,
+        learning_rate=args.lr,
         lr_scheduler_type="linear", warmup_steps=0.03, weight_decay=0.0, seed=args.seed, data_seed=args.seed,
         logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
         report_to="none", bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,
@@ -94,11 +109,79 @@ def log_callbacks(save_dir: str) -> list:
                     f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
     cbs = [MetricsJsonl()]
+    if not is_main_process():
+        return cbs
     try:
         cbs.append(TensorBoardCallback(SummaryWriter(log_dir=str(Path(save_dir) / "logs"))))
     except Exception as e:  # TensorBoard is a nicety: never fail a run over it
         note(f"TensorBoard logging off: {e}")
     return cbs
+
+
+def _row_len(row: dict) -> int:
+    return sum(len(v) for v in row.values() if isinstance(v, list))
+
+
+def fit_micro_batch(trainer, args) -> None:
+    """--max_memory_gb on CUDA: cap the process to that much GPU memory (an 8 GB card on any GPU), then try
+    micro-batches 1, 2, 4, ... (each dividing the effective batch) on the longest rows with a real training step, and
+    keep the largest that fits with 10% headroom for the optimizer state. Why hand-written: Trainer's
+    auto_find_batch_size only shrinks after an OOM and changes the effective batch."""
+    import torch
+    if not torch.cuda.is_available() or not getattr(args, "max_memory_gb", 0):
+        return
+    device = trainer.accelerator.device
+    budget = args.max_memory_gb * 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(device).total_memory),
+                                               device)
+    targs = trainer.args
+    effective = targs.per_device_train_batch_size * targs.gradient_accumulation_steps  # per process
+    ds = trainer.train_dataset
+    longest = sorted(range(len(ds)), key=lambda i: -_row_len(ds[i]))[:effective]
+    model = trainer.model
+    model.train()
+    if targs.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=targs.gradient_checkpointing_kwargs)
+    best, b = 0, 1
+    while b <= min(effective, len(longest)) and effective % b == 0:
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            batch = trainer._prepare_inputs(trainer.data_collator([ds[i] for i in longest[:b]]))
+            trainer.training_step(model, batch)
+            fits = torch.cuda.max_memory_allocated() <= 0.9 * budget
+        except torch.OutOfMemoryError:
+            fits = False
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        if not fits:
+            break
+        best, b = b, b * 2
+    for values in getattr(trainer, "_metrics", {}).get("train", {}).values():  # the probes are not training
+        values.clear()
+    if hasattr(trainer, "_total_train_tokens"):
+        trainer._total_train_tokens = 0
+    if world_size() > 1:  # every rank must use the same micro-batch: the smallest that fits everywhere
+        best = int(trainer.accelerator.gather(torch.tensor([best], device=device)).min())
+    if best == 0:
+        note(f"even a micro-batch of 1 on the longest rows does not fit --max_memory_gb {args.max_memory_gb}: "
+             "lower --max_len, or raise --max_memory_gb if the card has more")
+        return
+    if best != targs.per_device_train_batch_size:
+        note(f"--max_memory_gb {args.max_memory_gb}: micro-batch {best} x accumulation {effective // best} "
+             f"instead of {targs.per_device_train_batch_size} x {targs.gradient_accumulation_steps} (same "
+             "effective batch)")
+    targs.per_device_train_batch_size = best
+    targs.gradient_accumulation_steps = effective // best
+    trainer._train_batch_size = best * max(1, targs.n_gpu)
+
+
+def keep_lora_fp32(model) -> None:
+    """TRL casts trainable LoRA weights of a 4-bit model to bf16; keep them (and so AdamW's state) in fp32, where
+    small updates are not rounded away. Under autocast the LoRA matmuls still run in bf16 (FIELD_NOTES)."""
+    import torch
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def resume_checkpoint(args) -> bool | None:
@@ -112,7 +195,10 @@ def resume_checkpoint(args) -> bool | None:
 def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: str, data: str, started: float,
                    data_report: dict, extra_metrics: dict | None = None, extra: dict | None = None) -> dict:
     """Run the trainer (resuming when asked), save the adapter and tokenizer (rank 0), write run.json."""
-    result = trainer.train(resume_from_checkpoint=resume_checkpoint(args))
+    resume = resume_checkpoint(args)
+    keep_lora_fp32(trainer.model)
+    fit_micro_batch(trainer, args)
+    result = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
     metrics = {
         "train_loss": round(result.training_loss, 6) if not math.isnan(result.training_loss) else None,
@@ -126,7 +212,7 @@ def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: 
         trainer.save_model(args.save_dir)  # PEFT: the adapter only, never the base weights
         tok.save_pretrained(args.save_dir)
         write_run_json(args.save_dir, script=script, method=method, args=args, base_model=base_model, data=data,
-                       metrics=metrics, started=started, extra=extra)
+                       metrics=metrics, started=started, extra={"world_size": world_size(), **(extra or {})})
         print(json.dumps({"save_dir": args.save_dir, **{k: v for k, v in metrics.items() if k != "data_rows"}}))
     return metrics
 

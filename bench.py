@@ -1,0 +1,368 @@
+"""Measure memory and speed of the real training / scoring code paths on a model built from a config (no download).
+
+    python bench.py --config tiny --cases sft_baseline,sft,score --seq 128             # CPU smoke test
+    python bench.py --seq 2048 --cases matmul,sft_baseline,sft,sft_auto,score          # Qwen2.5-3B shape, GPU
+    python bench.py --seq 16384 --cases sft --cap_gb 8                                 # does it fit an 8 GB card?
+
+Each case runs in its own process (clean peak-memory counters, its own memory cap) and prints one JSON line; the
+parent prints one table: peak allocated/reserved GiB, tokens/s (examples/s for scoring), MFU against the measured
+bf16 matmul ceiling (training FLOPs = 6 x parameters x tokens). `sft_baseline` is the plain recipe most users write
+(PEFT prepare_model_for_kbit_training, the model's own full-vocabulary loss) measured side by side.
+Cases: matmul, sft_baseline, sft, sft_auto (micro-batch picked by --max_memory_gb), kd, dpo, score (label ranking:
+one forward per label per example vs ours), decode (constrained vs unconstrained IDP decoding).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    # Qwen2.5-3B(-Instruct) architecture (its config.json): 36 layers, GQA 16/2, tied embeddings.
+    "qwen2.5-3b": dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, rope_theta=1e6,
+                       max_position_embeddings=32768, tie_word_embeddings=True, rms_norm_eps=1e-6),
+    # Qwen2.5-7B architecture, for the FSDP teacher.
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1e6,
+                       max_position_embeddings=32768, tie_word_embeddings=False, rms_norm_eps=1e-6),
+    # For CPU smoke tests.
+    "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, max_position_embeddings=32768,
+                 tie_word_embeddings=True),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    p.add_argument("--config", default="qwen2.5-3b", help=f"architecture: {', '.join(CONFIGS)} or a config.json")
+    p.add_argument("--model_cache", default=os.path.join(tempfile.gettempdir(), "distill_slm_bench"),
+                   help="where the random-weight model is saved once and reused")
+    p.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer saved beside the random model")
+    # run
+    p.add_argument("--cases", default="matmul,sft_baseline,sft,sft_auto,score", help="comma-separated cases")
+    p.add_argument("--seq", type=int, default=2048, help="tokens per training sequence")
+    p.add_argument("--batch", type=int, default=1, help="micro-batch")
+    p.add_argument("--accum", type=int, default=4, help="gradient accumulation (tokens/step = seq x batch x accum)")
+    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps (after 1 warm-up step)")
+    p.add_argument("--cap_gb", type=float, default=None, help="cap the process's GPU memory (e.g. 8)")
+    p.add_argument("--max_memory_gb", type=float, default=8, help="budget for sft_auto's micro-batch choice")
+    p.add_argument("--score_examples", type=int, default=64, help="examples for the score case")
+    p.add_argument("--decode_tokens", type=int, default=64, help="new tokens per prompt in the decode case")
+    # output
+    p.add_argument("--out", default=None, help="also write the rows as JSON here")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+def model_dir(args) -> Path:
+    """Build the architecture with random weights once (speed and memory do not depend on weight values)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import common
+    cfg = CONFIGS.get(args.config) or json.loads(Path(args.config).read_text())
+    out = Path(args.model_cache) / (args.config if args.config in CONFIGS else Path(args.config).stem)
+    if (out / "config.json").is_file():
+        return out
+    config = AutoConfig.for_model(**cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent))
+    model.save_pretrained(tmp)
+    common.load_tokenizer(common.resolve_model(args.tokenizer)).save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def n_params(model) -> int:
+    return sum(p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1) for p in model.parameters())
+
+
+def synthetic_rows(seq: int, n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Token sequences with the loss on every token but the first: the baseline's own loss sees the same."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, vocab, (n, seq), generator=g).tolist()
+    return [{"input_ids": x, "labels": [-100] + x[1:]} for x in ids]
+
+
+def cap(args):
+    import torch
+    if args.cap_gb and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 2**30 / total))
+
+
+def mem() -> dict:
+    import torch
+    if not torch.cuda.is_available():
+        import resource
+        return {"peak_alloc_gib": None, "peak_reserved_gib": None,
+                "cpu_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    return {"peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+
+
+def sync():
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer:
+    """TrainerCallback that times optimizer steps after the first (warm-up)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _CB(TrainerCallback):
+            def on_step_end(self, a, state, control, **kw):
+                sync()
+                outer.times.append(time.perf_counter())
+
+        self.times, self.callback = [], _CB()
+
+    def seconds_per_step(self) -> float:
+        t = self.times
+        return (t[-1] - t[0]) / (len(t) - 1)
+
+
+def trainer_args(args, save_dir, batch, accum):
+    from training import trl_kwargs
+    ns = argparse.Namespace(epochs=1, max_steps=args.steps + 1, per_device_train_batch_size=batch,
+                            gradient_accumulation_steps=accum, lr=1e-4, seed=0, gradient_checkpointing="auto",
+                            logging_steps=1000, save_steps=10**6, max_memory_gb=None, resume=False)
+    kw = trl_kwargs(ns, save_dir)
+    kw.update(save_strategy="no", report_to="none", disable_tqdm=True)
+    return ns, kw
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cases: each returns a dict row
+
+def case_matmul(args):
+    import torch
+    if not torch.cuda.is_available():
+        n, dtype, dev = 1024, torch.float32, "cpu"
+    else:
+        n, dtype, dev = 8192, torch.bfloat16, "cuda"
+    a, b = torch.randn(n, n, dtype=dtype, device=dev), torch.randn(n, n, dtype=dtype, device=dev)
+    for _ in range(3):
+        a @ b
+    sync()
+    t, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    sync()
+    tflops = 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+    return {"tflops_ceiling": round(tflops, 2)}
+
+
+def case_sft_baseline(args):
+    """The plain recipe: 4-bit load, PEFT prepare_model_for_kbit_training (fp32 upcast), the model's own loss."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    import common
+    path = model_dir(args)
+    cuda = torch.cuda.is_available()
+    kw = {"quantization_config": common.bnb_config(), "device_map": {"": 0}} if cuda else {"dtype": torch.float32}
+    model = AutoModelForCausalLM.from_pretrained(path, **kw)
+    if cuda:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                             target_modules=common.LORA_TARGETS))
+    if cuda:
+        model.config.use_cache = False
+    params = n_params(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    rows = synthetic_rows(args.seq, args.batch * args.accum, model.config.vocab_size)
+    device = next(model.parameters()).device
+    ids = torch.tensor([r["input_ids"] for r in rows], device=device)
+    times = []
+    for step in range(args.steps + 1):
+        for m in range(args.accum):
+            x = ids[m * args.batch:(m + 1) * args.batch]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = model(input_ids=x, labels=x).loss / args.accum
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter())
+    s = (times[-1] - times[0]) / args.steps
+    return {"tokens_per_s": round(args.seq * args.batch * args.accum / s, 1), "params": params, **mem()}
+
+
+def _our_sft(args, batch, accum, auto):
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    import common
+    from training import fit_micro_batch
+    path = model_dir(args)
+    model, tok, _ = common.load_student(str(path))
+    params = n_params(model)
+    ns, kw = trainer_args(args, tempfile.mkdtemp(), batch, accum)
+    ds = Dataset.from_list(synthetic_rows(args.seq, batch * accum * (args.steps + 1), model.config.vocab_size))
+    timer = StepTimer()
+    trainer = SFTTrainer(model=model, args=SFTConfig(**kw), train_dataset=ds, processing_class=tok,
+                         callbacks=[timer.callback])
+    if auto:
+        ns.max_memory_gb = args.max_memory_gb
+        fit_micro_batch(trainer, ns)
+        batch, accum = trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    s = timer.seconds_per_step()
+    return {"tokens_per_s": round(args.seq * batch * accum / s, 1), "params": params, "batch": batch,
+            "accum": accum, **mem()}
+
+
+def case_sft(args):
+    return _our_sft(args, args.batch, args.accum, auto=False)
+
+
+def case_sft_auto(args):
+    return _our_sft(args, args.batch, args.accum, auto=True)
+
+
+def case_kd(args):
+    """Logit KD: a 4-bit teacher of the same shape beside the 4-bit student (kd_train.py's trainer)."""
+    import kd_train
+    return kd_train.bench_case(args, model_dir(args), synthetic_rows, trainer_args, StepTimer, mem, n_params)
+
+
+def case_dpo(args):
+    """DPO on chosen + rejected of --seq tokens each (dpo_train.py's trainer; reference = adapter disabled)."""
+    import dpo_train
+    return dpo_train.bench_case(args, model_dir(args), trainer_args, StepTimer, mem, n_params)
+
+
+def case_score(args):
+    """Label ranking on CreditMix-like prompts: one forward per label per example vs our KV-shared batches."""
+    import numpy as np
+
+    import common
+    import creditmix as cm
+    import scoring
+    model, tok, _ = common.load_model(str(model_dir(args)))
+    rng = np.random.default_rng(0)
+    prompts = [common.chat_prompt(tok, cm.prompt_for(f"Age: {rng.integers(18, 80)}, Outstanding Debt: "
+                                                       f"{rng.uniform(0, 5000):.2f}, Occupation: Teacher"))
+               for _ in range(args.score_examples)]
+    n_naive = max(4, args.score_examples // 8)
+    scoring.naive_label_scores(model, tok, prompts[:2], cm.LABELS)  # warm-up
+    sync()
+    t = time.perf_counter()
+    naive = scoring.naive_label_scores(model, tok, prompts[:n_naive], cm.LABELS)
+    sync()
+    naive_rate = n_naive / (time.perf_counter() - t)
+    scoring.raw_label_scores(model, tok, prompts[:4], cm.LABELS)
+    sync()
+    t = time.perf_counter()
+    fast = scoring.raw_label_scores(model, tok, prompts, cm.LABELS, batch_size=32)
+    sync()
+    rate = len(prompts) / (time.perf_counter() - t)
+    same = bool((naive.argmax(1) == fast[:n_naive].argmax(1)).all())
+    return {"examples_per_s": round(rate, 1), "naive_examples_per_s": round(naive_rate, 2),
+            "speedup": round(rate / naive_rate, 1), "same_predictions": same, **mem()}
+
+
+def case_decode(args):
+    """Constrained (xgrammar JSON schema) vs unconstrained decoding, per-token time on the same prompts."""
+    import bench_idp
+    return bench_idp.bench_case(str(model_dir(args)), args.decode_tokens)
+
+
+CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def run_one(args) -> dict:
+    cap(args)
+    row = {"case": args.one, "seq": args.seq, "cap_gb": args.cap_gb}
+    try:
+        row.update(CASES[args.one](args))
+        row["status"] = "ok"
+    except Exception as e:  # a case that OOMs or breaks is a row in the table, not a crash of the bench
+        row.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else
+                   type(e).__name__)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    ceiling = next((r.get("tflops_ceiling") for r in rows if r.get("tflops_ceiling")), None)
+    base = {r["seq"]: r.get("tokens_per_s") for r in rows if r["case"] == "sft_baseline" and r["status"] == "ok"}
+    head = f"{'case':<13}{'seq':>7}{'cap':>5}{'b x acc':>9}{'alloc GiB':>10}{'resv GiB':>9}{'tok/s | ex/s':>13}" \
+           f"{'x base':>8}{'MFU':>7}  status"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        rate = r.get("tokens_per_s") or r.get("examples_per_s") or r.get("tflops_ceiling")
+        mfu = "-"
+        if ceiling and r.get("tokens_per_s") and r.get("params"):
+            mfu = f"{6 * r['params'] * r['tokens_per_s'] / (ceiling * 1e12):.1%}"
+        ratio = "-"
+        if r.get("tokens_per_s") and base.get(r["seq"]) and r["case"] != "sft_baseline":
+            ratio = f"{r['tokens_per_s'] / base[r['seq']]:.2f}"
+        elif r.get("speedup"):
+            ratio = f"{r['speedup']:.1f}"
+        bxa = f"{r.get('batch', '')}x{r.get('accum', '')}" if r.get("batch") else "-"
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"
+        if r.get("same_predictions") is not None:
+            status += f" (same predictions: {r['same_predictions']}, naive {r['naive_examples_per_s']} ex/s)"
+        if r.get("overhead") is not None:
+            status += f" (overhead {r['overhead']:.1%}, compile {r.get('compile_s')} s)"
+        fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+        lines.append(f"{r['case']:<13}{r['seq']:>7}{fmt(r.get('cap_gb')):>5}{bxa:>9}"
+                     f"{fmt(r.get('peak_alloc_gib')):>10}{fmt(r.get('peak_reserved_gib')):>9}"
+                     f"{fmt(rate):>13}{ratio:>8}{mfu:>7}  {status}")
+    return "\n".join(lines)
+
+
+def main(args):
+    if args.one:
+        print("BENCH " + json.dumps(run_one(args)), flush=True)
+        return None
+    unknown = [c for c in args.cases.split(",") if c not in CASES]
+    if unknown:
+        raise SystemExit(f"error: unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
+    model_dir(args)  # build once, before the timed processes
+    rows = []
+    for case in args.cases.split(","):
+        argv = [sys.executable, __file__, "--one", case] + [f"--{k}={v}" for k, v in vars(args).items()
+                                                            if v is not None and k not in ("one", "out")]
+        r = subprocess.run(argv, capture_output=True, text=True)
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("BENCH ")), None)
+        row = json.loads(line[6:]) if line else {"case": case, "seq": args.seq, "cap_gb": args.cap_gb,
+                                                 "status": "crashed", "error": (r.stderr.strip().splitlines()
+                                                                                or ["?"])[-1][:160]}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    import common
+    print(f"\nbench on {common.device_name()}, config {args.config}, {time.strftime('%Y-%m-%d')}; tokens per "
+          f"optimizer step = seq x micro-batch x accumulation")
+    print(table(rows))
+    if args.out:
+        common.write_json(args.out, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args())
