@@ -225,7 +225,9 @@ def _our_sft(args, batch, accum, auto):
     model, tok, _ = common.load_student(str(path))
     params = n_params(model)
     ns, kw = trainer_args(args, tempfile.mkdtemp(), batch, accum)
-    ds = Dataset.from_list(synthetic_rows(args.seq, batch * accum * (args.steps + 1), model.config.vocab_size))
+    batch, accum = kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]  # per process
+    ds = Dataset.from_list(synthetic_rows(args.seq, batch * accum * common.world_size() * (args.steps + 1),
+                                          model.config.vocab_size))
     timer = StepTimer()
     trainer = SFTTrainer(model=model, args=SFTConfig(**kw), train_dataset=ds, processing_class=tok,
                          callbacks=[timer.callback])
@@ -237,8 +239,9 @@ def _our_sft(args, batch, accum, auto):
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     s = timer.seconds_per_step()
-    return {"tokens_per_s": round(args.seq * batch * accum / s, 1), "params": params, "batch": batch,
-            "accum": accum, **mem()}
+    world = common.world_size()  # under accelerate launch: tokens of every process per optimizer step
+    return {"tokens_per_s": round(args.seq * batch * accum * world / s, 1), "params": params, "batch": batch,
+            "accum": accum, "gpus": world, **mem()}
 
 
 def case_sft(args):
@@ -356,7 +359,10 @@ def main(args):
         print(table(load_rows(args.table)))
         return None
     if args.one:
-        print("BENCH " + json.dumps(run_one(args)), flush=True)
+        import common
+        row = run_one(args)
+        if common.is_main_process():
+            print("BENCH " + json.dumps(row), flush=True)
         return None
     unknown = [c for c in args.cases.split(",") if c not in CASES]
     if unknown:

@@ -433,7 +433,10 @@ def check_attention_kernel(model) -> bool:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     if not torch.cuda.is_available() or getattr(model.config, "_attn_implementation", "sdpa") != "sdpa":
         return True
-    ids = torch.ones((1, 16), dtype=torch.long, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    if device.type != "cuda":  # e.g. FSDP loads to CPU first; the check needs the model on its GPU
+        return True
+    ids = torch.ones((1, 16), dtype=torch.long, device=device)
     try:
         with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
             model(input_ids=ids)
