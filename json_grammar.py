@@ -1,0 +1,563 @@
+"""JSON Schema -> always-valid JSON from a transformers model: schema checks (meta-schema, then the keywords the
+grammar enforces), xgrammar compilation with a per-schema cache, and greedy grammar-constrained batch generation
+that also respects the token budget (a row that would run out of tokens is closed in time, never cut off).
+
+Used by infer_idp.py, eval_idp.py and bench_idp.py; the IDP prompt and field metrics live in idp.py.
+
+How the budget guard works (xgrammar alone only masks tokens; it cannot know that max_new_tokens is near):
+every row keeps a *closing string*, the shortest-we-can-find text that turns its current prefix into a complete
+document (computed on a forked xgrammar matcher: jump-forward strings plus a fixed preference list such as `"`,
+`}`, `]`, `""`, `null`, `0`). Before a token is committed we check that after it the closing string (in tokens)
+plus the stop token still fits the tokens left; if not, the row emits its current closing string instead, which
+fitted at the previous step. By induction every row ends with a complete document within max_new_tokens, as long
+as the empty document's closing string fits at the start (checked: a too-small budget is refused).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import time
+from dataclasses import dataclass, field
+
+from common import UserError, note
+
+# ----------------------------------------------------------------------------------------------------------------
+# which JSON Schema keywords are enforced
+
+# Enforced by the grammar (xgrammar 0.2.8's JSON-schema converter, checked keyword by keyword against its EBNF).
+SUPPORTED_KEYWORDS = {
+    "type": "single type or a list, e.g. [\"string\", \"null\"]",
+    "properties": "in schema order (the output keeps the declared property order)",
+    "required": "names must be declared in properties",
+    "additionalProperties": "false (default: undeclared keys are never generated), true or a schema",
+    "patternProperties": "extra keys matching a regex",
+    "items": "one schema for every item (use prefixItems for tuples)",
+    "prefixItems": "tuple positions",
+    "minItems": "", "maxItems": "",
+    "enum": "", "const": "",
+    "anyOf": "", "oneOf": "only when the branches have distinct types (it is generated as anyOf)",
+    "allOf": "with a single subschema", "$ref": "local references only (#/$defs/..., #/definitions/...)",
+    "minLength": "not together with pattern", "maxLength": "not together with pattern",
+    "pattern": "regular expression (xgrammar's regex subset)",
+    "format": "date, date-time, time, duration, email, hostname, ipv4, ipv6, uri, uri-reference, uri-template, "
+              "uuid, json-pointer, relative-json-pointer",
+    "minimum": "", "maximum": "", "exclusiveMinimum": "", "exclusiveMaximum": "",
+    "multipleOf": "integers only",
+    "unevaluatedProperties": "false only (what the grammar does anyway)",
+    "unevaluatedItems": "false only",
+}
+SUPPORTED_FORMATS = {"date", "date-time", "time", "duration", "email", "hostname", "ipv4", "ipv6", "uri",
+                     "uri-reference", "uri-template", "uuid", "json-pointer", "relative-json-pointer"}
+# Annotations: no effect on which documents are valid, so nothing to enforce.
+ANNOTATIONS = {"$schema", "$id", "$comment", "$anchor", "$defs", "definitions", "title", "description", "default",
+               "examples", "deprecated", "readOnly", "writeOnly", "contentEncoding", "contentMediaType",
+               "contentSchema", "$vocabulary"}
+# Refused: xgrammar ignores them silently (or only partly enforces them), so the output could violate the schema.
+UNSUPPORTED_KEYWORDS = {
+    "not": "ignored by the grammar", "if": "conditionals are ignored by the grammar", "then": "see if",
+    "else": "see if", "dependentRequired": "ignored by the grammar", "dependentSchemas": "ignored by the grammar",
+    "dependencies": "ignored by the grammar", "propertyNames": "ignored by the grammar",
+    "minProperties": "not enforced", "maxProperties": "ignored by the grammar",
+    "uniqueItems": "ignored by the grammar", "contains": "ignored by the grammar",
+    "minContains": "not enforced", "maxContains": "not enforced", "additionalItems": "draft-07 tuples: use prefixItems",
+    "$dynamicRef": "not supported", "$dynamicAnchor": "not supported", "$recursiveRef": "not supported",
+    "$recursiveAnchor": "not supported",
+}
+_SUB_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUB_LIST = ("prefixItems", "anyOf", "oneOf", "allOf")
+_SUB_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+            "unevaluatedItems", "unevaluatedProperties", "additionalItems", "contentSchema")
+
+
+def _pointer(parts) -> str:
+    return "/" + "/".join(str(p).replace("~", "~0").replace("/", "~1") for p in parts) if parts else "the root"
+
+
+def _nodes(schema, path=()):
+    """Every subschema (dict) with its path, depth first."""
+    if not isinstance(schema, dict):
+        return
+    yield schema, path
+    for k in _SUB_MAP:
+        if isinstance(schema.get(k), dict):
+            for name, sub in schema[k].items():
+                yield from _nodes(sub, path + (k, name))
+    for k in _SUB_LIST:
+        if isinstance(schema.get(k), list):
+            for i, sub in enumerate(schema[k]):
+                yield from _nodes(sub, path + (k, i))
+    for k in _SUB_ONE:
+        if isinstance(schema.get(k), dict):
+            yield from _nodes(schema[k], path + (k,))
+
+
+def load_schema(path) -> dict:
+    """Read and check a JSON Schema file (UserError naming the file on any problem)."""
+    from pathlib import Path
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"schema file not found: {p}")
+    try:
+        schema = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read schema {p}: {e}") from None
+    check_schema(schema, where=str(p))
+    return schema
+
+
+def check_schema(schema, where: str = "schema") -> None:
+    """Refuse a schema that is not valid JSON Schema (naming the keyword and its path), whose root is not an object,
+    or that uses a keyword the grammar cannot enforce. Unknown keywords (vendor extensions, typos) get a NOTE."""
+    import jsonschema
+    from jsonschema.exceptions import best_match
+    from jsonschema.validators import validator_for
+
+    if not isinstance(schema, dict):
+        raise UserError(f"{where}: a JSON Schema must be a JSON object")
+    cls = validator_for(schema, default=jsonschema.Draft202012Validator)
+    err = best_match(cls(cls.META_SCHEMA).iter_errors(schema))
+    if err is not None:
+        parts = list(err.path)
+        kw = parts[-1] if parts and isinstance(parts[-1], str) else err.validator
+        at = _pointer(parts[:-1] if parts and isinstance(parts[-1], str) else parts)
+        raise UserError(f"{where}: invalid JSON Schema: keyword '{kw}' at {at}: {err.message}")
+    types = schema.get("type")
+    if types != "object" and types != ["object"]:
+        raise UserError(f"{where}: the root must be an object schema (\"type\": \"object\"): IDP extracts one "
+                        f"JSON object per document")
+    for node, path in _nodes(schema):
+        at = _pointer(path)
+        for k, v in node.items():
+            if k in UNSUPPORTED_KEYWORDS:
+                raise UserError(f"{where}: keyword '{k}' at {at} is not supported ({UNSUPPORTED_KEYWORDS[k]}); "
+                                f"supported: {', '.join(sorted(SUPPORTED_KEYWORDS))}")
+            if k not in SUPPORTED_KEYWORDS and k not in ANNOTATIONS:
+                note(f"{where}: unknown keyword '{k}' at {at} is ignored")
+        if node.get("format") is not None and node["format"] not in SUPPORTED_FORMATS:
+            raise UserError(f"{where}: format '{node['format']}' at {at} is not supported; supported formats: "
+                            f"{', '.join(sorted(SUPPORTED_FORMATS))}")
+        ref = node.get("$ref")
+        if ref is not None and not (ref == "#" or ref.startswith("#/")):
+            raise UserError(f"{where}: $ref '{ref}' at {at} is not supported: only local references "
+                            f"(#/$defs/...) can be compiled; inline the referenced schema")
+        for k in ("unevaluatedProperties", "unevaluatedItems"):
+            if k in node and node[k] is not False:
+                raise UserError(f"{where}: keyword '{k}' at {at} is supported only as false")
+        if "multipleOf" in node and node.get("type") != "integer":
+            raise UserError(f"{where}: keyword 'multipleOf' at {at} is supported only with \"type\": \"integer\"")
+        if "pattern" in node and ("minLength" in node or "maxLength" in node):
+            raise UserError(f"{where}: keyword 'pattern' at {at} cannot be combined with minLength/maxLength "
+                            f"(xgrammar ignores the lengths); put the length into the pattern")
+        if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+            raise UserError(f"{where}: keyword 'allOf' at {at} is supported with a single subschema only; "
+                            f"merge the subschemas")
+        if isinstance(node.get("items"), list):
+            raise UserError(f"{where}: keyword 'items' at {at} is a list (draft-07 tuple): use prefixItems")
+        if isinstance(node.get("oneOf"), list):
+            kinds = [b.get("type") if isinstance(b, dict) else None for b in node["oneOf"]]
+            if any(not isinstance(t, str) for t in kinds) or len(set(kinds)) != len(kinds):
+                raise UserError(f"{where}: keyword 'oneOf' at {at} is supported only when every branch has its own "
+                                f"single \"type\"; use anyOf")
+        missing = [r for r in node.get("required", []) if r not in node.get("properties", {})]
+        if missing:
+            raise UserError(f"{where}: keyword 'required' at {at} names {missing}, not declared in properties "
+                            f"(the grammar would never generate them)")
+
+
+# xgrammar's own regexes for these formats accept strings that jsonschema's format checks refuse (year 0000,
+# 2025-02-31, an ipv4 octet 010), so the grammar gets exact patterns instead (leap years included).
+_YEAR = "(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"
+_LEAP = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_DATE = (f"(?:{_YEAR}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+         f"|02-(?:0[1-9]|1[0-9]|2[0-8]))|{_LEAP}-02-29)")
+_TIME = "(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+FORMAT_PATTERNS = {"date": f"^{_DATE}$", "date-time": f"^{_DATE}T{_TIME}$",
+                   "ipv4": f"^{_OCTET}(?:\\.{_OCTET}){{3}}$"}
+
+# Bound for numbers the schema leaves unbounded: |x| <= 1e15 stays exact in a float64 (2^53 ~ 9.007e15), and a
+# bounded number also gets at most 6 decimals and no exponent in xgrammar's grammar.
+NUMBER_BOUND = 10**15
+
+
+def grammar_schema(schema: dict, max_string_chars: int = 0, max_items: int = 0, bound_numbers: bool = True) -> dict:
+    """A copy of the schema for the grammar, with a maxLength on free strings, a maxItems on arrays and
+    +-NUMBER_BOUND on numbers that have none (0/False = leave unbounded). The grammar's language stays a subset
+    of the schema's, so its outputs stay valid; the bounds keep a runaway string, list or digit sequence from
+    eating the whole token budget. xgrammar's bounded strings allow no escape sequences (no quotes, backslashes or
+    newlines inside them): set max_string_chars=0 where values need them."""
+    out = copy.deepcopy(schema)
+    for node, _ in _nodes(out):
+        if node.get("format") in FORMAT_PATTERNS and "pattern" not in node:
+            node["pattern"] = FORMAT_PATTERNS[node.pop("format")]
+            node.pop("minLength", None), node.pop("maxLength", None)  # fixed by the pattern (xgrammar ignores them)
+        types = node.get("type")
+        types = [types] if isinstance(types, str) else (types or [])
+        if bound_numbers and ("number" in types or "integer" in types) and "enum" not in node and "const" not in node:
+            if "minimum" not in node and "exclusiveMinimum" not in node:
+                node["minimum"] = -NUMBER_BOUND
+            if "maximum" not in node and "exclusiveMaximum" not in node:
+                node["maximum"] = NUMBER_BOUND
+        if (max_string_chars and "string" in types and "maxLength" not in node
+                and not {"pattern", "format", "enum", "const"} & node.keys()):
+            node["maxLength"] = max(max_string_chars, node.get("minLength", 0))
+        if max_items and "array" in types and "maxItems" not in node:
+            node["maxItems"] = max(max_items, node.get("minItems", 0))
+    return out
+
+
+def canonical_json(obj, schema: dict | None = None) -> str:
+    """The one serialisation of targets and outputs: compact separators, UTF-8 kept, object keys in the schema's
+    property order (the order the grammar generates them), undeclared keys after them, sorted."""
+    return json.dumps(_order(obj, schema or {}, schema or {}), ensure_ascii=False, separators=(",", ":"))
+
+
+def _resolve(node, root):
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str) and node["$ref"].startswith("#"):
+        target = root
+        for part in [p for p in node["$ref"][1:].split("/") if p]:
+            target = target.get(part.replace("~1", "/").replace("~0", "~"), {}) if isinstance(target, dict) else {}
+        node = target
+    if isinstance(node, dict) and isinstance(node.get("allOf"), list) and len(node["allOf"]) == 1:
+        node = _resolve(node["allOf"][0], root)
+    return node if isinstance(node, dict) else {}
+
+
+def _branches(node, root):
+    node = _resolve(node, root)
+    subs = [node]
+    for k in ("anyOf", "oneOf"):
+        subs += [_resolve(b, root) for b in node.get(k, []) if isinstance(b, dict)]
+    return subs
+
+
+def _order(obj, node, root):
+    subs = _branches(node, root)
+    if isinstance(obj, dict):
+        props = next((s["properties"] for s in subs if isinstance(s.get("properties"), dict)), {})
+        keys = [k for k in props if k in obj] + sorted(k for k in obj if k not in props)
+        return {k: _order(obj[k], props.get(k, {}), root) for k in keys}
+    if isinstance(obj, list):
+        arr = next((s for s in subs if "items" in s or "prefixItems" in s), {})
+        prefix = arr.get("prefixItems", [])
+        items = arr.get("items") if isinstance(arr.get("items"), dict) else {}
+        return [_order(v, prefix[i] if i < len(prefix) else items, root) for i, v in enumerate(obj)]
+    return obj
+
+
+def make_validator(schema: dict):
+    """A jsonschema validator for the user's schema, formats checked where jsonschema has a checker."""
+    from jsonschema.validators import validator_for
+    import jsonschema
+    cls = validator_for(schema, default=jsonschema.Draft202012Validator)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+
+def check_output(text: str, validator) -> dict:
+    """Parse and validate one reply: {"json": obj|None, "json_valid", "schema_valid", "error"}. A reply wrapped in a
+    ```json fence (what unconstrained chat models often do) is unwrapped first; nothing else is forgiven."""
+    s = text.strip()
+    m = _FENCE.match(s)
+    if m:
+        s = m.group(1)
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError as e:
+        return {"json": None, "json_valid": False, "schema_valid": False, "error": f"not JSON: {e.msg} at char {e.pos}"}
+    err = next(iter(sorted(validator.iter_errors(obj), key=lambda e: list(e.path))), None)
+    if err is not None:
+        where = "/" + "/".join(map(str, err.path)) if err.path else "the root"
+        return {"json": obj, "json_valid": True, "schema_valid": False,
+                "error": f"violates the schema at {where}: {err.message}"}
+    return {"json": obj, "json_valid": True, "schema_valid": True, "error": None}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compilation
+
+@dataclass
+class CompiledSchema:
+    compiled: object            # xgrammar.CompiledGrammar
+    schema: dict                # the user's schema
+    grammar_schema: dict        # with the injected bounds
+    start_close: str            # the closing string of the empty prefix (the smallest valid document)
+    min_tokens: int             # tokens the smallest valid document needs, stop token included
+    compile_seconds: float
+
+
+class GrammarCache:
+    """One xgrammar compiler per tokenizer, and compiled grammars cached per (schema, bounds): compiling takes
+    ~1-2 s for an invoice schema on a 49k vocabulary, matching is cheap."""
+
+    def __init__(self, tok, vocab_size: int | None = None, stop_token_id: int | None = None, max_threads: int = 8):
+        import xgrammar as xgr
+        self.tok = tok
+        self.stop_id = tok.eos_token_id if stop_token_id is None else stop_token_id
+        self.info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab_size or len(tok),
+                                                       stop_token_ids=[self.stop_id])
+        self.vocab_size = self.info.vocab_size
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads)
+        self.vocab_bytes = self.info.decoded_vocab
+        special = set(self.info.special_token_ids) | {self.stop_id}
+        self._by_bytes = {b: i for i, b in enumerate(self.vocab_bytes) if b and i not in special}
+        self._max_token_bytes = min(32, max((len(b) for b in self._by_bytes), default=1))
+        self._ids_cache: dict[str, list[int]] = {}
+        self._cache: dict[str, CompiledSchema] = {}
+        q = self.ids('"')
+        self.quote_id = q[0] if len(q) == 1 else None
+
+    def compile(self, schema: dict, max_string_chars: int = 0, max_items: int = 0) -> CompiledSchema:
+        import xgrammar as xgr
+        key = json.dumps([schema, max_string_chars, max_items], sort_keys=True)
+        if key in self._cache:
+            return self._cache[key]
+        gschema = grammar_schema(schema, max_string_chars, max_items)
+        t0 = time.perf_counter()
+        try:
+            compiled = self.compiler.compile_json_schema(json.dumps(gschema), any_whitespace=False,
+                                                         separators=(",", ":"), strict_mode=True)
+        except RuntimeError as e:
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+            msg = re.sub(r"^\[[^\]]*\] \S+: ", "", msg)  # drop xgrammar's "[time] file.cc:line: " prefix
+            raise UserError(f"xgrammar cannot compile the schema: {msg}") from None
+        seconds = time.perf_counter() - t0
+        matcher = xgr.GrammarMatcher(compiled)
+        start = closing_string(matcher, (False, False))
+        if start is None:
+            raise UserError("cannot find a finite valid document for this schema (e.g. a pattern that needs "
+                            "non-ASCII characters): the token budget cannot be guaranteed")
+        out = CompiledSchema(compiled, schema, gschema, start, len(self.ids(start)) + 1, seconds)
+        self._cache[key] = out
+        return out
+
+    def ids(self, s: str) -> list[int]:
+        """Token ids whose bytes spell exactly s: the tokenizer's own encoding when it round-trips (byte-level BPE),
+        else a greedy longest match over the vocabulary's bytes (SentencePiece adds a leading space)."""
+        if s in self._ids_cache:
+            return self._ids_cache[s]
+        ids = self.tok.encode(s, add_special_tokens=False)
+        target = s.encode("utf-8")
+        if b"".join(self.vocab_bytes[i] for i in ids if i < len(self.vocab_bytes)) != target:
+            ids, i = [], 0
+            while i < len(target):
+                for n in range(min(self._max_token_bytes, len(target) - i), 0, -1):
+                    t = self._by_bytes.get(target[i:i + n])
+                    if t is not None:
+                        ids.append(t)
+                        i += n
+                        break
+                else:
+                    raise UserError(f"the tokenizer cannot spell {target[i:i + 1]!r}")
+        if len(self._ids_cache) < 100_000:
+            self._ids_cache[s] = ids
+        return ids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the closing string
+
+# Outside a string: close what is open, else complete the value with the shortest literal, else open something.
+_PREF_OUT = ["}", "]", ",", '""', "null", "0", "false", "[]", "{}", ":", '"', "[", "{"] + list("123456789-tfn")
+# Inside a string: close it, else the characters formats and patterns need most (digits first).
+_PREF_IN = ['"'] + list("0123456789") + [chr(c) for c in range(32, 127) if chr(c) not in '"0123456789']
+
+
+def lex(state: tuple[bool, bool], text) -> tuple[bool, bool]:
+    """(inside a string, after a backslash) after `text` (str or bytes); enough JSON lexing to pick closers."""
+    in_str, esc = state
+    for ch in (text.decode("latin-1") if isinstance(text, bytes) else text):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+    return in_str, esc
+
+
+def closing_string(matcher, state: tuple[bool, bool], limit: int = 4096) -> str | None:
+    """Text that completes the matcher's prefix into a whole document (the matcher itself is not changed): forced
+    text first (xgrammar's jump-forward string), then the first acceptable entry of a preference list. Not always
+    the shortest completion, but deterministic and short; None if it gets longer than `limit` characters."""
+    m = matcher.fork()
+    out, n = [], 0
+    while not m.is_completed():
+        s = m.find_jump_forward_string()
+        if not s:
+            s = next((c for c in (_PREF_IN if state[0] else _PREF_OUT) if m.accept_string(c)), None)
+            if s is None:
+                return None
+        elif not m.accept_string(s):
+            return None
+        out.append(s)
+        state = lex(state, s)
+        n += len(s)
+        if n > limit:
+            return None
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# constrained greedy generation
+
+def _logits_processor_base():
+    from transformers import LogitsProcessor
+    return LogitsProcessor
+
+
+class BudgetJsonProcessor(_logits_processor_base()):
+    """Greedy, grammar-constrained and budget-safe decoding for a batch: one xgrammar matcher per row (the
+    per-row logic of xgrammar.contrib.hf.LogitsProcessor, batched with BatchGrammarMatcher), plus the budget
+    guard described at the top of this module. It picks each row's token itself (masked argmax, or the next
+    closing token) and returns one-hot scores, so it must be the last processor and decoding must be greedy.
+    Create one per generate() call."""
+
+    def __init__(self, cache: GrammarCache, grammar: CompiledSchema, batch_size: int, max_new_tokens: int):
+        import xgrammar as xgr
+        if grammar.min_tokens > max_new_tokens:
+            raise UserError(f"--max_new_tokens {max_new_tokens} is too small: the smallest valid JSON for this "
+                            f"schema already needs {grammar.min_tokens} tokens ({grammar.start_close})")
+        self.cache, self.grammar, self.max_new_tokens = cache, grammar, max_new_tokens
+        self.matchers = [xgr.GrammarMatcher(grammar.compiled) for _ in range(batch_size)]
+        self.lex = [(False, False)] * batch_size
+        self.close = [grammar.start_close] * batch_size
+        self.forced: list[list[int]] = [[] for _ in range(batch_size)]
+        self.chosen: list[int | None] = [None] * batch_size
+        self.verify = [False] * batch_size  # the row's last token was a live choice (not padding after the end)
+        self.budget_closed = [False] * batch_size
+        self.bitmask = xgr.allocate_token_bitmask(batch_size, cache.vocab_size)
+        self.batch_matcher = xgr.BatchGrammarMatcher()
+        self.step = 0
+        self.seconds = 0.0  # time spent in this processor (the constrained decoding overhead)
+
+    def _accept(self, i: int, token: int) -> None:
+        m = self.matchers[i]
+        if not m.accept_token(token):  # a forced closing token the grammar refuses: recompute from here
+            close = closing_string(m, self.lex[i])
+            self.forced[i] = self.cache.ids(close or "") + [self.cache.stop_id]
+            token = self.forced[i].pop(0)
+            if not m.accept_token(token):
+                raise RuntimeError("grammar matcher refused its own closing string")
+        self.lex[i] = lex(self.lex[i], self.cache.vocab_bytes[token])
+        self.chosen[i] = token
+
+    def _close_after(self, i: int, token: int, before, after) -> str | None:
+        """Closing string after `token` (already accepted). Shortcut: plain characters inside a string leave the
+        closing string unchanged as long as a quote is still accepted (checked on the matcher, then undone)."""
+        m, prev = self.matchers[i], self.close[i]
+        tb = self.cache.vocab_bytes[token]
+        if (before == (True, False) and after == (True, False) and b'"' not in tb and b"\\" not in tb
+                and prev.startswith('"') and self.cache.quote_id is not None):
+            if m.accept_token(self.cache.quote_id):
+                m.rollback(1)
+                return prev
+        return closing_string(m, after)
+
+    def __call__(self, input_ids, scores):
+        import torch
+        import xgrammar as xgr
+        t0 = time.perf_counter()
+        n = scores.shape[0]
+        if n != len(self.matchers):
+            raise RuntimeError(f"batch size {n} != {len(self.matchers)}: create one processor per generate() call")
+        if self.step:
+            last = input_ids[:, -1].tolist()
+            for i in range(n):
+                if self.verify[i] and last[i] != self.chosen[i]:
+                    raise RuntimeError("another logits processor changed the grammar's token: "
+                                       "BudgetJsonProcessor must be the last one, with greedy decoding")
+        left = self.max_new_tokens - self.step  # tokens still allowed, this one included
+        free = [i for i in range(n) if not self.matchers[i].is_terminated() and not self.forced[i]]
+        best = []
+        if free:
+            self.batch_matcher.batch_fill_next_token_bitmask([self.matchers[i] for i in free], self.bitmask,
+                                                             indices=free)
+            xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device, non_blocking=True),
+                                            vocab_size=self.cache.vocab_size, indices=free)
+            best = scores.argmax(-1).tolist()
+        for i in range(n):
+            m = self.matchers[i]
+            self.verify[i] = not m.is_terminated()
+            if m.is_terminated():
+                self.chosen[i] = self.cache.stop_id
+            elif self.forced[i]:
+                self._accept(i, self.forced[i].pop(0))
+            else:
+                x, before = best[i], self.lex[i]
+                if not m.accept_token(x):
+                    raise RuntimeError(f"grammar matcher refused the masked argmax token {x}")
+                after = lex(before, self.cache.vocab_bytes[x])
+                if m.is_terminated():
+                    self.lex[i], self.chosen[i] = after, x
+                    continue
+                close = self._close_after(i, x, before, after)
+                if close is not None and len(self.cache.ids(close)) + 1 <= left - 1:
+                    self.lex[i], self.close[i], self.chosen[i] = after, close, x
+                else:  # x would leave too few tokens to finish: emit the closing string that fits instead
+                    m.rollback(1)
+                    self.forced[i] = self.cache.ids(self.close[i]) + [self.cache.stop_id]
+                    self.budget_closed[i] = True
+                    self._accept(i, self.forced[i].pop(0))
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(n, device=scores.device), torch.tensor(self.chosen, device=scores.device)] = 0.0
+        self.step += 1
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def generate(model, tok, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8,
+             grammar: CompiledSchema | None = None, cache: GrammarCache | None = None,
+             progress=None) -> tuple[list[dict], dict]:
+    """Greedy generation for chat prompts (strings from common.chat_prompt), batched with left padding, longest
+    prompts first. With a grammar every reply is a complete document of it. Returns (per prompt {"text",
+    "new_tokens", "ended", "budget_closed"} in the input order, timing stats); `progress` (a tqdm) is advanced
+    per prompt. "ended": the reply ended with a stop token (False = cut off by max_new_tokens)."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: list[dict | None] = [None] * len(prompts)
+    side = tok.padding_side
+    tok.padding_side = "left"
+    device = next(model.parameters()).device
+    stats = {"processor_seconds": 0.0, "generate_seconds": 0.0, "new_tokens": 0}
+    eos = model.generation_config.eos_token_id
+    stops = ({eos} if isinstance(eos, int) else set(eos or [])) | {tok.eos_token_id}
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            kw = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                      pad_token_id=tok.pad_token_id)
+            proc = None
+            if grammar is not None:
+                proc = BudgetJsonProcessor(cache, grammar, len(idx), max_new_tokens)
+                kw["logits_processor"] = LogitsProcessorList([proc])
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**enc, **kw)
+            stats["generate_seconds"] += time.perf_counter() - t0
+            stats["processor_seconds"] += proc.seconds if proc else 0.0
+            new = out[:, enc["input_ids"].shape[1]:].tolist()
+            for j, i in enumerate(idx):
+                ids = new[j]
+                n_new = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))
+                stats["new_tokens"] += n_new
+                results[i] = {"text": tok.decode(ids[:n_new], skip_special_tokens=True), "new_tokens": n_new,
+                              "ended": bool(ids) and ids[n_new - 1] in stops,
+                              "budget_closed": bool(proc and proc.budget_closed[j])}
+                if progress is not None:
+                    progress.update(1)
+    finally:
+        tok.padding_side = side
+    return results, stats
