@@ -1,0 +1,132 @@
+"""Evaluate IDP extraction: JSON-valid and schema-valid rates, per-field exact match (raw and after whitespace/case
+normalisation), micro/macro field F1; grammar-constrained by default, --unconstrained to see what the grammar buys.
+
+    python eval_idp.py --model_dir runs/sft_idp --data data/idp_test.jsonl --schema data/idp_schema.json --out metrics.json
+    python eval_idp.py --model_dir smollm2-135m --data ../shared/data/idp/sroie.jsonl --split test --schema data/sroie_schema.json --limit 40
+    python eval_idp.py --model_dir smollm2-135m --data data/sroie_idp_test.jsonl --schema data/sroie_schema.json --limit 40 --unconstrained
+
+Every evaluation is also filed under <run>/evals/ (runs/base-<name>/evals/ for a plain model).
+"""
+import argparse
+import sys
+import time
+
+import common
+import idp
+import json_grammar as jg
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    ap.add_argument("--model_dir", required=True,
+                    help="run dir with a LoRA adapter (runs/sft_idp), HF folder, hub id, .gguf, or smollm2-135m")
+    ap.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"],
+                    help="auto: 4-bit NF4 on CUDA, plain weights on CPU; none: never quantise")
+    # data
+    ap.add_argument("--data", required=True,
+                    help="JSONL of {document|text, gold} (idp_prepare.py's *_test.jsonl, sroie.jsonl) or SFT/KD rows "
+                         "{input, output|teacher_output}")
+    ap.add_argument("--schema", required=True, help="JSON Schema the outputs must conform to")
+    ap.add_argument("--split", help="keep only records whose 'split' is this (e.g. test for sroie.jsonl)")
+    ap.add_argument("--limit", type=int, default=0, help="evaluate the first N records only (0 = all)")
+    # generation
+    ap.add_argument("--max_new_tokens", type=int, default=512,
+                    help="token budget of each reply; constrained JSON is always closed within it")
+    ap.add_argument("--max_input_tokens", type=int, default=0,
+                    help="prompt tokens allowed; longer documents are truncated at the end (0 = model context "
+                         "minus --max_new_tokens)")
+    ap.add_argument("--max_string_chars", type=int, default=256,
+                    help="maxLength given to strings without one, in the grammar only (0 = unbounded)")
+    ap.add_argument("--max_items", type=int, default=32,
+                    help="maxItems given to arrays without one, in the grammar only (0 = unbounded)")
+    ap.add_argument("--batch_size", type=int, default=8, help="documents generated together")
+    ap.add_argument("--unconstrained", action="store_true", help="plain greedy decoding without the grammar")
+    # output
+    ap.add_argument("--out", help="also write the metrics to this JSON file")
+    ap.add_argument("--predictions", help="write per-document outputs to this JSONL (id, output, valid, error, gold)")
+    args = ap.parse_args(argv)
+    for k in ("max_new_tokens", "batch_size"):
+        if getattr(args, k) < 1:
+            ap.error(f"--{k} must be >= 1")
+    if args.limit < 0:
+        ap.error("--limit must be >= 0")
+    return args
+
+
+def print_table(m: dict) -> None:
+    print(f"\n{m['n']} documents, {'constrained' if m['constrained'] else 'unconstrained'} decoding")
+    print(f"JSON-valid {m['json_valid_rate']:.1%}   schema-valid {m['schema_valid_rate']:.1%}   "
+          f"cut off by the budget {m['cut_off_rate']:.1%}   closed early for the budget {m['budget_closed_rate']:.1%}")
+    fem = m["field_exact_match"]
+    width = max([len(f) for f in fem["raw"]] + [12])
+    print(f"{'field':<{width}}  {'EM raw':>7}  {'EM norm':>7}  {'F1 norm':>7}")
+    for f in fem["raw"]:
+        print(f"{f:<{width}}  {fem['raw'][f]:7.3f}  {fem['normalized'][f]:7.3f}  {m['field_f1']['normalized'][f]:7.3f}")
+    for k in ("exact_match", "doc_exact_match", "micro_f1", "macro_f1"):
+        print(f"{k:<{width}}  {m[k]['raw']:7.3f}  {m[k]['normalized']:7.3f}")
+
+
+def main(args):
+    # load
+    started = time.time()
+    common.print_config("eval_idp", args)
+    schema = jg.load_schema(args.schema)
+    records = idp.read_eval_records(args.data, split=args.split, limit=args.limit or None)
+    model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize)
+    cache = grammar = None
+    if not args.unconstrained:
+        cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)
+        grammar = cache.compile(schema, args.max_string_chars, args.max_items)
+    limit = idp.input_token_limit(model, tok, args.max_input_tokens, args.max_new_tokens)
+
+    # run
+    prompts, truncated = [], 0
+    for r in records:
+        if "document" in r:
+            doc, cut = idp.fit_document(tok, schema, r["document"], limit, quiet=True)
+            truncated += cut
+            prompts.append(common.chat_prompt(tok, idp.idp_user_message(schema, doc)))
+        else:
+            prompts.append(common.chat_prompt(tok, r["message"]))
+    if truncated:
+        common.note(f"{truncated} documents were truncated at the end to fit {limit} prompt tokens")
+    from tqdm import tqdm
+    with tqdm(total=len(prompts), desc="eval_idp", unit="doc", file=sys.stderr) as bar:
+        results, stats = jg.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
+                                     batch_size=args.batch_size, grammar=grammar, cache=cache, progress=bar)
+    validator = jg.make_validator(schema)
+    checked = [jg.check_output(r["text"], validator) for r in results]
+    n = len(records)
+    metrics = {
+        "n": n, "constrained": not args.unconstrained,
+        "json_valid_rate": sum(c["json_valid"] for c in checked) / n,
+        "schema_valid_rate": sum(c["schema_valid"] for c in checked) / n,
+        "cut_off_rate": sum(not r["ended"] for r in results) / n,
+        "budget_closed_rate": sum(r["budget_closed"] for r in results) / n,
+        "truncated_documents": truncated,
+        **idp.field_metrics([c["json"] for c in checked], [r["gold"] for r in records]),
+        "mean_new_tokens": stats["new_tokens"] / n,
+        "generate_seconds": round(stats["generate_seconds"], 2),
+        "grammar_seconds": round(stats["processor_seconds"], 2),
+        "grammar_compile_seconds": round(grammar.compile_seconds, 3) if grammar else None,
+        "device": common.device_name(),
+    }
+
+    # save
+    print_table(metrics)
+    if args.out:
+        common.write_json(args.out, metrics)
+    if args.predictions:
+        common.write_jsonl(args.predictions, [
+            {"id": r["id"], "output": c["json"], "valid": c["schema_valid"], "error": c["error"],
+             "raw": res["text"], "gold": r["gold"]} for r, c, res in zip(records, checked, results)])
+    path = common.save_eval(args.model_dir, "idp", args.data, args, metrics, script="eval_idp.py")
+    print(f"\nsaved {path}" + (f" and {args.out}" if args.out else "") + f" ({time.time() - started:.0f} s)")
+    return metrics
+
+
+if __name__ == "__main__":
+    with common.user_errors():
+        main(parse_args())

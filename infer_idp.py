@@ -1,0 +1,133 @@
+"""Extract one JSON object per document with a base or fine-tuned model, grammar-constrained by a JSON Schema, so
+every output parses and validates (token budget included). Prints strict JSON on stdout, notes on stderr.
+
+    python infer_idp.py --model_dir runs/kd_idp --schema data/idp_schema.json --document "Invoice #INV1 date 2025-10-01 from Bar LLC total USD 50."
+    python infer_idp.py --model_dir smollm2-135m --schema data/idp_schema.json --document_file invoice.txt
+    python infer_idp.py --model_dir smollm2-135m --schema data/idp_schema.json --input data/idp_test.jsonl --output preds.jsonl
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import common
+import idp
+import json_grammar as jg
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    ap.add_argument("--model_dir", required=True,
+                    help="run dir with a LoRA adapter (runs/sft_idp), HF folder, hub id, .gguf, or smollm2-135m")
+    ap.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"],
+                    help="auto: 4-bit NF4 on CUDA, plain weights on CPU; none: never quantise")
+    # data
+    ap.add_argument("--schema", required=True, help="JSON Schema file the output must conform to")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--document", help="the document text")
+    src.add_argument("--document_file", help="a UTF-8 text file holding the document")
+    src.add_argument("--input", help="JSONL (or JSON list) of records with 'document' (or 'text') and optional 'id'")
+    # generation
+    ap.add_argument("--max_new_tokens", type=int, default=512,
+                    help="token budget of each reply; the JSON is always closed within it")
+    ap.add_argument("--max_input_tokens", type=int, default=0,
+                    help="prompt tokens allowed; a longer document is truncated at its end with a NOTE "
+                         "(0 = model context minus --max_new_tokens)")
+    ap.add_argument("--max_string_chars", type=int, default=256,
+                    help="maxLength given to strings without one, in the grammar only (0 = unbounded; bounded "
+                         "strings cannot hold quotes, backslashes or newlines)")
+    ap.add_argument("--max_items", type=int, default=32,
+                    help="maxItems given to arrays without one, in the grammar only (0 = unbounded)")
+    ap.add_argument("--batch_size", type=int, default=8, help="documents generated together (--input)")
+    ap.add_argument("--unconstrained", action="store_true",
+                    help="plain greedy decoding without the grammar (output still validated), for comparison")
+    # output
+    ap.add_argument("--output", help="JSONL written for --input: {id, output, valid, error, budget_closed}")
+    args = ap.parse_args(argv)
+    if args.input and not args.output:
+        ap.error("--input needs --output")
+    if args.output and not args.input:
+        ap.error("--output goes with --input (a single document is printed on stdout)")
+    for k in ("max_new_tokens", "batch_size"):
+        if getattr(args, k) < 1:
+            ap.error(f"--{k} must be >= 1")
+    return args
+
+
+def read_documents(args) -> list[dict]:
+    if args.document is not None:
+        return [{"id": None, "document": idp.check_document(args.document, "--document")}]
+    if args.document_file:
+        return [{"id": None, "document": idp.read_document_file(args.document_file)}]
+    out = []
+    for n, r in enumerate(common.read_records(args.input), 1):
+        where = f"{args.input}: record {n}"
+        if "document" not in r and "text" not in r:
+            raise common.UserError(f"{where}: missing field 'document' (or 'text')")
+        out.append({"id": r.get("id", n), "document": idp.check_document(r.get("document", r.get("text")), where)})
+    return out
+
+
+def main(args):
+    # load
+    started = time.time()
+    common.print_config("infer_idp", args)
+    schema = jg.load_schema(args.schema)
+    docs = read_documents(args)
+    model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize)
+    cache = grammar = None
+    if not args.unconstrained:
+        cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)
+        grammar = cache.compile(schema, args.max_string_chars, args.max_items)
+        print(f"grammar compiled in {grammar.compile_seconds:.2f} s", file=sys.stderr)
+    limit = idp.input_token_limit(model, tok, args.max_input_tokens, args.max_new_tokens)
+
+    # run
+    prompts = []
+    for d in docs:
+        where = "--document" if d["id"] is None else f"{args.input or args.document_file}: record {d['id']}"
+        text, _ = idp.fit_document(tok, schema, d["document"], limit, where)
+        prompts.append(common.chat_prompt(tok, idp.idp_user_message(schema, text)))
+    progress = None
+    if args.input:
+        from tqdm import tqdm
+        progress = tqdm(total=len(prompts), desc="infer_idp", unit="doc", file=sys.stderr)
+    results, stats = jg.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
+                                 batch_size=args.batch_size, grammar=grammar, cache=cache, progress=progress)
+    if progress:
+        progress.close()
+    validator = jg.make_validator(schema)
+    checked = [jg.check_output(r["text"], validator) for r in results]
+
+    # save
+    if not args.input:
+        c, r = checked[0], results[0]
+        if not c["schema_valid"]:
+            print(f"error: the model's output is not valid for {args.schema}: {c['error']}"
+                  + ("" if r["ended"] else f" (cut off at --max_new_tokens {args.max_new_tokens})")
+                  + f"\noutput was: {r['text'][:500]}", file=sys.stderr)
+            sys.exit(1)
+        if r["budget_closed"]:
+            common.note(f"the reply was closed early to fit --max_new_tokens {args.max_new_tokens}")
+        print(jg.canonical_json(c["json"], schema))
+        return c["json"]
+    rows = [{"id": d["id"], "output": c["json"] if c["schema_valid"] else None, "valid": c["schema_valid"],
+             "error": c["error"], "budget_closed": r["budget_closed"], "raw": None if c["schema_valid"] else r["text"]}
+            for d, c, r in zip(docs, checked, results)]
+    common.write_jsonl(args.output, rows)
+    bad = sum(not c["schema_valid"] for c in checked)
+    print(f"wrote {len(rows)} extractions to {args.output} ({bad} invalid, "
+          f"{sum(r['budget_closed'] for r in results)} closed early for the token budget) "
+          f"in {time.time() - started:.1f} s", file=sys.stderr)
+    if bad:
+        print(f"error: {bad} of {len(rows)} outputs are not valid for {args.schema} (see 'error' in {args.output})",
+              file=sys.stderr)
+        sys.exit(1)
+    return rows
+
+
+if __name__ == "__main__":
+    with common.user_errors():
+        main(parse_args())
