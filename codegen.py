@@ -105,7 +105,7 @@ _NOT_ENTRY = {"set", "sorted", "list", "tuple", "abs", "round", "math", "isclose
               "dict", "frozenset", "all", "any", "sum", "max", "min", "bool", "type", "isinstance", "print"}
 
 
-def _mbpp_entry_point(tests: list[str]) -> str | None:
+def mbpp_entry_point(tests: list[str]) -> str | None:
     """The function MBPP's asserts call (MBPP rows do not name it): the first called name that is not a builtin."""
     for t in tests:
         for name in re.findall(r"([A-Za-z_]\w*)\s*\(", t):
@@ -117,6 +117,16 @@ def _mbpp_entry_point(tests: list[str]) -> str | None:
 def mbpp_task(text: str, tests: list[str]) -> str:
     """MBPP's prompt (Austin et al. 2021): the description, then the tests the code must pass."""
     return f"{text.strip()}\nYour code should pass these tests:\n" + "\n".join(t.strip() for t in tests)
+
+
+def mbpp_problem(r: dict) -> Problem:
+    """One MBPP row (task_id, prompt, code, test_list, test_setup_code) as a Problem."""
+    tests = r["test_list"]
+    return Problem(str(r["task_id"]), mbpp_task(r["prompt"], tests), "mbpp", mbpp_entry_point(tests),
+                   # MBPP runs test_setup_code after the solution (it may use the solution's classes)
+                   test="\n".join([r.get("test_setup_code") or "", *tests]).strip(),
+                   reference=(r.get("code") or "").replace("\r\n", "\n"),
+                   meta={"split": r.get("split"), "text": r["prompt"], "tests": tests})
 
 
 def humaneval_task(prompt: str) -> str:
@@ -149,12 +159,7 @@ def load_problems(path, split: str | None = None) -> list[Problem]:
             _need(r, ("test_list",), path, i)
             if split != "all" and r.get("split", split) != split:
                 continue
-            tests = r["test_list"]
-            out.append(Problem(str(r["task_id"]), mbpp_task(r["prompt"], tests), "mbpp", _mbpp_entry_point(tests),
-                               # MBPP runs test_setup_code after the solution (it may use its classes)
-                               test="\n".join([r.get("test_setup_code") or "", *tests]).strip(),
-                               reference=(r.get("code") or "").replace("\r\n", "\n"),
-                               meta={"split": r.get("split"), "text": r["prompt"], "tests": tests}))
+            out.append(mbpp_problem(r))
         kind = "mbpp"
         if not out:
             raise UserError(f"{path}: no MBPP rows in split '{split}' (splits: "
