@@ -83,7 +83,8 @@ _SWAPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, as
 
 def mutants(code: str, n: int, rng: random.Random) -> list[tuple[str, str]]:
     """Up to n single-edit mutants of `code`, as (description, ast.unparse source): a comparison or arithmetic
-    operator swapped, and/or swapped, an integer constant moved by one, min/max swapped."""
+    operator swapped, and/or swapped, an integer constant moved by one or a boolean flipped, min/max swapped; as a
+    last resort a return value replaced by None."""
     try:
         tree = ast.parse(code)
     except SyntaxError:
@@ -94,11 +95,13 @@ def mutants(code: str, n: int, rng: random.Random) -> list[tuple[str, str]]:
             sites += [("compare", node, i) for i, op in enumerate(node.ops) if type(op) in _SWAPS]
         elif isinstance(node, (ast.BinOp, ast.BoolOp, ast.AugAssign)) and type(node.op) in _SWAPS:
             sites.append(("operator", node, None))
-        elif isinstance(node, ast.Constant) and type(node.value) is int:
+        elif isinstance(node, ast.Constant) and type(node.value) in (int, bool):
             sites.append(("constant", node, None))
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("min", "max"):
             sites.append(("min/max", node, None))
     rng.shuffle(sites)
+    # last resort, for code with none of the above: a return value replaced by None
+    sites += [("return", node, None) for node in ast.walk(tree) if isinstance(node, ast.Return) and node.value]
     out, seen = [], {ast.unparse(tree)}
     for kind, node, i in sites:
         if len(out) >= n:
@@ -113,8 +116,12 @@ def mutants(code: str, n: int, rng: random.Random) -> list[tuple[str, str]]:
             desc = f"{type(old).__name__} -> {type(node.op).__name__}"
         elif kind == "constant":
             old = node.value
-            node.value = old + (1 if rng.random() < 0.5 or old == 0 else -1)
+            node.value = (not old) if type(old) is bool else old + (1 if rng.random() < 0.5 or old == 0 else -1)
             desc = f"{old} -> {node.value}"
+        elif kind == "return":
+            old = node.value
+            node.value = ast.Constant(None)
+            desc = "return value -> None"
         else:
             old = node.func.id
             node.func.id = "max" if old == "min" else "min"
@@ -128,7 +135,7 @@ def mutants(code: str, n: int, rng: random.Random) -> list[tuple[str, str]]:
             node.ops[i] = old
         elif kind == "operator":
             node.op = old
-        elif kind == "constant":
+        elif kind in ("constant", "return"):
             node.value = old
         else:
             node.func.id = old
