@@ -227,11 +227,16 @@ def completion_logprobs(h, head, targets, *, scale: float = 1.0, softcap=None):
 
 
 def kd_terms(student, teacher, batch: dict, *, kd_loss: str = "forward_kl", jsd_beta: float = 0.5,
-             temperature: float = 1.0, vocab: int | None = None, with_ce: bool = True) -> dict:
+             temperature: float = 1.0, vocab: int | None = None, with_ce: bool = True,
+             full_logits: bool = False) -> dict:
     """One student forward (backbone only), one teacher forward (no grad), then on the completion tokens:
     {"ce": token-mean cross-entropy (None without with_ce), "kd": token-mean divergence, "tokens", "entropy",
-    "accuracy"}. The KD path of kd_train.py; bench scripts time it directly."""
+    "accuracy"}. The KD path of kd_train.py. full_logits: the unchunked reference through the models' own
+    forward ([tokens, vocab] logits of both), for tests and as the benchmark's baseline."""
     import torch
+    if full_logits:
+        return _kd_terms_full(student, teacher, batch, kd_loss=kd_loss, jsd_beta=jsd_beta, temperature=temperature,
+                              vocab=vocab, with_ce=with_ce)
     pos = batch.get("position_ids")
     h_s, targets, _ = completion_hidden(student, batch["input_ids"], batch["attention_mask"], batch["labels"], pos)
     with torch.no_grad():
@@ -251,6 +256,27 @@ def kd_terms(student, teacher, batch: dict, *, kd_loss: str = "forward_kl", jsd_
         logp, _, top1 = completion_logprobs(h_s, head_s, targets, scale=scale_s, softcap=cap_s)
         out["ce"] = -logp.sum() / n
         out["accuracy"] = float(top1.float().sum()) / n
+    return out
+
+
+def _kd_terms_full(student, teacher, batch, *, kd_loss, jsd_beta, temperature, vocab, with_ce) -> dict:
+    import torch
+    import torch.nn.functional as F
+    kw = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+    mask = batch["labels"][:, 1:] != -100
+    targets = batch["labels"][:, 1:][mask]
+    ls = student(**kw, use_cache=False).logits[:, :-1][mask].float()
+    with torch.no_grad():
+        lt = teacher(**kw, use_cache=False).logits[:, :-1][mask].float()
+    v = vocab or min(ls.shape[-1], lt.shape[-1])
+    div = divergence(ls[:, :v], lt[:, :v], kd_loss, jsd_beta, temperature)
+    n = max(int(targets.numel()), 1)
+    logp = F.log_softmax(ls.detach() / temperature, -1)
+    out = {"kd": div.sum() / n, "ce": None, "tokens": int(targets.numel()),
+           "entropy": float(-(logp.exp() * logp).sum()) / n, "accuracy": None}
+    if with_ce:
+        out["ce"] = F.cross_entropy(ls, targets, reduction="sum") / n
+        out["accuracy"] = float((ls.argmax(-1) == targets).sum()) / n
     return out
 
 

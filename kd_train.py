@@ -97,10 +97,13 @@ def kd_record(args, teacher_spec=None) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # trainer
 
-def build_trainer(args, model, tok, dataset, teacher=None, vocab=None, callbacks=None):
+def build_trainer(args, model, tok, dataset, teacher=None, vocab=None, callbacks=None, config=None,
+                  full_logits=False):
     """TRL's SFTTrainer with the KD loss: without a teacher it is SFTTrainer itself (fused chunked CE); with one,
     compute_loss runs kd_losses.kd_terms (one backbone pass per model, chunked CE and divergence on the completion
-    tokens) and training_step makes the on-policy batches. Benchmarks build it directly and call .train()."""
+    tokens) and training_step makes the on-policy batches. `args` needs the KD flags (kd_loss, jsd_beta,
+    temperature, alpha, lmbda, max_new_tokens, seed); `config` (an SFTConfig) defaults to the training flags'.
+    full_logits: the unchunked reference loss (benchmark baseline only)."""
     import random
 
     import torch
@@ -167,9 +170,10 @@ def build_trainer(args, model, tok, dataset, teacher=None, vocab=None, callbacks
                       with_ce=not on_policy and args.alpha < 1)
             unwrapped = self.accelerator.unwrap_model(model)
             if model is unwrapped:
-                t = kd_terms(unwrapped, self.teacher, inputs, **kw)
+                t = kd_terms(unwrapped, self.teacher, inputs, full_logits=full_logits, **kw)
             else:  # DDP/FSDP: run through the wrapper's forward so its hooks fire (as TRL's DistillationTrainer)
-                t = _ForwardRedirection()(model, unwrapped, kd_terms, unwrapped, self.teacher, inputs, **kw)
+                t = _ForwardRedirection()(model, unwrapped, kd_terms, unwrapped, self.teacher, inputs,
+                                          full_logits=full_logits, **kw)
             ce = t["ce"] if t["ce"] is not None else torch.zeros((), device=t["kd"].device)
             kd = args.temperature ** 2 * t["kd"]  # Hinton et al. 2015: soft-target gradients keep the CE's scale
             loss = kd if on_policy else (1 - args.alpha) * ce + args.alpha * kd
@@ -182,8 +186,40 @@ def build_trainer(args, model, tok, dataset, teacher=None, vocab=None, callbacks
                 m["mean_token_accuracy"].append(t["accuracy"])
             return (loss, None) if return_outputs else loss
 
-    return KDTrainer(model=model, args=SFTConfig(**trl_kwargs(args, args.save_dir)), train_dataset=dataset,
+    return KDTrainer(model=model, args=config or SFTConfig(**trl_kwargs(args, args.save_dir)), train_dataset=dataset,
                      processing_class=tok, callbacks=callbacks)
+
+
+def bench_case(args, path, synthetic_rows, trainer_args, StepTimer, mem, n_params, full_logits=False) -> dict:
+    """bench.py's `kd` case: --steps timed steps (after one warm-up) of logit KD (forward KL, alpha 0.5) with the
+    model at `path` as both the 4-bit student (fresh LoRA) and a second, frozen 4-bit teacher, on bench.py's
+    synthetic rows (loss on every token: the largest KD workload for --seq). full_logits=True times the unchunked
+    reference (both models' [tokens, vocab] logits) for comparison. `params` counts the student plus a third of the
+    teacher (training is 6 FLOPs per parameter and token, the teacher's forward 2), so bench's MFU stays honest."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from kd_losses import check_vocab
+    model, tok, _ = load_student(str(path))
+    teacher, ttok, _ = load_model(str(path))
+    vocab = check_vocab(tok, ttok, model, teacher)
+    ns, kw = trainer_args(args, tempfile.mkdtemp(), args.batch, args.accum)
+    kd = argparse.Namespace(**vars(ns), kd_loss="forward_kl", jsd_beta=0.5, temperature=1.0, alpha=0.5, lmbda=0.0,
+                            max_new_tokens=1)
+    rows = synthetic_rows(args.seq, args.batch * args.accum * (args.steps + 1), model.config.vocab_size)
+    timer = StepTimer()
+    trainer = build_trainer(kd, model, tok, Dataset.from_list(rows), teacher=teacher, vocab=vocab,
+                            callbacks=[timer.callback], config=SFTConfig(**kw), full_logits=full_logits)
+    params = n_params(trainer.model) + n_params(teacher) // 3
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    s = timer.seconds_per_step()
+    return {"tokens_per_s": round(args.seq * args.batch * args.accum / s, 1), "params": params,
+            "batch": args.batch, "accum": args.accum, **mem()}
 
 
 def kd_callback(record: dict, held=None):

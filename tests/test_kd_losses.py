@@ -168,3 +168,29 @@ def test_canonical_rows_names_file_and_line(tmp_path):
     rows = common.read_records(p)
     with pytest.raises(UserError, match=r"kd\.jsonl: line 3: field 'teacher_output'"):
         kd_losses.canonical_rows(rows, "teacher_output", p)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_kd_terms_chunked_equals_full_logits_on_lora_gradients(tiny_model_dir, models, kind):
+    """The trained path (backbone + chunked heads) against the models' own forward with full logits: same CE, same
+    divergence, same LoRA gradients."""
+    _, _, c, tok = models
+    student, _, _ = common.load_student(str(tiny_model_dir), gradient_checkpointing=False)
+    student.eval()  # LoRA dropout off: both passes must see the same network (gradients still flow)
+    torch.manual_seed(0)
+    for n, p in student.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)  # a trained-looking adapter, so the gradients reach lora_A too
+    bt = batch(tok)
+    grads = []
+    for full in (False, True):
+        student.zero_grad()
+        t = kd_losses.kd_terms(student, c, bt, kd_loss=kind, temperature=2.0, full_logits=full)
+        (0.5 * t["ce"] + 0.5 * t["kd"]).backward()
+        grads.append((t["ce"].item(), t["kd"].item(),
+                      {n: p.grad.clone() for n, p in student.named_parameters() if p.requires_grad}))
+    (ce1, kd1, g1), (ce2, kd2, g2) = grads
+    assert ce1 == pytest.approx(ce2, rel=1e-4) and kd1 == pytest.approx(kd2, rel=1e-4)
+    assert g1.keys() == g2.keys() and len(g1) > 0
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-6, rtol=1e-3), n
