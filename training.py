@@ -92,7 +92,7 @@ def trl_kwargs(args, save_dir: str) -> dict:
         report_to="none", bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,
         gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False},
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, dataloader_pin_memory=cuda,
-        max_length=None,
+        max_length=None, use_cpu=not cuda,  # use_cpu: lets several CPU processes (torchrun, gloo) run as one job
     )
 
 
@@ -218,5 +218,8 @@ def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: 
 
 
 def start(title: str, args) -> float:
+    """Print the configuration and seed everything (LoRA init included) from --seed; returns the start time."""
+    from transformers import set_seed
     print_config(title, args)
+    set_seed(args.seed)
     return time.time()
