@@ -38,7 +38,8 @@ def parse_args(argv=None):
                     help="prompt tokens allowed; longer documents are truncated at the end (0 = model context "
                          "minus --max_new_tokens)")
     ap.add_argument("--max_string_chars", type=int, default=256,
-                    help="maxLength given to strings without one, in the grammar only (0 = unbounded)")
+                    help="a string value is closed once it has this many characters, where the schema allows "
+                         "(0 = unbounded)")
     ap.add_argument("--max_items", type=int, default=32,
                     help="maxItems given to arrays without one, in the grammar only (0 = unbounded)")
     ap.add_argument("--batch_size", type=int, default=8, help="documents generated together")
@@ -78,7 +79,7 @@ def main(args):
     cache = grammar = None
     if not args.unconstrained:
         cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)
-        grammar = cache.compile(schema, args.max_string_chars, args.max_items)
+        grammar = cache.compile(schema, args.max_items)
     limit = idp.input_token_limit(model, tok, args.max_input_tokens, args.max_new_tokens)
 
     # run
@@ -90,12 +91,17 @@ def main(args):
             prompts.append(common.chat_prompt(tok, idp.idp_user_message(schema, doc)))
         else:
             prompts.append(common.chat_prompt(tok, r["message"]))
+            n_tok = len(tok(prompts[-1], add_special_tokens=False)["input_ids"])
+            if n_tok > limit:
+                common.note(f"record {r['id']}: its prompt has {n_tok} tokens, more than {limit}; a ready-made "
+                            f"'input' message cannot be truncated: evaluating it whole", once=False)
     if truncated:
         common.note(f"{truncated} documents were truncated at the end to fit {limit} prompt tokens")
     from tqdm import tqdm
     with tqdm(total=len(prompts), desc="eval_idp", unit="doc", file=sys.stderr) as bar:
         results, stats = jg.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
-                                     batch_size=args.batch_size, grammar=grammar, cache=cache, progress=bar)
+                                     batch_size=args.batch_size, grammar=grammar, cache=cache,
+                                     max_string_chars=args.max_string_chars, progress=bar)
     validator = jg.make_validator(schema)
     checked = [jg.check_output(r["text"], validator) for r in results]
     n = len(records)

@@ -36,8 +36,8 @@ def parse_args(argv=None):
                     help="prompt tokens allowed; a longer document is truncated at its end with a NOTE "
                          "(0 = model context minus --max_new_tokens)")
     ap.add_argument("--max_string_chars", type=int, default=256,
-                    help="maxLength given to strings without one, in the grammar only (0 = unbounded; bounded "
-                         "strings cannot hold quotes, backslashes or newlines)")
+                    help="a string value is closed once it has this many characters, where the schema allows "
+                         "(a soft bound kept by the decoder, not added to the schema; 0 = unbounded)")
     ap.add_argument("--max_items", type=int, default=32,
                     help="maxItems given to arrays without one, in the grammar only (0 = unbounded)")
     ap.add_argument("--batch_size", type=int, default=8, help="documents generated together (--input)")
@@ -80,7 +80,7 @@ def main(args):
     cache = grammar = None
     if not args.unconstrained:
         cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)
-        grammar = cache.compile(schema, args.max_string_chars, args.max_items)
+        grammar = cache.compile(schema, args.max_items)
         print(f"grammar compiled in {grammar.compile_seconds:.2f} s", file=sys.stderr)
     limit = idp.input_token_limit(model, tok, args.max_input_tokens, args.max_new_tokens)
 
@@ -95,7 +95,8 @@ def main(args):
         from tqdm import tqdm
         progress = tqdm(total=len(prompts), desc="infer_idp", unit="doc", file=sys.stderr)
     results, stats = jg.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size, grammar=grammar, cache=cache, progress=progress)
+                                 batch_size=args.batch_size, grammar=grammar, cache=cache,
+                                 max_string_chars=args.max_string_chars, progress=progress)
     if progress:
         progress.close()
     validator = jg.make_validator(schema)

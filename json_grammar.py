@@ -183,12 +183,12 @@ FORMAT_PATTERNS = {"date": f"^{_DATE}$", "date-time": f"^{_DATE}T{_TIME}$",
 NUMBER_BOUND = 10**15
 
 
-def grammar_schema(schema: dict, max_string_chars: int = 0, max_items: int = 0, bound_numbers: bool = True) -> dict:
-    """A copy of the schema for the grammar, with a maxLength on free strings, a maxItems on arrays and
-    +-NUMBER_BOUND on numbers that have none (0/False = leave unbounded). The grammar's language stays a subset
-    of the schema's, so its outputs stay valid; the bounds keep a runaway string, list or digit sequence from
-    eating the whole token budget. xgrammar's bounded strings allow no escape sequences (no quotes, backslashes or
-    newlines inside them): set max_string_chars=0 where values need them."""
+def grammar_schema(schema: dict, max_items: int = 0, bound_numbers: bool = True) -> dict:
+    """A copy of the schema for the grammar: exact patterns for the formats in FORMAT_PATTERNS, a maxItems on arrays
+    and +-NUMBER_BOUND on numbers that have none (0/False = leave unbounded). The grammar's language stays a subset
+    of the schema's, so its outputs stay valid; the bounds keep a runaway list or digit sequence from eating the
+    token budget. Strings get no maxLength here: xgrammar's bounded strings cost up to ~2 ms per token mask
+    (measured: 6 us unbounded) and allow no escapes, so the decoder bounds them instead (max_string_chars)."""
     out = copy.deepcopy(schema)
     for node, _ in _nodes(out):
         if node.get("format") in FORMAT_PATTERNS and "pattern" not in node:
@@ -201,9 +201,6 @@ def grammar_schema(schema: dict, max_string_chars: int = 0, max_items: int = 0, 
                 node["minimum"] = -NUMBER_BOUND
             if "maximum" not in node and "exclusiveMaximum" not in node:
                 node["maximum"] = NUMBER_BOUND
-        if (max_string_chars and "string" in types and "maxLength" not in node
-                and not {"pattern", "format", "enum", "const"} & node.keys()):
-            node["maxLength"] = max(max_string_chars, node.get("minLength", 0))
         if max_items and "array" in types and "maxItems" not in node:
             node["maxItems"] = max(max_items, node.get("minItems", 0))
     return out
@@ -270,7 +267,8 @@ def check_output(text: str, validator) -> dict:
         obj = json.loads(s)
     except json.JSONDecodeError as e:
         return {"json": None, "json_valid": False, "schema_valid": False, "error": f"not JSON: {e.msg} at char {e.pos}"}
-    err = next(iter(sorted(validator.iter_errors(obj), key=lambda e: list(e.path))), None)
+    from jsonschema.exceptions import best_match
+    err = best_match(validator.iter_errors(obj))
     if err is not None:
         where = "/" + "/".join(map(str, err.path)) if err.path else "the root"
         return {"json": obj, "json_valid": True, "schema_valid": False,
@@ -312,12 +310,12 @@ class GrammarCache:
         q = self.ids('"')
         self.quote_id = q[0] if len(q) == 1 else None
 
-    def compile(self, schema: dict, max_string_chars: int = 0, max_items: int = 0) -> CompiledSchema:
+    def compile(self, schema: dict, max_items: int = 0) -> CompiledSchema:
         import xgrammar as xgr
-        key = json.dumps([schema, max_string_chars, max_items], sort_keys=True)
+        key = json.dumps([schema, max_items], sort_keys=True)
         if key in self._cache:
             return self._cache[key]
-        gschema = grammar_schema(schema, max_string_chars, max_items)
+        gschema = grammar_schema(schema, max_items)
         t0 = time.perf_counter()
         try:
             compiled = self.compiler.compile_json_schema(json.dumps(gschema), any_whitespace=False,
@@ -328,7 +326,7 @@ class GrammarCache:
             raise UserError(f"xgrammar cannot compile the schema: {msg}") from None
         seconds = time.perf_counter() - t0
         matcher = xgr.GrammarMatcher(compiled)
-        start = closing_string(matcher, (False, False))
+        start = closing_string(matcher, LEX0)
         if start is None:
             raise UserError("cannot find a finite valid document for this schema (e.g. a pattern that needs "
                             "non-ASCII characters): the token budget cannot be guaranteed")
@@ -368,20 +366,28 @@ _PREF_OUT = ["}", "]", ",", '""', "null", "0", "false", "[]", "{}", ":", '"', "[
 _PREF_IN = ['"'] + list("0123456789") + [chr(c) for c in range(32, 127) if chr(c) not in '"0123456789']
 
 
-def lex(state: tuple[bool, bool], text) -> tuple[bool, bool]:
-    """(inside a string, after a backslash) after `text` (str or bytes); enough JSON lexing to pick closers."""
-    in_str, esc = state
-    for ch in (text.decode("latin-1") if isinstance(text, bytes) else text):
+LEX0 = (False, False, 0)
+
+
+def lex(state: tuple[bool, bool, int], text) -> tuple[bool, bool, int]:
+    """(inside a string, after a backslash, characters in the string so far) after `text` (str or UTF-8 bytes):
+    enough JSON lexing to pick closers and to bound string lengths."""
+    in_str, esc, n = state
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    for b in data:
         if in_str:
             if esc:
                 esc = False
-            elif ch == "\\":
+            elif b == 0x5C:  # backslash
                 esc = True
-            elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-    return in_str, esc
+            elif b == 0x22:  # quote
+                in_str, n = False, 0
+                continue
+            if b & 0xC0 != 0x80:  # not a UTF-8 continuation byte: one more character
+                n += 1
+        elif b == 0x22:
+            in_str, n = True, 0
+    return in_str, esc, n
 
 
 def closing_string(matcher, state: tuple[bool, bool], limit: int = 4096) -> str | None:
@@ -421,14 +427,16 @@ class BudgetJsonProcessor(_logits_processor_base()):
     closing token) and returns one-hot scores, so it must be the last processor and decoding must be greedy.
     Create one per generate() call."""
 
-    def __init__(self, cache: GrammarCache, grammar: CompiledSchema, batch_size: int, max_new_tokens: int):
+    def __init__(self, cache: GrammarCache, grammar: CompiledSchema, batch_size: int, max_new_tokens: int,
+                 max_string_chars: int = 0):
         import xgrammar as xgr
         if grammar.min_tokens > max_new_tokens:
             raise UserError(f"--max_new_tokens {max_new_tokens} is too small: the smallest valid JSON for this "
                             f"schema already needs {grammar.min_tokens} tokens ({grammar.start_close})")
         self.cache, self.grammar, self.max_new_tokens = cache, grammar, max_new_tokens
+        self.max_string_chars = max_string_chars
         self.matchers = [xgr.GrammarMatcher(grammar.compiled) for _ in range(batch_size)]
-        self.lex = [(False, False)] * batch_size
+        self.lex = [LEX0] * batch_size
         self.close = [grammar.start_close] * batch_size
         self.forced: list[list[int]] = [[] for _ in range(batch_size)]
         self.chosen: list[int | None] = [None] * batch_size
@@ -455,7 +463,7 @@ class BudgetJsonProcessor(_logits_processor_base()):
         closing string unchanged as long as a quote is still accepted (checked on the matcher, then undone)."""
         m, prev = self.matchers[i], self.close[i]
         tb = self.cache.vocab_bytes[token]
-        if (before == (True, False) and after == (True, False) and b'"' not in tb and b"\\" not in tb
+        if (before[:2] == (True, False) and after[:2] == (True, False) and b'"' not in tb and b"\\" not in tb
                 and prev.startswith('"') and self.cache.quote_id is not None):
             if m.accept_token(self.cache.quote_id):
                 m.rollback(1)
@@ -493,8 +501,14 @@ class BudgetJsonProcessor(_logits_processor_base()):
                 self._accept(i, self.forced[i].pop(0))
             else:
                 x, before = best[i], self.lex[i]
-                if not m.accept_token(x):
-                    raise RuntimeError(f"grammar matcher refused the masked argmax token {x}")
+                if (self.max_string_chars and before[0] and not before[1] and before[2] >= self.max_string_chars
+                        and self.cache.quote_id is not None and m.accept_token(self.cache.quote_id)):
+                    m.rollback(1)  # a string at its soft length bound: close it where the grammar allows
+                    x = self.cache.quote_id
+                if not m.accept_token(x):  # every allowed token scored -inf by an earlier processor (min_new_tokens)
+                    self.forced[i] = self.cache.ids(self.close[i]) + [self.cache.stop_id]
+                    self._accept(i, self.forced[i].pop(0))
+                    continue
                 after = lex(before, self.cache.vocab_bytes[x])
                 if m.is_terminated():
                     self.lex[i], self.chosen[i] = after, x
@@ -516,11 +530,13 @@ class BudgetJsonProcessor(_logits_processor_base()):
 
 def generate(model, tok, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8,
              grammar: CompiledSchema | None = None, cache: GrammarCache | None = None,
-             progress=None) -> tuple[list[dict], dict]:
+             max_string_chars: int = 0, progress=None, min_new_tokens: int = 0) -> tuple[list[dict], dict]:
     """Greedy generation for chat prompts (strings from common.chat_prompt), batched with left padding, longest
-    prompts first. With a grammar every reply is a complete document of it. Returns (per prompt {"text",
+    prompts first. With a grammar every reply is a complete document of it, and a string value is closed once it
+    reaches max_string_chars characters where the grammar allows it (0 = no bound). Returns (per prompt {"text",
     "new_tokens", "ended", "budget_closed"} in the input order, timing stats); `progress` (a tqdm) is advanced
-    per prompt. "ended": the reply ended with a stop token (False = cut off by max_new_tokens)."""
+    per prompt. "ended": the reply ended with a stop token (False = cut off by max_new_tokens). min_new_tokens
+    (unconstrained only) makes every row run that long: bench_idp.py compares equal numbers of decoding steps."""
     import torch
     from transformers import LogitsProcessorList
 
@@ -539,9 +555,11 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, batch_size:
             enc = {k: v.to(device) for k, v in enc.items()}
             kw = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                       pad_token_id=tok.pad_token_id)
+            if min_new_tokens and grammar is None:
+                kw["min_new_tokens"] = min_new_tokens
             proc = None
             if grammar is not None:
-                proc = BudgetJsonProcessor(cache, grammar, len(idx), max_new_tokens)
+                proc = BudgetJsonProcessor(cache, grammar, len(idx), max_new_tokens, max_string_chars)
                 kw["logits_processor"] = LogitsProcessorList([proc])
             t0 = time.perf_counter()
             with torch.inference_mode():

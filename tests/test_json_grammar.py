@@ -127,14 +127,15 @@ def test_grammar_schema_bounds_only_unbounded_values():
         "date": {"type": "string", "format": "date"}, "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
         "cur": {"type": "string", "enum": ["USD"]}, "n": {"type": ["number", "null"]},
         "pos": {"type": "integer", "minimum": 0}, "list": {"type": "array", "items": {"type": "string"}}}}
-    g = jg.grammar_schema(s, max_string_chars=100, max_items=7)
+    g = jg.grammar_schema(s, max_items=7)
     p = g["properties"]
-    assert p["free"]["maxLength"] == 100 and p["short"]["maxLength"] == 5
-    assert "maxLength" not in p["date"] and "maxLength" not in p["code"] and "maxLength" not in p["cur"]
+    assert "maxLength" not in p["free"] and p["short"]["maxLength"] == 5  # strings are bounded by the decoder
+    assert "format" not in p["date"] and p["date"]["pattern"] == jg.FORMAT_PATTERNS["date"]
+    assert p["code"]["pattern"] == "^[A-Z]{3}$" and p["cur"] == {"type": "string", "enum": ["USD"]}
     assert p["n"]["minimum"] == -jg.NUMBER_BOUND and p["n"]["maximum"] == jg.NUMBER_BOUND
     assert p["pos"]["minimum"] == 0 and p["pos"]["maximum"] == jg.NUMBER_BOUND
-    assert p["list"]["maxItems"] == 7 and p["list"]["items"]["maxLength"] == 100
-    assert "maxLength" not in s["properties"]["free"]  # the user's schema is left alone
+    assert p["list"]["maxItems"] == 7
+    assert s["properties"]["date"] == {"type": "string", "format": "date"}  # the user's schema is left alone
 
 
 def test_canonical_json_follows_schema_order_compactly():
@@ -171,10 +172,10 @@ def test_check_output():
 def test_closing_string_completes_any_prefix(tiny, name, prefix):
     import xgrammar as xgr
     _, _, cache = tiny
-    g = cache.compile(SCHEMAS[name], 0 if "\\" in prefix else 64, 8)  # bounded strings allow no escapes
+    g = cache.compile(SCHEMAS[name], 8)
     m = xgr.GrammarMatcher(g.compiled)
     assert m.accept_string(prefix)
-    close = jg.closing_string(m, jg.lex((False, False), prefix))
+    close = jg.closing_string(m, jg.lex(jg.LEX0, prefix))
     doc = json.loads(prefix + close)
     assert not list(jg.make_validator(SCHEMAS[name]).iter_errors(doc))
     ids = cache.ids(close)
@@ -198,12 +199,12 @@ def _bias_processor(tok, text: str, strength: float = 30.0):
     return Bias()
 
 
-def _generate(model, tok, cache, grammar, prompts, max_new_tokens, bias=None):
+def _generate(model, tok, cache, grammar, prompts, max_new_tokens, bias=None, max_string_chars=0):
     import torch
     from transformers import LogitsProcessorList
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    proc = jg.BudgetJsonProcessor(cache, grammar, len(prompts), max_new_tokens)
+    proc = jg.BudgetJsonProcessor(cache, grammar, len(prompts), max_new_tokens, max_string_chars)
     procs = ([bias] if bias else []) + [proc]
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
@@ -221,11 +222,12 @@ def _generate(model, tok, cache, grammar, prompts, max_new_tokens, bias=None):
 def test_constrained_output_validates_whatever_the_model_prefers(tiny, name, bias):
     model, tok, cache = tiny
     schema = SCHEMAS[name]
-    g = cache.compile(schema, 256, 32)
+    g = cache.compile(schema, 32)
     v = jg.make_validator(schema)
     prompts = [common.chat_prompt(tok, f"doc {i}: Invoice {i * 7} total {i}.50 EUR") for i in range(3)]
     for budget in (g.min_tokens, g.min_tokens + 3, 48):
-        texts, proc = _generate(model, tok, cache, g, prompts, budget, _bias_processor(tok, bias) if bias else None)
+        texts, proc = _generate(model, tok, cache, g, prompts, budget, _bias_processor(tok, bias) if bias else None,
+                                max_string_chars=12)
         for t in texts:
             r = jg.check_output(t, v)
             assert r["schema_valid"], (budget, t, r["error"])
@@ -234,7 +236,7 @@ def test_constrained_output_validates_whatever_the_model_prefers(tiny, name, bia
 
 def test_generate_helper_batches_and_keeps_order(tiny):
     model, tok, cache = tiny
-    g = cache.compile(ITEMS, 32, 4)
+    g = cache.compile(ITEMS, 4)
     prompts = [common.chat_prompt(tok, "x" * n) for n in (5, 200, 40, 1)]
     res, stats = jg.generate(model, tok, prompts, max_new_tokens=40, batch_size=3, grammar=g, cache=cache)
     v = jg.make_validator(ITEMS)
@@ -246,19 +248,45 @@ def test_generate_helper_batches_and_keeps_order(tiny):
 
 def test_budget_below_the_smallest_document_is_refused(tiny):
     model, tok, cache = tiny
-    g = cache.compile(NESTED, 64, 8)
+    g = cache.compile(NESTED, 8)
     with pytest.raises(common.UserError, match="--max_new_tokens 3 is too small"):
         jg.BudgetJsonProcessor(cache, g, 1, 3)
 
 
 def test_compile_is_cached_per_schema(tiny):
     _, _, cache = tiny
-    a = cache.compile(ENUMS, 64, 8)
-    assert cache.compile(json.loads(json.dumps(ENUMS)), 64, 8) is a
-    assert cache.compile(ENUMS, 65, 8) is not a
+    a = cache.compile(ENUMS, 8)
+    assert cache.compile(json.loads(json.dumps(ENUMS)), 8) is a
+    assert cache.compile(ENUMS, 9) is not a
 
 
 def test_uncompilable_pattern_is_a_user_error(tiny):
     _, _, cache = tiny
     with pytest.raises(common.UserError, match="cannot compile"):
-        cache.compile({"type": "object", "properties": {"a": {"type": "string", "pattern": "^(a|b"}}}, 64, 8)
+        cache.compile({"type": "object", "properties": {"a": {"type": "string", "pattern": "^(a|b"}}}, 8)
+
+
+def test_lex_counts_characters_and_escapes():
+    assert jg.lex(jg.LEX0, '{"a":"xé\\"y') == (True, False, 5)  # x, é, \, ", y
+    assert jg.lex(jg.LEX0, '{"a":"x\\') == (True, True, 2)
+    assert jg.lex(jg.LEX0, '{"a":"x"') == (False, False, 0)
+
+
+def _strings(obj):
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return [obj] if isinstance(obj, str) else []
+
+
+def test_string_values_stop_near_max_string_chars(tiny):
+    model, tok, cache = tiny
+    g = cache.compile(ITEMS, 8)
+    prompts = [common.chat_prompt(tok, "Invoice 7")]
+    bias = _bias_processor(tok, "abcdefghijklmnop")  # the model wants to write letters forever
+    bounded, _ = _generate(model, tok, cache, g, prompts, 128, bias, max_string_chars=8)
+    unbounded, _ = _generate(model, tok, cache, g, prompts, 128, bias, max_string_chars=0)
+    assert max(len(s) for s in _strings(json.loads(bounded[0]))) <= 40  # 8 characters plus the last token
+    assert max(len(s) for s in _strings(json.loads(unbounded[0]))) >= 60
+    assert jg.check_output(bounded[0], jg.make_validator(ITEMS))["schema_valid"]

@@ -1,0 +1,132 @@
+"""Benchmark schema-constrained decoding: grammar compile time per schema (cold, then from the cache) and the
+per-step decoding overhead of the grammar (and its budget guard) against plain greedy decoding of the same prompts
+for the same number of steps. Prints a table; --out writes the numbers as JSON.
+
+    python bench_idp.py --model_dir smollm2-135m --n_docs 4 --batch_sizes 1 4
+    python bench_idp.py --model_dir Qwen/Qwen2.5-3B-Instruct --schemas data/idp_schema.json data/sroie_schema.json --batch_sizes 1 8 --out bench_idp.json
+
+Documents: --data, else the SROIE test split in ../shared/data/idp/ when present, else data/idp_test.jsonl.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import common
+import idp
+import json_grammar as jg
+
+ROOT = Path(__file__).resolve().parent
+SROIE = ROOT.parent / "shared" / "data" / "idp" / "sroie.jsonl"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    ap.add_argument("--model_dir", default="smollm2-135m", help="model to decode with (any --model_dir form)")
+    ap.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"],
+                    help="auto: 4-bit NF4 on CUDA, plain weights on CPU")
+    # data
+    ap.add_argument("--schemas", nargs="+", default=None,
+                    help="schemas to compile (default: data/idp_schema.json, plus data/sroie_schema.json if present)")
+    ap.add_argument("--data", help="documents ({document|text} JSONL); default: SROIE test split, else "
+                                   "data/idp_test.jsonl")
+    ap.add_argument("--n_docs", type=int, default=8, help="documents per measurement")
+    # run
+    ap.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
+    ap.add_argument("--max_new_tokens", type=int, default=256, help="token budget of the constrained replies")
+    ap.add_argument("--max_string_chars", type=int, default=256, help="as in infer_idp.py")
+    ap.add_argument("--max_items", type=int, default=32, help="as in infer_idp.py")
+    # output
+    ap.add_argument("--out", help="write the measurements to this JSON file")
+    return ap.parse_args(argv)
+
+
+def default_data(args):
+    if args.data:
+        return args.data, None
+    if SROIE.is_file():
+        return str(SROIE), "test"
+    return str(ROOT / "data" / "idp_test.jsonl"), None
+
+
+def main(args):
+    # load
+    common.print_config("bench_idp", args)
+    schema_paths = args.schemas or [str(p) for p in (ROOT / "data" / "idp_schema.json",
+                                                     ROOT / "data" / "sroie_schema.json") if p.is_file()]
+    schemas = {Path(p).name: jg.load_schema(p) for p in schema_paths}
+    data, split = default_data(args)
+    rows = common.read_records(data)
+    if split:
+        rows = [r for r in rows if r.get("split") == split]
+    docs = [r.get("document", r.get("text")) for r in rows][:args.n_docs]
+    if not docs:
+        raise common.UserError(f"{data}: no documents")
+    model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize)
+    limit = idp.input_token_limit(model, tok, 0, args.max_new_tokens)
+
+    # run: compile times (a fresh compiler per schema: nothing cached), then the same schema again (cached)
+    compile_rows = []
+    for name, schema in schemas.items():
+        t0 = time.perf_counter()
+        cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)
+        t1 = time.perf_counter()
+        cache.compile(schema, args.max_items)
+        t2 = time.perf_counter()
+        cache.compile(schema, args.max_items)
+        t3 = time.perf_counter()
+        compile_rows.append({"schema": name, "tokenizer_info_s": t1 - t0, "compile_s": t2 - t1, "cached_s": t3 - t2})
+
+    # run: decoding, per schema and batch size, constrained first; unconstrained then runs as many steps
+    decode_rows = []
+    for name, schema in schemas.items():
+        cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)
+        grammar = cache.compile(schema, args.max_items)
+        prompts = [common.chat_prompt(tok, idp.idp_user_message(schema, idp.fit_document(
+            tok, schema, d, limit, quiet=True)[0])) for d in docs]
+        for bs in args.batch_sizes:
+            batches = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
+            jg.generate(model, tok, batches[0], max_new_tokens=8, batch_size=bs)  # warm-up
+            con = {"seconds": 0.0, "grammar_s": 0.0, "steps": 0}
+            unc = {"seconds": 0.0, "steps": 0}
+            for batch in batches:
+                res, st = jg.generate(model, tok, batch, max_new_tokens=args.max_new_tokens, batch_size=bs,
+                                      grammar=grammar, cache=cache, max_string_chars=args.max_string_chars)
+                steps = max(r["new_tokens"] for r in res)
+                con["seconds"] += st["generate_seconds"]
+                con["grammar_s"] += st["processor_seconds"]
+                con["steps"] += steps
+                _, su = jg.generate(model, tok, batch, max_new_tokens=steps, min_new_tokens=steps, batch_size=bs)
+                unc["seconds"] += su["generate_seconds"]
+                unc["steps"] += steps
+            c_ms, u_ms = 1000 * con["seconds"] / con["steps"], 1000 * unc["seconds"] / unc["steps"]
+            decode_rows.append({"schema": name, "batch_size": bs, "steps": con["steps"],
+                                "unconstrained_ms_per_step": u_ms, "constrained_ms_per_step": c_ms,
+                                "overhead_pct": 100 * (c_ms - u_ms) / u_ms,
+                                "grammar_ms_per_step": 1000 * con["grammar_s"] / con["steps"]})
+            print(f"  {name} batch {bs}: {c_ms:.1f} vs {u_ms:.1f} ms/step", file=sys.stderr, flush=True)
+
+    # save
+    device = common.device_name()
+    print(f"\ngrammar compile ({args.model_dir}, vocabulary {model.config.vocab_size}, {device})")
+    print(f"{'schema':<22} {'tokenizer info s':>16} {'compile s':>10} {'cached s':>10}")
+    for r in compile_rows:
+        print(f"{r['schema']:<22} {r['tokenizer_info_s']:16.3f} {r['compile_s']:10.3f} {r['cached_s']:10.6f}")
+    print(f"\ndecoding, {len(docs)} documents from {Path(data).name}: milliseconds per decoding step "
+          f"(a step = one token for every row of the batch)")
+    print(f"{'schema':<22} {'batch':>5} {'steps':>6} {'plain':>8} {'grammar':>8} {'overhead':>9} {'in xgrammar+guard':>18}")
+    for r in decode_rows:
+        print(f"{r['schema']:<22} {r['batch_size']:5d} {r['steps']:6d} {r['unconstrained_ms_per_step']:8.2f} "
+              f"{r['constrained_ms_per_step']:8.2f} {r['overhead_pct']:8.1f}% {r['grammar_ms_per_step']:18.2f}")
+    out = {"model_dir": args.model_dir, "device": device, "data": data, "n_docs": len(docs),
+           "compile": compile_rows, "decode": decode_rows, "args": vars(args)}
+    if args.out:
+        common.write_json(args.out, out)
+    return out
+
+
+if __name__ == "__main__":
+    with common.user_errors():
+        main(parse_args())
