@@ -31,7 +31,7 @@ def parse_args(argv=None):
     ap.add_argument("--schema", required=True, help="JSON Schema the outputs must conform to")
     ap.add_argument("--split", help="keep only records whose 'split' is this (e.g. test for sroie.jsonl)")
     ap.add_argument("--limit", type=int, default=0, help="evaluate the first N records only (0 = all)")
-    # generation
+    # run
     ap.add_argument("--max_new_tokens", type=int, default=512,
                     help="token budget of each reply; constrained JSON is always closed within it")
     ap.add_argument("--max_input_tokens", type=int, default=0,

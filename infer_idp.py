@@ -2,7 +2,7 @@
 every output parses and validates (token budget included). Prints strict JSON on stdout, notes on stderr.
 
     python infer_idp.py --model_dir runs/kd_idp --schema data/idp_schema.json --document "Invoice #INV1 date 2025-10-01 from Bar LLC total USD 50."
-    python infer_idp.py --model_dir smollm2-135m --schema data/idp_schema.json --document_file invoice.txt
+    python infer_idp.py --model_dir smollm2-135m --schema data/idp_schema.json --document "Invoice #INV1 date 2025-10-01 from Bar LLC total USD 50."
     python infer_idp.py --model_dir smollm2-135m --schema data/idp_schema.json --input data/idp_test.jsonl --output preds.jsonl
 """
 import argparse
@@ -29,7 +29,7 @@ def parse_args(argv=None):
     src.add_argument("--document", help="the document text")
     src.add_argument("--document_file", help="a UTF-8 text file holding the document")
     src.add_argument("--input", help="JSONL (or JSON list) of records with 'document' (or 'text') and optional 'id'")
-    # generation
+    # run
     ap.add_argument("--max_new_tokens", type=int, default=512,
                     help="token budget of each reply; the JSON is always closed within it")
     ap.add_argument("--max_input_tokens", type=int, default=0,
