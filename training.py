@@ -192,10 +192,20 @@ def resume_checkpoint(args) -> bool | None:
     return True
 
 
+def score_answer_tokens_only() -> None:
+    """TRL's fused LM head scores only the answer positions on CUDA but every position elsewhere (static tile shapes
+    for XLA/Neuron compilers). On a CPU that is ~100x wasted work for a one-token CreditMix answer, so take the
+    answer-only path there too; the kernel still picks its torch fallback off-GPU. Idempotent."""
+    import trl.trainer.utils as tu
+    from trl.kernels.chunked_logprob import _use_triton
+    tu._use_triton = lambda device: device.type == "cpu" or _use_triton(device)
+
+
 def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: str, data: str, started: float,
                    data_report: dict, extra_metrics: dict | None = None, extra: dict | None = None) -> dict:
     """Run the trainer (resuming when asked), save the adapter and tokenizer (rank 0), write run.json."""
     resume = resume_checkpoint(args)
+    score_answer_tokens_only()
     keep_lora_fp32(trainer.model)
     fit_micro_batch(trainer, args)
     result = trainer.train(resume_from_checkpoint=resume)
