@@ -9,7 +9,7 @@ parent prints one table: peak allocated/reserved GiB, tokens/s (examples/s for s
 bf16 matmul ceiling (training FLOPs = 6 x parameters x tokens). `sft_baseline` is the plain recipe most users write
 (PEFT prepare_model_for_kbit_training, the model's own full-vocabulary loss) measured side by side.
 Cases: matmul, sft_baseline, sft, sft_auto (micro-batch picked by --max_memory_gb), kd, dpo, score (label ranking:
-one forward per label per example vs ours), decode (constrained vs unconstrained IDP decoding).
+one forward per label per example vs ours). Constrained decoding has its own benchmark: bench_idp.py.
 """
 import argparse
 import json
@@ -52,7 +52,6 @@ def parse_args(argv=None):
     p.add_argument("--cap_gb", type=float, default=None, help="cap the process's GPU memory (e.g. 8)")
     p.add_argument("--max_memory_gb", type=float, default=8, help="budget for sft_auto's micro-batch choice")
     p.add_argument("--score_examples", type=int, default=64, help="examples for the score case")
-    p.add_argument("--decode_tokens", type=int, default=64, help="new tokens per prompt in the decode case")
     # output
     p.add_argument("--out", default=None, help="also write the rows here (.json: a list; .jsonl: appended)")
     p.add_argument("--table", nargs="+", default=None, help="only print the table of rows saved by earlier --out")
@@ -294,12 +293,6 @@ def case_score(args):
             "speedup": round(rate / naive_rate, 1), "same_predictions": same, **mem()}
 
 
-def case_decode(args):
-    """Constrained (xgrammar JSON schema) vs unconstrained decoding, per-token time on the same prompts."""
-    import bench_idp
-    return bench_idp.bench_case(str(model_dir(args)), args.decode_tokens)
-
-
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
@@ -337,8 +330,6 @@ def table(rows: list[dict]) -> str:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"
         if r.get("same_predictions") is not None:
             status += f" (same predictions: {r['same_predictions']}, naive {r['naive_examples_per_s']} ex/s)"
-        if r.get("overhead") is not None:
-            status += f" (overhead {r['overhead']:.1%}, compile {r.get('compile_s')} s)"
         fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
         lines.append(f"{r['case']:<13}{r['seq']:>7}{fmt(r.get('cap_gb')):>5}{bxa:>9}"
                      f"{fmt(r.get('peak_alloc_gib')):>10}{fmt(r.get('peak_reserved_gib')):>9}"

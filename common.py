@@ -378,8 +378,9 @@ def load_model(spec: str, *, quantize: str = "auto", trust_remote_code: bool = F
     kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None)
     if use_4bit(quantize, device):
         kw["quantization_config"] = bnb_config(dtype)
-    if device == "cuda" and not fsdp_enabled():
-        # one whole copy per process, on this process's GPU (accelerate launch: LOCAL_RANK)
+    if device == "cuda" and ("quantization_config" in kw or not fsdp_enabled()):
+        # on this process's GPU (accelerate launch sets LOCAL_RANK); a 4-bit model under FSDP is sharded from there,
+        # a bf16 one is left on the CPU for FSDP to place
         kw["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     offload = os.environ.get("OFFLOAD_FOLDER")
     if offload and device == "cuda" and not for_training:
