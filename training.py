@@ -9,7 +9,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import UserError, encode_example, is_main_process, note, print_config, world_size, write_run_json
+from common import (UserError, encode_example, fsdp_enabled, is_main_process, note, print_config, world_size,
+                    write_run_json)
 
 
 def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: float = 2e-4, epochs: float = 1.0,
@@ -179,6 +180,8 @@ def keep_lora_fp32(model) -> None:
     """TRL casts trainable LoRA weights of a 4-bit model to bf16; keep them (and so AdamW's state) in fp32, where
     small updates are not rounded away. Under autocast the LoRA matmuls still run in bf16 (FIELD_NOTES)."""
     import torch
+    if fsdp_enabled():  # FSDP flattens each wrapped unit into one tensor: its dtypes must agree (bf16, as TRL casts)
+        return
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
