@@ -2,7 +2,7 @@
 micro-batching on vs off, errors, and the server's RSS before and after 2,000 requests. Loopback only.
 
     python loadtest.py                                          # starts uvicorn serving smollm2-135m, batching on then off
-    python loadtest.py --requests 64 --rss_requests 300 --max_seconds 20        # a quick pass
+    python loadtest.py --server_threads 1 --requests 64 --rss_requests 300 --max_seconds 20   # a quick pass
     python loadtest.py --url http://127.0.0.1:8000 --endpoint sft --server_pid 12345   # a server you started yourself
 
 Without --url it starts `python -m uvicorn serve_creditmix:app --host 127.0.0.1` once per mode (MICRO_BATCHING=1,
@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--rss_max_seconds", type=float, default=900, help="time limit of the RSS run, seconds")
     p.add_argument("--batch_wait_ms", type=float, default=5, help="BATCH_WAIT_MS of the started server")
     p.add_argument("--max_batch", type=int, default=32, help="MAX_BATCH of the started server")
+    p.add_argument("--server_threads", type=int, default=0,
+                   help="OMP_NUM_THREADS of the started server (0 = inherit). On a CPU shared with other work use 1: "
+                        "torch's spinning threads slow a 2-thread forward pass down ~10x there")
     p.add_argument("--timeout", type=float, default=120, help="per-request timeout, seconds")
     p.add_argument("--startup_timeout", type=float, default=300, help="seconds to wait for /health and the load")
     # output
@@ -117,6 +120,8 @@ def start_server(args, mode: str, log_path: Path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), f"MODEL_{args.endpoint.upper()}": args.model,
            "MICRO_BATCHING": "1" if mode == "on" else "0", "BATCH_WAIT_MS": str(args.batch_wait_ms),
            "MAX_BATCH": str(args.max_batch)}
+    if args.server_threads:
+        env["OMP_NUM_THREADS"] = str(args.server_threads)
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serve_creditmix:app", "--host", "127.0.0.1",
                              "--port", str(port), "--no-access-log", "--log-level", "warning"],

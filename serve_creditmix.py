@@ -558,7 +558,7 @@ def run_idp(slot: Slot, items: list[tuple], batch_size: int) -> list:
         if not ok:
             continue
         results, _ = jg.generate(slot.model, slot.tok, prompts, max_new_tokens=n, batch_size=batch_size,
-                                 grammar=compiled, cache=slot.grammars)
+                                 grammar=compiled, cache=slot.grammars, max_string_chars=IDP_MAX_STRING_CHARS)
         for i, r in zip(ok, results):
             c = jg.check_output(r["text"], validator)
             out[i] = {"model_name": slot.spec, "output": c["json"] if c["schema_valid"] else None,
@@ -574,7 +574,7 @@ ERROR_BODY = {"content": {"application/json": {"schema": {
     "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}
 
 
-# infer_idp.py's defaults for the bounds the grammar gives unbounded strings and arrays
+# infer_idp.py's defaults: strings closed at this many characters (by the decoder), maxItems for arrays
 IDP_MAX_STRING_CHARS, IDP_MAX_ARRAY_ITEMS = 256, 32
 GRAMMARS_KEPT = 64  # distinct request schemas compiled per model before the grammar cache is emptied
 
@@ -857,8 +857,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         if len(slot.grammars._cache) >= GRAMMARS_KEPT:  # bound the memory many distinct request schemas take
             slot.grammars._cache.clear()
         try:  # compiled off the inference thread (a new schema takes ~1-2 s), cached per schema
-            compiled = await asyncio.to_thread(slot.grammars.compile, schema, IDP_MAX_STRING_CHARS,
-                                               IDP_MAX_ARRAY_ITEMS)
+            compiled = await asyncio.to_thread(slot.grammars.compile, schema, IDP_MAX_ARRAY_ITEMS)
         except UserError as e:
             raise ApiError(422, f"schema: {e}") from None
         if compiled.min_tokens > body.max_new_tokens:

@@ -42,7 +42,7 @@ def server(tiny_model_dir, tmp_path_factory):
     unfinished.mkdir()
     (unfinished / "run.json").write_text("{}")
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "API_KEY": KEY,
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "API_KEY": KEY, "OMP_NUM_THREADS": "1",
            "MODEL_BASE": str(tiny_model_dir), "MODEL_SFT": str(unfinished), "MODEL_KD": str(d / "missing_run"),
            "MODEL_DPO": str(dpo), "MODEL_CODEGEN": str(tiny_model_dir), "MODEL_IDP": str(tiny_model_dir),
            "MAX_NEW_TOKENS": "32", "BATCH_WAIT_MS": "100", "MAX_BATCH": "8", "MAX_ITEMS": "4",
