@@ -2,7 +2,7 @@
 cached model per endpoint, concurrent requests micro-batched into one forward pass.
 
     uvicorn serve_creditmix:app --host 0.0.0.0 --port 8000
-    MODEL_BASE=smollm2-135m MODEL_SFT=runs/demo_sft HF_HUB_OFFLINE=1 uvicorn serve_creditmix:app --host 127.0.0.1 --port 8000
+    MODEL_BASE=smollm2-135m MODEL_SFT=runs/creditmix_sft HF_HUB_OFFLINE=1 uvicorn serve_creditmix:app --host 127.0.0.1 --port 8000
     python serve_creditmix.py --host 127.0.0.1 --port 8000        # the same app, started by uvicorn.run
 
 Endpoints: POST /infer/{base,sft,kd,dpo} {"features": "…"} -> the README's JSON (a list of strings -> a list of
