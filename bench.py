@@ -219,7 +219,7 @@ def _our_sft(args, batch, accum, auto):
     from trl import SFTConfig, SFTTrainer
 
     import common
-    from training import fit_micro_batch
+    from training import fit_micro_batch, trl_config
     path = model_dir(args)
     model, tok, _ = common.load_student(str(path))
     params = n_params(model)
@@ -228,7 +228,7 @@ def _our_sft(args, batch, accum, auto):
     ds = Dataset.from_list(synthetic_rows(args.seq, batch * accum * common.world_size() * (args.steps + 1),
                                           model.config.vocab_size))
     timer = StepTimer()
-    trainer = SFTTrainer(model=model, args=SFTConfig(**kw), train_dataset=ds, processing_class=tok,
+    trainer = SFTTrainer(model=model, args=trl_config(SFTConfig, kw), train_dataset=ds, processing_class=tok,
                          callbacks=[timer.callback])
     if auto:
         ns.max_memory_gb = args.max_memory_gb

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from common import (UserError, check_attention_kernel, encode_example, load_model, lora_config, note,
                     prepare_for_training, read_records, resolve_model, user_errors)
-from training import add_training_args, log_callbacks, start, train_and_save, trl_kwargs
+from training import add_training_args, log_callbacks, start, train_and_save, trl_config, trl_kwargs
 
 FIELDS = ("prompt", "chosen", "rejected")
 # TRL 1.16's DPO losses (trl/trainer/dpo_config.py, DPOConfig.loss_type); tests check the list against TRL's own.
@@ -200,7 +200,7 @@ def load_policy(args):
 def dpo_config(args):
     """TRL's DPOConfig: the shared training arguments plus beta and the loss (README: beta goes in the config)."""
     from trl import DPOConfig
-    return DPOConfig(**trl_kwargs(args, args.save_dir), beta=args.beta, loss_type=list(args.loss_type),
+    return trl_config(DPOConfig, trl_kwargs(args, args.save_dir), beta=args.beta, loss_type=list(args.loss_type),
                      loss_weights=args.loss_weights, label_smoothing=args.label_smoothing, logging_first_step=True)
 
 
@@ -244,7 +244,7 @@ def bench_case(args, path, trainer_args, StepTimer, mem, n_params) -> dict:
     dataset = Dataset.from_list([{"prompt_ids": x[0][:half], "chosen_ids": x[1], "rejected_ids": x[2]} for x in ids])
     timer = StepTimer()
     trainer = build_trainer(ns, model, tok, dataset, peft_config, callbacks=[timer.callback],
-                            config=DPOConfig(**kw, beta=0.1))
+                            config=trl_config(DPOConfig, kw, beta=0.1))
     params = n_params(trainer.model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

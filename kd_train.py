@@ -19,7 +19,7 @@ import json
 
 from common import UserError, load_model, load_student, note, read_records, user_errors
 from kd_losses import KD_LOSSES, canonical_rows, load_schema, target_key
-from training import add_training_args, encode_rows, log_callbacks, start, train_and_save, trl_kwargs
+from training import add_training_args, encode_rows, log_callbacks, start, train_and_save, trl_config, trl_kwargs
 
 
 def parse_args(argv=None):
@@ -186,7 +186,7 @@ def build_trainer(args, model, tok, dataset, teacher=None, vocab=None, callbacks
                 m["mean_token_accuracy"].append(t["accuracy"])
             return (loss, None) if return_outputs else loss
 
-    return KDTrainer(model=model, args=config or SFTConfig(**trl_kwargs(args, args.save_dir)), train_dataset=dataset,
+    return KDTrainer(model=model, args=config or trl_config(SFTConfig, trl_kwargs(args, args.save_dir)), train_dataset=dataset,
                      processing_class=tok, callbacks=callbacks)
 
 
@@ -212,7 +212,7 @@ def bench_case(args, path, synthetic_rows, trainer_args, StepTimer, mem, n_param
     rows = synthetic_rows(args.seq, args.batch * args.accum * (args.steps + 1), model.config.vocab_size)
     timer = StepTimer()
     trainer = build_trainer(kd, model, tok, Dataset.from_list(rows), teacher=teacher, vocab=vocab,
-                            callbacks=[timer.callback], config=SFTConfig(**kw), full_logits=full_logits)
+                            callbacks=[timer.callback], config=trl_config(SFTConfig, kw), full_logits=full_logits)
     params = n_params(trainer.model) + n_params(teacher) // 3
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

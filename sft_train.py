@@ -9,7 +9,7 @@ Saves the LoRA adapter (not the base weights), the tokenizer, run.json, metrics.
 import argparse
 
 from common import load_student, read_records, user_errors
-from training import add_training_args, encode_rows, log_callbacks, start, train_and_save, trl_kwargs
+from training import add_training_args, encode_rows, log_callbacks, start, train_and_save, trl_config, trl_kwargs
 
 
 def parse_args(argv=None):
@@ -30,7 +30,7 @@ def main(args):
                                   lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     dataset, report = encode_rows(tok, rows, "input", "output", args.max_len, source=args.data)
     # run
-    trainer = SFTTrainer(model=model, args=SFTConfig(**trl_kwargs(args, args.save_dir)), train_dataset=dataset,
+    trainer = SFTTrainer(model=model, args=trl_config(SFTConfig, trl_kwargs(args, args.save_dir)), train_dataset=dataset,
                          processing_class=tok, callbacks=log_callbacks(args.save_dir))
     # save
     return train_and_save(trainer, tok, args, script="sft_train.py", method="sft", base_model=ms.base_spec,

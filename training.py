@@ -94,7 +94,17 @@ def trl_kwargs(args, save_dir: str) -> dict:
         gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False},
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, dataloader_pin_memory=cuda,
         max_length=None, use_cpu=not cuda,  # use_cpu: lets several CPU processes (torchrun, gloo) run as one job
+        ddp_find_unused_parameters=False,  # every LoRA weight is used; True costs a graph traversal per backward
     )
+
+
+def trl_config(cls, kwargs: dict, **extra):
+    """A TRL config (SFTConfig, DPOConfig). One process trains on one GPU, where device_map put the model: with
+    several GPUs visible, Trainer would wrap it in nn.DataParallel, which TRL refuses (use accelerate launch)."""
+    config = cls(**kwargs, **extra)
+    if world_size() == 1 and config.n_gpu > 1:
+        config._n_gpu = 1
+    return config
 
 
 def log_callbacks(save_dir: str) -> list:
