@@ -116,7 +116,8 @@ def main(args):
         print(f"{r['schema']:<22} {r['tokenizer_info_s']:16.3f} {r['compile_s']:10.3f} {r['cached_s']:10.6f}")
     print(f"\ndecoding, {len(docs)} documents from {Path(data).name}: milliseconds per decoding step "
           f"(a step = one token for every row of the batch)")
-    print(f"{'schema':<22} {'batch':>5} {'steps':>6} {'plain':>8} {'grammar':>8} {'overhead':>9} {'in xgrammar+guard':>18}")
+    print(f"{'schema':<22} {'batch':>5} {'steps':>6} {'plain':>8} {'grammar':>8} {'overhead':>9} "
+          f"{'in xgrammar+guard':>18}")
     for r in decode_rows:
         print(f"{r['schema']:<22} {r['batch_size']:5d} {r['steps']:6d} {r['unconstrained_ms_per_step']:8.2f} "
               f"{r['constrained_ms_per_step']:8.2f} {r['overhead_pct']:8.1f}% {r['grammar_ms_per_step']:18.2f}")

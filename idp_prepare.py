@@ -15,7 +15,6 @@ taken from another document, a required field dropped, the JSON cut off, or the 
 import argparse
 import calendar
 import datetime as dt
-import json
 import random
 from pathlib import Path
 
@@ -197,7 +196,8 @@ def synthetic_invoice(rng: random.Random, n: int) -> tuple[str, dict]:
     if style == 0:  # the README's one-liner
         doc = f"Invoice #{number} date {_date_text(date, rng)} from {vendor} total {_money(total, cur, rng)}."
         if items:
-            doc += " Items: " + "; ".join(f"{i['quantity']} x {i['description']} {i['amount']:.2f}" for i in items) + "."
+            listed = "; ".join(f"{i['quantity']} x {i['description']} {i['amount']:.2f}" for i in items)
+            doc += f" Items: {listed}."
         if due:
             doc += f" Due {_date_text(due, rng)}."
     elif style == 1:  # a printed layout

@@ -8,7 +8,6 @@ every output parses and validates (token budget included). Prints strict JSON on
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import common
 import idp

@@ -18,7 +18,7 @@ import copy
 import json
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from common import UserError, note
 

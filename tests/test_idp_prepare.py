@@ -85,7 +85,8 @@ def test_bad_sources(tmp_path, rows, extra, message):
     (tmp_path / "s.json").write_text(json.dumps({"type": "object", "properties": {"name": {"type": "string"}}}))
     src = tmp_path / "src.jsonl"
     common.write_jsonl(src, rows)
-    argv = ["--src", str(src), "--outdir", str(tmp_path / "out")] + (["--schema", str(tmp_path / "s.json")] if extra else [])
+    argv = ["--src", str(src), "--outdir", str(tmp_path / "out")]
+    argv += ["--schema", str(tmp_path / "s.json")] if extra else []
     with pytest.raises(common.UserError, match=message):
         idp_prepare.main(idp_prepare.parse_args(argv))
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -124,7 +124,8 @@ def test_budget_too_small_for_any_valid_json(tiny_model_dir, schema_file):
 @pytest.mark.parametrize("schema, message", [
     ('{"type": "object", "properties": {"a": {"type": "strin"}}}',
      "invalid JSON Schema: keyword 'type' at /properties/a"),
-    ('{"type": "object", "properties": {"a": {"type": "string"}}, "if": {}}', "keyword 'if' at the root is not supported"),
+    ('{"type": "object", "properties": {"a": {"type": "string"}}, "if": {}}',
+     "keyword 'if' at the root is not supported"),
     ('{"type": "object",', "schema.json:1: invalid JSON"),
 ])
 def test_bad_schema_exits_2_with_one_line(tmp_path, schema, message):
@@ -148,3 +149,13 @@ def test_input_record_with_empty_document(tiny_model_dir, schema_file, tmp_path)
     common.write_jsonl(src, [{"document": "ok"}, {"document": ""}])
     with pytest.raises(common.UserError, match="docs.jsonl: record 2: the document is empty"):
         run(tiny_model_dir, schema_file, "--input", str(src), "--output", str(tmp_path / "o.jsonl"))
+
+
+@pytest.mark.real_model
+def test_readme_command_on_smollm2(capsys):
+    """The README's document through the embedded SmolLM2-135M: valid JSON on stdout, whatever it extracts."""
+    schema = ROOT / "data" / "idp_schema.json"
+    obj = infer_idp.main(infer_idp.parse_args(["--model_dir", "smollm2-135m", "--schema", str(schema),
+                                               "--document", README_DOC, "--max_new_tokens", "96"]))
+    assert json.loads(capsys.readouterr().out) == obj
+    assert not list(jg.make_validator(json.loads(schema.read_text())).iter_errors(obj))

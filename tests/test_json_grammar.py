@@ -188,7 +188,6 @@ def test_closing_string_completes_any_prefix(tiny, name, prefix):
 def _bias_processor(tok, text: str, strength: float = 30.0):
     """Makes the model love the tokens of `text` (digits, letters, brackets): the grammar and the budget guard must
     still deliver a valid document."""
-    import torch
     from transformers import LogitsProcessor
     ids = sorted({i for ch in text for i in tok.encode(ch, add_special_tokens=False)})
 
