@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=4, help="timed optimizer steps (after 1 warm-up step)")
     p.add_argument("--cap_gb", type=float, default=None, help="cap the process's GPU memory (e.g. 8)")
     p.add_argument("--max_memory_gb", type=float, default=8, help="budget for sft_auto's micro-batch choice")
+    p.add_argument("--activation_offloading", action="store_true", help="trainer cases: activations on the CPU")
     p.add_argument("--score_examples", type=int, default=64, help="examples for the score case")
     # output
     p.add_argument("--out", default=None, help="also write the rows here (.json: a list; .jsonl: appended)")
@@ -149,6 +150,7 @@ def trainer_args(args, save_dir, batch, accum):
     from training import trl_kwargs
     ns = argparse.Namespace(epochs=1, max_steps=args.steps + 1, per_device_train_batch_size=batch,
                             gradient_accumulation_steps=accum, lr=1e-4, seed=0, gradient_checkpointing="auto",
+                            activation_offloading=args.activation_offloading,
                             logging_steps=1000, save_steps=10**6, max_memory_gb=None, resume=False)
     kw = trl_kwargs(ns, save_dir)
     kw.update(save_strategy="no", report_to="none", disable_tqdm=True)
@@ -193,6 +195,7 @@ def case_sft_baseline(args):
                                              target_modules=common.LORA_TARGETS))
     if cuda:
         model.config.use_cache = False
+    model.train()  # as Trainer does: gradient checkpointing and dropout only act in training mode
     params = n_params(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     rows = synthetic_rows(args.seq, args.batch * args.accum, model.config.vocab_size)
@@ -346,6 +349,7 @@ def load_rows(paths) -> list[dict]:
 
 
 def main(args):
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the trainers run
     if args.table:
         print(table(load_rows(args.table)))
         return None
@@ -361,8 +365,9 @@ def main(args):
     model_dir(args)  # build once, before the timed processes
     rows = []
     for case in args.cases.split(","):
-        argv = [sys.executable, __file__, "--one", case] + [f"--{k}={v}" for k, v in vars(args).items()
-                                                            if v is not None and k not in ("one", "out")]
+        flags = {k: v for k, v in vars(args).items() if v not in (None, False) and k not in ("one", "out", "table")}
+        argv = [sys.executable, __file__, "--one", case] + [f"--{k}" if v is True else f"--{k}={v}"
+                                                            for k, v in flags.items()]
         r = subprocess.run(argv, capture_output=True, text=True)
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("BENCH ")), None)
         row = json.loads(line[6:]) if line else {"case": case, "seq": args.seq, "cap_gb": args.cap_gb,

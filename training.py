@@ -37,6 +37,8 @@ def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: fl
     g.add_argument("--gradient_checkpointing", default="auto", choices=["auto", "on", "off"],
                    help="auto: on with CUDA (memory), off on CPU (speed)")
     g.add_argument("--logging_steps", type=int, default=10, help="log loss every N optimizer steps")
+    g.add_argument("--activation_offloading", action="store_true",
+                   help="keep the checkpointed activations in CPU memory (longest sequences on an 8 GB card)")
     g.add_argument("--max_memory_gb", type=float, default=8,
                    help="CUDA: cap GPU memory to this and pick the largest micro-batch (dividing the effective batch) "
                         "that fits, raising gradient accumulation to keep the effective batch; 0 = off")
@@ -95,6 +97,7 @@ def trl_kwargs(args, save_dir: str) -> dict:
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, dataloader_pin_memory=cuda,
         max_length=None, use_cpu=not cuda,  # use_cpu: lets several CPU processes (torchrun, gloo) run as one job
         ddp_find_unused_parameters=False,  # every LoRA weight is used; True costs a graph traversal per backward
+        activation_offloading=cuda and getattr(args, "activation_offloading", False),  # TRL offloads to CPU from CUDA
     )
 
 
@@ -142,9 +145,10 @@ def fit_micro_batch(trainer, args) -> None:
     if not torch.cuda.is_available() or not getattr(args, "max_memory_gb", 0):
         return
     device = trainer.accelerator.device
+    index = device.index if device.index is not None else torch.cuda.current_device()
     budget = args.max_memory_gb * 2**30
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(device).total_memory),
-                                               device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(index).total_memory),
+                                               index)
     targs = trainer.args
     effective = targs.per_device_train_batch_size * targs.gradient_accumulation_steps  # per process
     ds = trainer.train_dataset
@@ -242,7 +246,11 @@ def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: 
 
 def start(title: str, args) -> float:
     """Print the configuration and seed everything (LoRA init included) from --seed; returns the start time."""
+    import os
+
     from transformers import set_seed
+    # fewer out-of-memory stops near the --max_memory_gb cap: segments grow instead of fragmenting (before CUDA init)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     print_config(title, args)
     set_seed(args.seed)
     return time.time()

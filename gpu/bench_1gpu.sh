@@ -3,11 +3,11 @@
 set -u
 B="python3 bench.py --tokenizer .carry/tok --model_cache /tmp/bench_models --out $OUT/bench.jsonl"
 L=$OUT/bench.log
-$B --cases matmul,sft_baseline,sft,sft_auto --seq 2048 --batch 1 --accum 8 --steps 3 >>$L 2>&1
+$B --cases matmul,sft_baseline,sft,sft_auto --seq 2048 --batch 1 --accum 8 --steps 2 >>$L 2>&1
 $B --cases sft --seq 16384 --batch 1 --accum 1 --steps 2 --cap_gb 8 >>$L 2>&1
 $B --cases kd,dpo --seq 2048 --batch 1 --accum 1 --steps 2 --cap_gb 8 >>$L 2>&1
 $B --cases score --seq 2048 --score_examples 256 >>$L 2>&1
-$B --cases sft,dpo --seq 512 --batch 1 --accum 4 --steps 3 --cap_gb 8 >>$L 2>&1
-$B --cases sft_baseline,sft --seq 4096 --batch 1 --accum 2 --steps 3 >>$L 2>&1
-python3 bench_idp.py --model_dir /tmp/bench_models/qwen2.5-3b --schemas data/idp_schema.json --data data/idp_test.jsonl --batch_sizes 1 8 --out $OUT/bench_idp_3b.json >>$L 2>&1
+$B --cases sft,kd,dpo --seq 1024 --batch 1 --accum 2 --steps 2 --cap_gb 8 >>$L 2>&1
+$B --cases dpo --seq 512 --batch 1 --accum 4 --steps 2 --cap_gb 8 >>$L 2>&1
+$B --cases sft_baseline,sft --seq 4096 --batch 1 --accum 2 --steps 2 >>$L 2>&1
 python3 bench.py --table $OUT/bench.jsonl | tee $OUT/bench_table.txt
