@@ -136,6 +136,25 @@ def _row_len(row: dict) -> int:
     return sum(len(v) for v in row.values() if isinstance(v, list))
 
 
+def probe_step(trainer, rows: list[dict]) -> None:
+    """One real training step (forward + backward, as configured: gradient checkpointing, autocast) on `rows`,
+    before trainer.train(); gradients and the trainer's logged metrics are reset afterwards, so nothing of it trains
+    or shows in the logs. fit_micro_batch measures its memory."""
+    model = trainer.model
+    model.train()
+    if trainer.args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
+    trainer.current_gradient_accumulation_steps = 1  # the training loop sets it; training_step divides by it
+    try:
+        trainer.training_step(model, trainer._prepare_inputs(trainer.data_collator(rows)))
+    finally:
+        model.zero_grad(set_to_none=True)
+        for values in getattr(trainer, "_metrics", {}).get("train", {}).values():
+            values.clear()
+        if hasattr(trainer, "_total_train_tokens"):
+            trainer._total_train_tokens = 0
+
+
 def fit_micro_batch(trainer, args) -> None:
     """--max_memory_gb on CUDA: cap the process to that much GPU memory (an 8 GB card on any GPU), then try
     micro-batches 1, 2, 4, ... (each dividing the effective batch) on the longest rows with a real training step, and
@@ -153,28 +172,18 @@ def fit_micro_batch(trainer, args) -> None:
     effective = targs.per_device_train_batch_size * targs.gradient_accumulation_steps  # per process
     ds = trainer.train_dataset
     longest = sorted(range(len(ds)), key=lambda i: -_row_len(ds[i]))[:effective]
-    model = trainer.model
-    model.train()
-    if targs.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=targs.gradient_checkpointing_kwargs)
     best, b = 0, 1
     while b <= min(effective, len(longest)) and effective % b == 0:
         try:
             torch.cuda.reset_peak_memory_stats()
-            batch = trainer._prepare_inputs(trainer.data_collator([ds[i] for i in longest[:b]]))
-            trainer.training_step(model, batch)
+            probe_step(trainer, [ds[i] for i in longest[:b]])
             fits = torch.cuda.max_memory_allocated() <= 0.9 * budget
         except torch.OutOfMemoryError:
             fits = False
-        model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
         if not fits:
             break
         best, b = b, b * 2
-    for values in getattr(trainer, "_metrics", {}).get("train", {}).values():  # the probes are not training
-        values.clear()
-    if hasattr(trainer, "_total_train_tokens"):
-        trainer._total_train_tokens = 0
     if world_size() > 1:  # every rank must use the same micro-batch: the smallest that fits everywhere
         best = int(trainer.accelerator.gather(torch.tensor([best], device=device)).min())
     if best == 0:

@@ -71,3 +71,33 @@ def test_unknown_student_is_one_clear_error(tmp_path, creditmix_dir):
         sft_train.main(sft_train.parse_args(["--student", "nonsense", "--data",
                                              str(creditmix_dir / "creditmix_sft.jsonl"), "--save_dir",
                                              str(tmp_path / "r")]))
+
+
+@pytest.mark.parametrize("script", ["sft_train", "kd_train", "dpo_train"])
+def test_memory_probe_step_leaves_no_trace(tmp_path, tiny_model_dir, creditmix_dir, monkeypatch, script):
+    """--max_memory_gb probes micro-batches with real training steps before train() (on CUDA): the probe must run
+    with every trainer and change nothing (same adapter as without it). Forced here on the CPU."""
+    import importlib
+
+    from safetensors.torch import load_file
+    mod = importlib.import_module(script)
+    data = {"sft_train": "creditmix_sft.jsonl", "kd_train": "creditmix_kd.jsonl", "dpo_train": "creditmix_dpo.jsonl"}
+    argv = ["--student", str(tiny_model_dir), "--data", str(creditmix_dir / data[script]), "--max_steps", "2",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--lr", "1e-3",
+            "--lora_dropout", "0", "--logging_steps", "1"]
+    if script == "kd_train":
+        argv += ["--teacher", str(tiny_model_dir)]
+    probed = []
+
+    def probe_then_train(trainer, args):
+        ds = trainer.train_dataset
+        training.probe_step(trainer, [ds[0], ds[1]])
+        probed.append(all(p.grad is None for p in trainer.model.parameters()))
+
+    mod.main(mod.parse_args(argv + ["--save_dir", str(tmp_path / "plain")]))
+    monkeypatch.setattr(training, "fit_micro_batch", probe_then_train)
+    mod.main(mod.parse_args(argv + ["--save_dir", str(tmp_path / "probed")]))
+    assert probed == [True]
+    a = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "probed" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
