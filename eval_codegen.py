@@ -21,18 +21,14 @@ from pathlib import Path
 
 import codegen
 import sandbox
-from common import (UserError, load_model, print_config, read_records, save_eval, user_errors, write_json,
+from common import (UserError, add_model_args, load_model, print_config, read_records, save_eval, user_errors, write_json,
                     write_jsonl)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
-    p.add_argument("--model_dir", default=None,
-                   help="run dir (adapter + its base), model folder, hub id, .gguf or smollm2-135m; not needed with "
-                        "--samples")
-    p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"], help="auto: 4-bit on CUDA")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    add_model_args(p, default=None, note_="; not needed with --samples")
     # data
     p.add_argument("--data", required=True, help="humaneval.jsonl, humanevalplus.jsonl, mbpp.jsonl or mbppplus.jsonl")
     p.add_argument("--split", default=None, choices=["test", "train", "prompt", "all"],

@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 
 import creditmix as cm
-from common import (UserError, load_model, need_file, read_records, resolve_model, save_eval, user_errors,
+from common import (UserError, add_model_args, load_model, need_file, read_records, resolve_model, save_eval, user_errors,
                     world_size, write_json)
 from scoring import CALIBRATIONS, prior_for
 
@@ -24,10 +24,7 @@ from scoring import CALIBRATIONS, prior_for
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
-    p.add_argument("--model_dir", default="Qwen/Qwen2.5-3B-Instruct",
-                   help="run dir (adapter + its base), model folder, hub id, .gguf or smollm2-135m")
-    p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"], help="auto: 4-bit on CUDA")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    add_model_args(p)
     # data
     p.add_argument("--data", required=True, help="creditmix_val.jsonl, or a raw source to rebuild the split from")
     p.add_argument("--val_per_class", type=int, default=None, help="validation rows per class (raw source)")

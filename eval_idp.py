@@ -20,10 +20,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
-    ap.add_argument("--model_dir", required=True,
-                    help="run dir with a LoRA adapter (runs/sft_idp), HF folder, hub id, .gguf, or smollm2-135m")
-    ap.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"],
-                    help="auto: 4-bit NF4 on CUDA, plain weights on CPU; none: never quantise")
+    common.add_model_args(ap, required=True)
     # data
     ap.add_argument("--data", required=True,
                     help="JSONL of {document|text, gold} (idp_prepare.py's *_test.jsonl, sroie.jsonl) or SFT/KD rows "
@@ -75,7 +72,8 @@ def main(args):
     common.print_config("eval_idp", args)
     schema = jg.load_schema(args.schema)
     records = idp.read_eval_records(args.data, split=args.split, limit=args.limit or None)
-    model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize)
+    model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize,
+                                     trust_remote_code=args.trust_remote_code)
     cache = grammar = None
     if not args.unconstrained:
         cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)

@@ -15,16 +15,13 @@ import sys
 
 import codegen
 import sandbox
-from common import DEFAULT_STUDENT, UserError, load_model, print_config, user_errors, write_json
+from common import UserError, add_model_args, load_model, print_config, user_errors, write_json
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
-    p.add_argument("--model_dir", default=DEFAULT_STUDENT,
-                   help="run dir (adapter + its base), model folder, hub id, .gguf or smollm2-135m")
-    p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"], help="auto: 4-bit on CUDA")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    add_model_args(p)
     # data
     p.add_argument("--prompt", required=True, help='the task, e.g. "Write a function that sorts a list."')
     p.add_argument("--test", action="append", default=[],

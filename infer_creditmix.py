@@ -10,17 +10,14 @@ import argparse
 import json
 
 import creditmix as cm
-from common import UserError, load_model, user_errors
+from common import UserError, add_model_args, load_model, user_errors
 from scoring import CALIBRATIONS, prior_for, response
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
-    p.add_argument("--model_dir", default="Qwen/Qwen2.5-3B-Instruct",
-                   help="run dir (adapter + its base), model folder, hub id, .gguf or smollm2-135m")
-    p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"], help="auto: 4-bit on CUDA")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    add_model_args(p)
     # data
     p.add_argument("--features", action="append", required=True,
                    help='customer features, e.g. "Age: 23.0, Occupation: Scientist, …"; repeat for several')

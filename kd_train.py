@@ -265,7 +265,7 @@ def main(args):
     dataset, report = encode_rows(tok, rows, "input", "teacher_output", args.max_len, keep_whole=args.idp_mode,
                                   source=args.data)
     # run
-    record, held = {}, None
+    record, held = {}, None  # held: the held-out KL function, when --eval_kl is given
     if held_rows is not None:
         from kd_losses import heldout_kl
 

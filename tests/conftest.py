@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random models built locally from the embedded SmolLM2 tokenizer (no download), the way
 HF's own tests use tiny-random checkpoints. Seconds per test."""
-import os
 import sys
 from pathlib import Path
 
