@@ -29,18 +29,7 @@ def parse_args(argv=None):
     ap.add_argument("--split", help="keep only records whose 'split' is this (e.g. test for sroie.jsonl)")
     ap.add_argument("--limit", type=int, default=0, help="evaluate the first N records only (0 = all)")
     # run
-    ap.add_argument("--max_new_tokens", type=int, default=512,
-                    help="token budget of each reply; constrained JSON is always closed within it")
-    ap.add_argument("--max_input_tokens", type=int, default=0,
-                    help="prompt tokens allowed; longer documents are truncated at the end (0 = model context "
-                         "minus --max_new_tokens)")
-    ap.add_argument("--max_string_chars", type=int, default=256,
-                    help="a string value is closed once it has this many characters, where the schema allows "
-                         "(0 = unbounded)")
-    ap.add_argument("--max_items", type=int, default=32,
-                    help="maxItems given to arrays without one, in the grammar only (0 = unbounded)")
-    ap.add_argument("--batch_size", type=int, default=8, help="documents generated together")
-    ap.add_argument("--unconstrained", action="store_true", help="plain greedy decoding without the grammar")
+    idp.add_decoding_args(ap)
     # output
     ap.add_argument("--out", help="also write the metrics to this JSON file")
     ap.add_argument("--predictions", help="write per-document outputs to this JSONL (id, output, valid, error, gold)")

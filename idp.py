@@ -14,6 +14,23 @@ INSTRUCTION = ("Extract the information from the document below as one JSON obje
                "Reply with the JSON object only. Use null where the schema allows it and the document does not say.")
 
 
+def add_decoding_args(ap, batch_help: str = "documents generated together") -> None:
+    """The decoding flags infer_idp.py and eval_idp.py share (# run group)."""
+    ap.add_argument("--max_new_tokens", type=int, default=512,
+                    help="token budget of each reply; constrained JSON is always closed within it")
+    ap.add_argument("--max_input_tokens", type=int, default=0,
+                    help="prompt tokens allowed; a longer document is truncated at its end with a NOTE "
+                         "(0 = model context minus --max_new_tokens)")
+    ap.add_argument("--max_string_chars", type=int, default=256,
+                    help="a string value is closed once it has this many characters, where the schema allows "
+                         "(a soft bound kept by the decoder, not added to the schema; 0 = unbounded)")
+    ap.add_argument("--max_items", type=int, default=32,
+                    help="maxItems given to arrays without one, in the grammar only (0 = unbounded)")
+    ap.add_argument("--batch_size", type=int, default=8, help=batch_help)
+    ap.add_argument("--unconstrained", action="store_true",
+                    help="plain greedy decoding without the grammar (output still validated), for comparison")
+
+
 def schema_text(schema: dict) -> str:
     """The schema as the prompt shows it: compact, keys in the file's order (that order is the output's order)."""
     return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))

@@ -26,19 +26,7 @@ def parse_args(argv=None):
     src.add_argument("--document_file", help="a UTF-8 text file holding the document")
     src.add_argument("--input", help="JSONL (or JSON list) of records with 'document' (or 'text') and optional 'id'")
     # run
-    ap.add_argument("--max_new_tokens", type=int, default=512,
-                    help="token budget of each reply; the JSON is always closed within it")
-    ap.add_argument("--max_input_tokens", type=int, default=0,
-                    help="prompt tokens allowed; a longer document is truncated at its end with a NOTE "
-                         "(0 = model context minus --max_new_tokens)")
-    ap.add_argument("--max_string_chars", type=int, default=256,
-                    help="a string value is closed once it has this many characters, where the schema allows "
-                         "(a soft bound kept by the decoder, not added to the schema; 0 = unbounded)")
-    ap.add_argument("--max_items", type=int, default=32,
-                    help="maxItems given to arrays without one, in the grammar only (0 = unbounded)")
-    ap.add_argument("--batch_size", type=int, default=8, help="documents generated together (--input)")
-    ap.add_argument("--unconstrained", action="store_true",
-                    help="plain greedy decoding without the grammar (output still validated), for comparison")
+    idp.add_decoding_args(ap, batch_help="documents generated together (--input)")
     # output
     ap.add_argument("--output", help="JSONL written for --input: {id, output, valid, error, budget_closed}")
     args = ap.parse_args(argv)
