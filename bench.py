@@ -304,6 +304,8 @@ CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case
 def run_one(args) -> dict:
     cap(args)
     row = {"case": args.one, "seq": args.seq, "cap_gb": args.cap_gb}
+    if getattr(args, "activation_offloading", False):
+        row["activation_offloading"] = True
     try:
         row.update(CASES[args.one](args))
         row["status"] = "ok"
@@ -334,7 +336,8 @@ def table(rows: list[dict]) -> str:
         if r.get("same_predictions") is not None:
             status += f" (same predictions: {r['same_predictions']}, naive {r['naive_examples_per_s']} ex/s)"
         fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-        lines.append(f"{r['case']:<13}{r['seq']:>7}{fmt(r.get('cap_gb')):>5}{bxa:>9}"
+        name = r["case"] + ("+offl" if r.get("activation_offloading") else "")
+        lines.append(f"{name:<13}{r['seq']:>7}{fmt(r.get('cap_gb')):>5}{bxa:>9}"
                      f"{fmt(r.get('peak_alloc_gib')):>10}{fmt(r.get('peak_reserved_gib')):>9}"
                      f"{fmt(rate):>13}{ratio:>8}{mfu:>7}  {status}")
     return "\n".join(lines)

@@ -39,6 +39,8 @@ def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: fl
     g.add_argument("--logging_steps", type=int, default=10, help="log loss every N optimizer steps")
     g.add_argument("--activation_offloading", action="store_true",
                    help="keep the checkpointed activations in CPU memory (longest sequences on an 8 GB card)")
+    g.add_argument("--max_minutes", type=float, default=0,
+                   help="stop after this many minutes of training and save the adapter as at the end; 0 = no limit")
     g.add_argument("--max_memory_gb", type=float, default=8,
                    help="CUDA: cap GPU memory to this and pick the largest micro-batch (dividing the effective batch) "
                         "that fits, raising gradient accumulation to keep the effective batch; 0 = off")
@@ -227,6 +229,23 @@ def score_answer_tokens_only() -> None:
     tu._use_triton = lambda device: device.type == "cpu" or _use_triton(device)
 
 
+def time_limit_callback(minutes: float):
+    """Stops training (at a step boundary, so the adapter is saved as usual) once `minutes` have passed."""
+    from transformers import TrainerCallback
+
+    class TimeLimit(TrainerCallback):
+        stopped = False
+
+        def on_train_begin(self, targs, state, control, **kw):
+            self.t0 = time.time()
+
+        def on_step_end(self, targs, state, control, **kw):
+            if time.time() - self.t0 > minutes * 60:
+                control.should_training_stop = self.stopped = True
+
+    return TimeLimit()
+
+
 def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: str, data: str, started: float,
                    data_report: dict, extra_metrics: dict | None = None, extra: dict | None = None) -> dict:
     """Run the trainer (resuming when asked), save the adapter and tokenizer (rank 0), write run.json."""
@@ -234,7 +253,13 @@ def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: 
     score_answer_tokens_only()
     keep_lora_fp32(trainer.model)
     fit_micro_batch(trainer, args)
+    limit = time_limit_callback(args.max_minutes) if getattr(args, "max_minutes", 0) > 0 else None
+    if limit:
+        trainer.add_callback(limit)
     result = trainer.train(resume_from_checkpoint=resume)
+    if limit and limit.stopped:
+        note(f"--max_minutes {args.max_minutes:g} reached: stopped at step {trainer.state.global_step} "
+             f"of {trainer.state.max_steps}; the adapter is saved")
     state = trainer.state
     metrics = {
         "train_loss": round(result.training_loss, 6) if not math.isnan(result.training_loss) else None,
@@ -242,7 +267,7 @@ def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: 
         "tokens_seen": int(state.num_input_tokens_seen or 0),
         "tokens_per_s": round((state.num_input_tokens_seen or 0) / max(result.metrics.get("train_runtime", 1), 1e-9), 1),
         "final_loss": next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None),
-        "data_rows": data_report, **(extra_metrics or {}),
+        "stopped_by_time_limit": bool(limit and limit.stopped), "data_rows": data_report, **(extra_metrics or {}),
     }
     if trainer.is_world_process_zero():
         trainer.save_model(args.save_dir)  # PEFT: the adapter only, never the base weights

