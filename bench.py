@@ -29,6 +29,11 @@ CONFIGS = {
     "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1e6,
                        max_position_embeddings=32768, tie_word_embeddings=False, rms_norm_eps=1e-6),
+    # SmolLM2-135M(-Instruct) architecture (the embedded model's config), e.g. for bench_idp.py without its weights.
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                         rope_theta=1e5, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2),
     # For CPU smoke tests.
     "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, max_position_embeddings=32768,
