@@ -240,7 +240,14 @@ def time_limit_callback(minutes: float):
             self.t0 = time.time()
 
         def on_step_end(self, targs, state, control, **kw):
-            if time.time() - self.t0 > minutes * 60:
+            stop = time.time() - self.t0 > minutes * 60
+            if world_size() > 1:  # every rank must stop at the same step, or the others wait forever in a collective
+                import torch
+                import torch.distributed as dist
+                flag = torch.tensor([int(stop)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+            if stop:
                 control.should_training_stop = self.stopped = True
 
     return TimeLimit()

@@ -45,3 +45,17 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, creditmix_dir):
     assert worst < 1e-4, f"2-process adapter differs from 1-process by {worst}"
     moved = max((a[k]).abs().max().item() for k in a if "lora_B" in k)
     assert moved > 0  # both runs really trained (LoRA B starts at zero)
+
+
+def test_time_limit_stops_every_rank_at_the_same_step(tmp_path, tiny_model_dir, creditmix_dir):
+    flags = ["--student", str(tiny_model_dir), "--data", str(creditmix_dir / "creditmix_sft.jsonl"),
+             "--max_steps", "50", "--max_minutes", "1e-9", "--per_device_train_batch_size", "2",
+             "--gradient_accumulation_steps", "2", "--save_dir", str(tmp_path / "two")]
+    env = {**os.environ, "DISTILL_SLM_CACHE": os.environ.get("DISTILL_SLM_CACHE", str(Path.home() / ".cache/distill_slm"))}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(free_port())]
+    two = subprocess.run([*launch, "sft_train.py", *flags], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run["metrics"]["train_steps"] == 1 and run["metrics"]["stopped_by_time_limit"]
