@@ -1,7 +1,7 @@
 # Device call 3 (after real_a.sh, same warm machine): KD and DPO on real CreditMix (twenty features), their
 # evaluations, held-out KL, and the compare_runs.py report over base, SFT, KD and DPO.
 #   run: . gpu/setup.sh && bash gpu/real_b.sh
-# CPU dry run: M=<tiny model dir> ST=2 KST=2 LIMIT=4 OUT=/tmp/out bash gpu/real_b.sh  (after the real_a dry run)
+# CPU dry run: M=<tiny model dir> ST=2 KST=2 LIMIT=4 P=<prepared data dir> OUT=/tmp/out bash gpu/real_b.sh  (after real_a's)
 set -u
 M=${M:-smollm2-135m}; P=${P:-/tmp/carry/prep}; R=${R:-runs}; MIN=${MIN:-3}; ST=${ST:--1}; KST=${KST:-90}; LIMIT=${LIMIT:-}; B=${B:-32}
 export DISTILL_SLM_RUNS=$R
