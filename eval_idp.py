@@ -61,13 +61,7 @@ def main(args):
     common.print_config("eval_idp", args)
     schema = jg.load_schema(args.schema)
     records = idp.read_eval_records(args.data, split=args.split, limit=args.limit or None)
-    model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize,
-                                     trust_remote_code=args.trust_remote_code)
-    cache = grammar = None
-    if not args.unconstrained:
-        cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)
-        grammar = cache.compile(schema, args.max_items)
-    limit = idp.input_token_limit(model, tok, args.max_input_tokens, args.max_new_tokens)
+    model, tok, ms, cache, grammar, limit = idp.load_extractor(args, schema)
 
     # run
     prompts, truncated = [], 0

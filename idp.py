@@ -218,6 +218,19 @@ def field_metrics(preds: list, golds: list[dict]) -> dict:
     return out
 
 
+def load_extractor(args, schema: dict):
+    """infer_idp.py's and eval_idp.py's model: (model, tok, model spec, grammar cache, compiled grammar, prompt
+    token limit); no grammar with --unconstrained."""
+    import common
+    import json_grammar as jg
+    model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+    cache = grammar = None
+    if not args.unconstrained:
+        cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)
+        grammar = cache.compile(schema, args.max_items)
+    return model, tok, ms, cache, grammar, input_token_limit(model, tok, args.max_input_tokens, args.max_new_tokens)
+
+
 def input_token_limit(model, tok, requested: int, max_new_tokens: int) -> int:
     """--max_input_tokens, or (0) the model's context minus max_new_tokens."""
     context = getattr(model.config, "max_position_embeddings", None) or getattr(tok, "model_max_length", None)

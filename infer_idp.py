@@ -60,14 +60,9 @@ def main(args):
     common.print_config("infer_idp", args)
     schema = jg.load_schema(args.schema)
     docs = read_documents(args)
-    model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize,
-                                     trust_remote_code=args.trust_remote_code)
-    cache = grammar = None
-    if not args.unconstrained:
-        cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)
-        grammar = cache.compile(schema, args.max_items)
+    model, tok, ms, cache, grammar, limit = idp.load_extractor(args, schema)
+    if grammar:
         print(f"grammar compiled in {grammar.compile_seconds:.2f} s", file=sys.stderr)
-    limit = idp.input_token_limit(model, tok, args.max_input_tokens, args.max_new_tokens)
 
     # run
     prompts = []
