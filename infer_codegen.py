@@ -28,13 +28,7 @@ def parse_args(argv=None):
                    help='an assert to run against each answer in the sandbox, e.g. "assert f([2, 1]) == [1, 2]"; '
                         "repeat for several")
     # run
-    p.add_argument("--plan_then_code", action="store_true", help="generate a short plan first, then the code")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass (with --temperature > 0)")
-    p.add_argument("--max_new_tokens", type=int, default=512, help="token limit of the code answer")
-    p.add_argument("--plan_tokens", type=int, default=256, help="token limit of the plan (--plan_then_code)")
-    p.add_argument("--num_samples", type=int, default=1, help="answers to generate (needs --temperature > 0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    codegen.add_decoding_args(p, "answers to generate (needs --temperature > 0)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per answer when running --test")
     # output
     p.add_argument("--raw", action="store_true", help="also print each whole answer (to stderr)")
