@@ -201,7 +201,7 @@ def dpo_config(args):
     """TRL's DPOConfig: the shared training arguments plus beta and the loss (README: beta goes in the config)."""
     from trl import DPOConfig
     return trl_config(DPOConfig, trl_kwargs(args, args.save_dir), beta=args.beta, loss_type=list(args.loss_type),
-                     loss_weights=args.loss_weights, label_smoothing=args.label_smoothing, logging_first_step=True)
+                      loss_weights=args.loss_weights, label_smoothing=args.label_smoothing, logging_first_step=True)
 
 
 def build_trainer(args, model, tok, dataset, peft_config=None, callbacks=None, config=None):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import codegen
 import sandbox
-from common import (UserError, add_model_args, load_model, print_config, read_records, save_eval, user_errors, write_json,
-                    write_jsonl)
+from common import (UserError, add_model_args, load_model, print_config, read_records, save_eval, user_errors,
+                    write_json, write_jsonl)
 
 
 def parse_args(argv=None):

@@ -16,8 +16,8 @@ from collections import Counter
 import numpy as np
 
 import creditmix as cm
-from common import (UserError, add_model_args, load_model, need_file, read_records, resolve_model, save_eval, user_errors,
-                    world_size, write_json)
+from common import (UserError, add_model_args, load_model, need_file, read_records, resolve_model, save_eval,
+                    user_errors, world_size, write_json)
 from scoring import CALIBRATIONS, prior_for
 
 

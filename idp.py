@@ -223,7 +223,8 @@ def load_extractor(args, schema: dict):
     token limit); no grammar with --unconstrained."""
     import common
     import json_grammar as jg
-    model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+    model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize,
+                                       trust_remote_code=args.trust_remote_code)
     cache = grammar = None
     if not args.unconstrained:
         cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)

@@ -390,7 +390,7 @@ def lex(state: tuple[bool, bool, int], text) -> tuple[bool, bool, int]:
     return in_str, esc, n
 
 
-def closing_string(matcher, state: tuple[bool, bool], limit: int = 4096) -> str | None:
+def closing_string(matcher, state: tuple[bool, bool, int], limit: int = 4096) -> str | None:
     """Text that completes the matcher's prefix into a whole document (the matcher itself is not changed): forced
     text first (xgrammar's jump-forward string), then the first acceptable entry of a preference list. Not always
     the shortest completion, but deterministic and short; None if it gets longer than `limit` characters."""

@@ -186,8 +186,8 @@ def build_trainer(args, model, tok, dataset, teacher=None, vocab=None, callbacks
                 m["mean_token_accuracy"].append(t["accuracy"])
             return (loss, None) if return_outputs else loss
 
-    return KDTrainer(model=model, args=config or trl_config(SFTConfig, trl_kwargs(args, args.save_dir)), train_dataset=dataset,
-                     processing_class=tok, callbacks=callbacks)
+    config = config or trl_config(SFTConfig, trl_kwargs(args, args.save_dir))
+    return KDTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok, callbacks=callbacks)
 
 
 def bench_case(args, path, synthetic_rows, trainer_args, StepTimer, mem, n_params, full_logits=False) -> dict:

@@ -30,8 +30,9 @@ def main(args):
                                   lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     dataset, report = encode_rows(tok, rows, "input", "output", args.max_len, source=args.data)
     # run
-    trainer = SFTTrainer(model=model, args=trl_config(SFTConfig, trl_kwargs(args, args.save_dir)), train_dataset=dataset,
-                         processing_class=tok, callbacks=log_callbacks(args.save_dir))
+    config = trl_config(SFTConfig, trl_kwargs(args, args.save_dir))
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok,
+                         callbacks=log_callbacks(args.save_dir))
     # save
     return train_and_save(trainer, tok, args, script="sft_train.py", method="sft", base_model=ms.base_spec,
                           data=args.data, started=started, data_report=report)
