@@ -283,7 +283,7 @@ def case_score(args):
     prompts = [common.chat_prompt(tok, cm.prompt_for(f"Age: {rng.integers(18, 80)}, Outstanding Debt: "
                                                        f"{rng.uniform(0, 5000):.2f}, Occupation: Teacher"))
                for _ in range(args.score_examples)]
-    n_naive = max(4, args.score_examples // 8)
+    n_naive = max(4, args.score_examples // 4)
     scoring.naive_label_scores(model, tok, prompts[:2], cm.LABELS)  # warm-up
     sync()
     t = time.perf_counter()
@@ -299,10 +299,11 @@ def case_score(args):
     # bf16 / 4-bit on a GPU: padded batches and one-by-one forwards differ in rounding, which can flip a near-tie
     # (random weights make near-ties common), so say how many agree and by how much the scores differ
     agree = (naive.argmax(1) == fast[:n_naive].argmax(1))
+    top2 = np.sort(naive, 1)[:, -2:]
     return {"examples_per_s": round(rate, 1), "naive_examples_per_s": round(naive_rate, 2),
             "speedup": round(rate / naive_rate, 1), "same_predictions": bool(agree.all()),
             "agree": f"{int(agree.sum())}/{n_naive}", "max_abs_diff": float(np.abs(naive - fast[:n_naive]).max()),
-            **mem()}
+            "min_top2_margin": float((top2[:, 1] - top2[:, 0]).min()), **mem()}
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
@@ -345,6 +346,7 @@ def table(rows: list[dict]) -> str:
         if r.get("same_predictions") is not None:
             status += (f" (same predictions: {r.get('agree', r['same_predictions'])}"
                        + (f", max |diff| {r['max_abs_diff']:.2g}" if "max_abs_diff" in r else "")
+                       + (f", closest margin {r['min_top2_margin']:.2g}" if "min_top2_margin" in r else "")
                        + f", naive {r['naive_examples_per_s']} ex/s)")
         fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
         name = r["case"] + ("+offl" if r.get("activation_offloading") else "")

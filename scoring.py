@@ -3,13 +3,17 @@ assistant position, subtract a prior, softmax. Used by infer_creditmix.py, eval_
 
 Why hand-written: transformers has no multiple-choice scorer for causal LMs. This one runs each prompt's forward
 pass once and shares its KV cache across the candidate labels (labels of one token need no second pass at all),
-batches many prompts with left padding, and computes logits only at the positions it scores.
+batches many prompts with left padding, and computes log-probabilities only at the positions it scores, with the
+output layer in fp32 (bf16 logits would round near-tied labels into exact ties).
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 
 CALIBRATIONS = ("multi_null", "batch", "none")
+_VOCAB_CHUNK = 16384  # output-layer rows upcast to fp32 at a time
 
 
 def label_token_ids(tok, labels: list[str]) -> list[list[int]]:
@@ -23,6 +27,42 @@ def _prompt_ids(tok, prompts: list[str]) -> list[list[int]]:
     return [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
 
+@contextmanager
+def _head_inputs(model):
+    """Collect what the output layer sees during the forward passes inside the block (its input hidden states)."""
+    head, seen = model.get_output_embeddings(), []
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    try:
+        yield head, seen
+    finally:
+        hook.remove()
+
+
+def _token_logprobs(head, hidden, targets):
+    """log p(targets[r, t] | hidden[r]) for hidden [R, d] and targets [R, T], with the output layer in fp32.
+
+    Why not the model's own logits: in bf16 they are rounded to 1/32-1/16 nat at typical magnitudes, so near-tied
+    labels become exact ties that a padded batch and a one-by-one pass break differently. The vocabulary is
+    processed in chunks, so the fp32 copy of the output layer never exists whole (1.2 GB for Qwen2.5-3B)."""
+    import torch
+    w, b = head.weight, getattr(head, "bias", None)
+    h = hidden.float()
+    if not w.dtype.is_floating_point:  # a quantised output layer: its own logits are all there is
+        return torch.log_softmax(head(hidden).float(), -1).gather(-1, targets)
+    lse = None
+    for v0 in range(0, w.shape[0], _VOCAB_CHUNK):
+        z = h @ w[v0:v0 + _VOCAB_CHUNK].float().T
+        if b is not None:
+            z += b[v0:v0 + _VOCAB_CHUNK].float()
+        c = torch.logsumexp(z, -1)
+        lse = c if lse is None else torch.logaddexp(lse, c)
+    z = torch.einsum("rd,rtd->rt", h, w[targets].float())
+    if b is not None:
+        z += b[targets].float()
+    return z - lse[:, None]
+
+
+
 def raw_label_scores(model, tok, prompts: list[str], labels: list[str], batch_size: int = 16,
                      progress: bool = False) -> np.ndarray:
     """[len(prompts), len(labels)] mean log-probability per label token of each label after each prompt (a full
@@ -32,21 +72,24 @@ def raw_label_scores(model, tok, prompts: list[str], labels: list[str], batch_si
 
     lab = label_token_ids(tok, labels)
     K, M = len(lab), max(len(x) for x in lab)
-    first = torch.tensor([x[0] for x in lab])
-    # Continuations: label tokens after the first, fed after the prompt's cache (right-padded among labels).
+    device = next(model.parameters()).device
+    first = torch.tensor([x[0] for x in lab], device=device)
+    # Continuations: label tokens after the first, fed after the prompt's cache (right-padded among labels), and
+    # the token each continuation position predicts (0 where a label has ended; masked out).
     cont = torch.full((K, max(M - 1, 1)), tok.pad_token_id, dtype=torch.long)
     cont_mask = torch.zeros((K, max(M - 1, 1)), dtype=torch.long)
+    cont_tgt = torch.zeros((K, max(M - 1, 1)), dtype=torch.long)
     for k, x in enumerate(lab):
         if len(x) > 1:
             cont[k, :len(x) - 1] = torch.tensor(x[:-1])
             cont_mask[k, :len(x) - 1] = 1
+            cont_tgt[k, :len(x) - 1] = torch.tensor(x[1:])
     lengths = torch.tensor([len(x) for x in lab], dtype=torch.float32)
-    device = next(model.parameters()).device
     ids = _prompt_ids(tok, prompts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
     out = np.zeros((len(prompts), K), dtype=np.float64)
     bar = tqdm(total=len(prompts), desc="scoring", disable=not progress, unit="ex")
-    with torch.inference_mode():
+    with torch.inference_mode(), _head_inputs(model) as (head, seen):
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             B, n = len(idx), max(len(ids[i]) for i in idx)
@@ -56,25 +99,22 @@ def raw_label_scores(model, tok, prompts: list[str], labels: list[str], batch_si
                 input_ids[b, n - len(ids[i]):] = torch.tensor(ids[i])
                 mask[b, n - len(ids[i]):] = 1
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            seen.clear()
             res = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                         use_cache=M > 1, logits_to_keep=1)
-            lp0 = torch.log_softmax(res.logits[:, -1].float(), -1).cpu()  # [B, V]
-            total = lp0[:, first]  # [B, K]
+            total = _token_logprobs(head, seen[0][:, -1], first.expand(B, K)).cpu()  # [B, K]
             if M > 1:
                 cache = res.past_key_values
                 cache.batch_repeat_interleave(K)  # [B*K]: each prompt's cache once per label
                 c_ids = cont.repeat(B, 1)
-                c_mask = cont_mask.repeat(B, 1)
-                full_mask = torch.cat([mask.repeat_interleave(K, 0), c_mask], 1)
+                full_mask = torch.cat([mask.repeat_interleave(K, 0), cont_mask.repeat(B, 1)], 1)
                 c_pos = mask.sum(1).repeat_interleave(K).unsqueeze(1) + torch.arange(c_ids.shape[1])
-                res2 = model(input_ids=c_ids.to(device), attention_mask=full_mask.to(device),
-                             position_ids=c_pos.to(device), past_key_values=cache, use_cache=True)
-                lp = torch.log_softmax(res2.logits.float(), -1).cpu()  # [B*K, M-1, V]
-                for k, x in enumerate(lab):
-                    if len(x) > 1:
-                        tgt = torch.tensor(x[1:])
-                        rows = lp[k::K, :len(x) - 1]  # [B, len-1, V]
-                        total[:, k] += rows.gather(-1, tgt.expand(B, -1).unsqueeze(-1)).squeeze(-1).sum(-1)
+                model(input_ids=c_ids.to(device), attention_mask=full_mask.to(device),
+                      position_ids=c_pos.to(device), past_key_values=cache, use_cache=True)
+                hid = seen[1].reshape(-1, seen[1].shape[-1])  # [B*K*(M-1), d]
+                lp = _token_logprobs(head, hid, cont_tgt.repeat(B, 1).reshape(-1, 1).to(device)).cpu()
+                lp = lp.reshape(B, K, -1) * cont_mask  # [B, K, M-1], zero past each label's end
+                total += lp.sum(-1)
             out[idx] = (total / lengths).double().numpy()
             bar.update(B)
     bar.close()
@@ -82,18 +122,20 @@ def raw_label_scores(model, tok, prompts: list[str], labels: list[str], batch_si
 
 
 def naive_label_scores(model, tok, prompts: list[str], labels: list[str]) -> np.ndarray:
-    """Reference: one full forward pass per label per example (what a hand-rolled scorer does). Tests check the
-    fast scorer against it; bench.py measures the speed-up."""
+    """Reference: one full forward pass per label per example (what a hand-rolled scorer does), the output layer in
+    fp32 as above. Tests check the fast scorer against it; bench.py measures the speed-up."""
     import torch
     lab = label_token_ids(tok, labels)
     device = next(model.parameters()).device
     out = np.zeros((len(prompts), len(labels)))
-    with torch.inference_mode():
+    with torch.inference_mode(), _head_inputs(model) as (head, seen):
         for i, p in enumerate(_prompt_ids(tok, prompts)):
             for k, x in enumerate(lab):
-                ids = torch.tensor([p + x], device=device)
-                lp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-                out[i, k] = sum(lp[len(p) - 1 + j, t].item() for j, t in enumerate(x)) / len(x)
+                seen.clear()
+                model(input_ids=torch.tensor([p + x], device=device))
+                at = torch.arange(len(p) - 1, len(p) - 1 + len(x), device=device)
+                lp = _token_logprobs(head, seen[0][0, at], torch.tensor(x, device=device).unsqueeze(1))
+                out[i, k] = lp.sum().item() / len(x)
     return out
 
 

@@ -65,3 +65,16 @@ def test_real_model_batched_equals_naive():
     np.testing.assert_allclose(scoring.raw_label_scores(model, tok, prompts, ["Good", "Standard", "Bad"]),
                                scoring.naive_label_scores(model, tok, prompts, ["Good", "Standard", "Bad"]),
                                atol=1e-3)
+
+
+def test_fp32_output_layer_log_probs_match_log_softmax_over_vocab_chunks(tiny, monkeypatch):
+    """The scorer's own output layer (fp32, the vocabulary in chunks) equals log_softmax of the model's logits."""
+    model, _ = tiny
+    head = model.get_output_embeddings()
+    monkeypatch.setattr(scoring, "_VOCAB_CHUNK", 7)  # not a divisor of the vocabulary: a ragged last chunk
+    hidden = torch.randn(3, head.weight.shape[1])
+    targets = torch.tensor([[0, 5], [11, 11], [head.weight.shape[0] - 1, 2]])
+    with torch.no_grad():
+        want = torch.log_softmax(head(hidden).double(), -1).gather(-1, targets)
+        got = scoring._token_logprobs(head, hidden, targets)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5)
