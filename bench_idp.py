@@ -8,6 +8,7 @@ for the same number of steps. Prints a table; --out writes the numbers as JSON.
 Documents: --data, else the SROIE test split in ../shared/data/idp/ when present, else data/idp_test.jsonl.
 """
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ def parse_args(argv=None):
     # run
     ap.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
     ap.add_argument("--max_new_tokens", type=int, default=256, help="token budget of the constrained replies")
+    ap.add_argument("--repeats", type=int, default=2, help="measurements of each batch, both ways, interleaved")
     ap.add_argument("--max_string_chars", type=int, default=256, help="as in infer_idp.py")
     ap.add_argument("--max_items", type=int, default=32, help="as in infer_idp.py")
     # output
@@ -88,23 +90,42 @@ def main(args):
             tok, schema, d, limit, quiet=True)[0])) for d in docs]
         for bs in args.batch_sizes:
             batches = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
-            jg.generate(model, tok, batches[0], max_new_tokens=8, batch_size=bs)  # warm-up
+            # warm-up, both ways, full length: kernels (on CUDA the mask kernel's one-time Triton compile) and the
+            # CUDA allocator's blocks for a growing KV cache are then ready for both (the first long run of a batch
+            # size pays for those, whichever way it decodes)
+            jg.generate(model, tok, batches[0], max_new_tokens=args.max_new_tokens, batch_size=bs, grammar=grammar,
+                        cache=cache, max_string_chars=args.max_string_chars)
+            jg.generate(model, tok, batches[0], max_new_tokens=args.max_new_tokens, batch_size=bs)
             con = {"seconds": 0.0, "grammar_s": 0.0, "steps": 0}
             unc = {"seconds": 0.0, "steps": 0}
-            for batch in batches:
+            steps_of, pair = {}, {}  # pair[(rep, j)] = [constrained s/step, plain s/step]
+
+            def constrained(rep, j, batch):
                 res, st = jg.generate(model, tok, batch, max_new_tokens=args.max_new_tokens, batch_size=bs,
                                       grammar=grammar, cache=cache, max_string_chars=args.max_string_chars)
-                steps = max(r["new_tokens"] for r in res)
+                steps_of[j] = max(r["new_tokens"] for r in res)
                 con["seconds"] += st["generate_seconds"]
                 con["grammar_s"] += st["processor_seconds"]
-                con["steps"] += steps
-                _, su = jg.generate(model, tok, batch, max_new_tokens=steps, min_new_tokens=steps, batch_size=bs)
-                unc["seconds"] += su["generate_seconds"]
-                unc["steps"] += steps
+                con["steps"] += steps_of[j]
+                pair.setdefault((rep, j), [0, 0])[0] = st["generate_seconds"] / steps_of[j]
+
+            def plain(rep, j, batch):  # greedy decoding of the same prompts for as many steps
+                _, st = jg.generate(model, tok, batch, max_new_tokens=steps_of[j], min_new_tokens=steps_of[j],
+                                    batch_size=bs)
+                unc["seconds"] += st["generate_seconds"]
+                unc["steps"] += steps_of[j]
+                pair.setdefault((rep, j), [0, 0])[1] = st["generate_seconds"] / steps_of[j]
+
+            for rep in range(args.repeats):  # interleaved, the order alternating: slow drifts of the machine cancel
+                for j, batch in enumerate(batches):
+                    first, second = (constrained, plain) if rep % 2 == 0 else (plain, constrained)
+                    first(rep, j, batch)
+                    second(rep, j, batch)
             c_ms, u_ms = 1000 * con["seconds"] / con["steps"], 1000 * unc["seconds"] / unc["steps"]
             decode_rows.append({"schema": name, "batch_size": bs, "steps": con["steps"],
                                 "unconstrained_ms_per_step": u_ms, "constrained_ms_per_step": c_ms,
                                 "overhead_pct": 100 * (c_ms - u_ms) / u_ms,
+                                "overhead_median_pct": 100 * (statistics.median(c / u for c, u in pair.values()) - 1),
                                 "grammar_ms_per_step": 1000 * con["grammar_s"] / con["steps"]})
             print(f"  {name} batch {bs}: {c_ms:.1f} vs {u_ms:.1f} ms/step", file=sys.stderr, flush=True)
 
@@ -117,10 +138,11 @@ def main(args):
     print(f"\ndecoding, {len(docs)} documents from {Path(data).name}: milliseconds per decoding step "
           f"(a step = one token for every row of the batch)")
     print(f"{'schema':<22} {'batch':>5} {'steps':>6} {'plain':>8} {'grammar':>8} {'overhead':>9} "
-          f"{'in xgrammar+guard':>18}")
+          f"{'median of pairs':>16} {'in xgrammar+guard':>18}")
     for r in decode_rows:
         print(f"{r['schema']:<22} {r['batch_size']:5d} {r['steps']:6d} {r['unconstrained_ms_per_step']:8.2f} "
-              f"{r['constrained_ms_per_step']:8.2f} {r['overhead_pct']:8.1f}% {r['grammar_ms_per_step']:18.2f}")
+              f"{r['constrained_ms_per_step']:8.2f} {r['overhead_pct']:8.1f}% {r['overhead_median_pct']:15.1f}% "
+              f"{r['grammar_ms_per_step']:18.2f}")
     out = {"model_dir": args.model_dir, "device": device, "data": data, "n_docs": len(docs),
            "compile": compile_rows, "decode": decode_rows, "args": vars(args)}
     if args.out:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -443,7 +444,8 @@ class BudgetJsonProcessor(_logits_processor_base()):
         self.verify = [False] * batch_size  # the row's last token was a live choice (not padding after the end)
         self.budget_closed = [False] * batch_size
         self.bitmask = xgr.allocate_token_bitmask(batch_size, cache.vocab_size)
-        self.batch_matcher = xgr.BatchGrammarMatcher()
+        # xgrammar's default pool is half the machine's threads; a batch never uses more threads than rows
+        self.batch_matcher = xgr.BatchGrammarMatcher(max(1, min(batch_size, (os.cpu_count() or 2) // 2)))
         self.step = 0
         self.seconds = 0.0  # time spent in this processor (the constrained decoding overhead)
 
@@ -497,8 +499,12 @@ class BudgetJsonProcessor(_logits_processor_base()):
         if free:
             self.batch_matcher.batch_fill_next_token_bitmask([self.matchers[i] for i in free], self.bitmask,
                                                              indices=free)
+            if scores.is_cuda and not self.bitmask.is_pinned():  # pinned: the upload below is a real async copy
+                self.bitmask = self.bitmask.pin_memory()
+            # Every row is masked (a row that is not free ignores its argmax): no per-step index tensor to upload,
+            # and one compiled Triton kernel per batch size instead of one per number of free rows.
             xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device, non_blocking=True),
-                                            vocab_size=self.cache.vocab_size, indices=free)
+                                            vocab_size=self.cache.vocab_size)
             best = scores.argmax(-1).tolist()
         for i in range(n):
             m = self.matchers[i]
@@ -529,11 +535,11 @@ class BudgetJsonProcessor(_logits_processor_base()):
                     self.forced[i] = self.cache.ids(self.close[i]) + [self.cache.stop_id]
                     self.budget_closed[i] = True
                     self._accept(i, self.forced[i].pop(0))
-        out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(n, device=scores.device), torch.tensor(self.chosen, device=scores.device)] = 0.0
+        scores.fill_(float("-inf"))  # one-hot scores, in place: greedy decoding then takes self.chosen
+        scores[torch.arange(n, device=scores.device), torch.tensor(self.chosen, device=scores.device)] = 0.0
         self.step += 1
         self.seconds += time.perf_counter() - t0
-        return out
+        return scores
 
 
 def generate(model, tok, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8,
