@@ -21,3 +21,23 @@ def test_bench_runs_the_trainer_and_scorer_paths_on_cpu(tmp_path, tiny_model_dir
     # --table re-reads the file into the same table
     bench.main(bench.parse_args(["--table", str(out)]))
     assert f"same predictions: {score['agree']}" in capsys.readouterr().out
+
+
+def test_bench_idp_measures_constrained_against_plain_decoding_on_cpu(tmp_path, tiny_model_dir, capsys):
+    import bench_idp
+    out, data = tmp_path / "idp.json", bench_idp.ROOT / "data"
+    res = bench_idp.main(bench_idp.parse_args([
+        "--model_dir", str(tiny_model_dir), "--data", str(data / "idp_test.jsonl"),
+        "--schemas", str(data / "sroie_schema.json"),
+        "--n_docs", "2", "--batch_sizes", "1", "2", "--max_new_tokens", "48", "--repeats", "2", "--out", str(out)]))
+    rows = res["decode"]
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for r in rows:
+        # both ways ran the same number of steps: 2 repeats of the constrained replies' longest length per batch
+        assert r["steps"] > 0 and r["steps"] % 2 == 0
+        assert r["constrained_ms_per_step"] > 0 and r["unconstrained_ms_per_step"] > 0
+        assert 0 < r["grammar_ms_per_step"] < r["constrained_ms_per_step"]
+        want = 100 * (r["constrained_ms_per_step"] / r["unconstrained_ms_per_step"] - 1)
+        assert abs(r["overhead_pct"] - want) < 1e-6
+    assert json.loads(out.read_text())["decode"] == rows
+    assert "median of pairs" in capsys.readouterr().out
