@@ -1,6 +1,8 @@
 """Benchmark schema-constrained decoding: grammar compile time per schema (cold, then from the cache) and the
 per-step decoding overhead of the grammar (and its budget guard) against plain greedy decoding of the same prompts
-for the same number of steps. Prints a table; --out writes the numbers as JSON.
+for the same number of steps. Both ways are warmed up at full length, then run interleaved --repeats times with the
+order alternating; the overhead is given from the totals and as the median of the per-batch pairs (robust to a
+machine whose speed drifts). Prints a table; --out writes the numbers as JSON.
 
     python bench_idp.py --model_dir smollm2-135m --n_docs 4 --batch_sizes 1 4
     python bench_idp.py --model_dir Qwen/Qwen2.5-3B-Instruct --schemas data/idp_schema.json data/sroie_schema.json --batch_sizes 1 8 --out bench_idp.json
