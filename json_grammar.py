@@ -487,20 +487,21 @@ class BudgetJsonProcessor(_logits_processor_base()):
         n = scores.shape[0]
         if n != len(self.matchers):
             raise RuntimeError(f"batch size {n} != {len(self.matchers)}: create one processor per generate() call")
+        left = self.max_new_tokens - self.step  # tokens still allowed, this one included
+        free = [i for i in range(n) if not self.matchers[i].is_terminated() and not self.forced[i]]
+        if free:  # the grammar's CPU work first: it overlaps the forward pass that the GPU may still be running
+            if scores.is_cuda and not self.bitmask.is_pinned():  # pinned: the upload below is a real async copy
+                self.bitmask = self.bitmask.pin_memory()
+            self.batch_matcher.batch_fill_next_token_bitmask([self.matchers[i] for i in free], self.bitmask,
+                                                             indices=free)
         if self.step:
-            last = input_ids[:, -1].tolist()
+            last = input_ids[:, -1].tolist()  # the first wait for the GPU in this step
             for i in range(n):
                 if self.verify[i] and last[i] != self.chosen[i]:
                     raise RuntimeError("another logits processor changed the grammar's token: "
                                        "BudgetJsonProcessor must be the last one, with greedy decoding")
-        left = self.max_new_tokens - self.step  # tokens still allowed, this one included
-        free = [i for i in range(n) if not self.matchers[i].is_terminated() and not self.forced[i]]
         best = []
         if free:
-            self.batch_matcher.batch_fill_next_token_bitmask([self.matchers[i] for i in free], self.bitmask,
-                                                             indices=free)
-            if scores.is_cuda and not self.bitmask.is_pinned():  # pinned: the upload below is a real async copy
-                self.bitmask = self.bitmask.pin_memory()
             # Every row is masked (a row that is not free ignores its argmax): no per-step index tensor to upload,
             # and one compiled Triton kernel per batch size instead of one per number of free rows.
             xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device, non_blocking=True),
