@@ -296,8 +296,8 @@ def case_score(args):
     fast = scoring.raw_label_scores(model, tok, prompts, cm.LABELS, batch_size=32)
     sync()
     rate = len(prompts) / (time.perf_counter() - t)
-    # bf16 / 4-bit on a GPU: padded batches and one-by-one forwards differ in rounding, which can flip a near-tie
-    # (random weights make near-ties common), so say how many agree and by how much the scores differ
+    # bf16 / 4-bit on a GPU: padded batches and one-by-one forwards differ in rounding, which could flip a near-tie,
+    # so say how many agree, by how much the scores differ and how close the closest call was
     agree = (naive.argmax(1) == fast[:n_naive].argmax(1))
     top2 = np.sort(naive, 1)[:, -2:]
     return {"examples_per_s": round(rate, 1), "naive_examples_per_s": round(naive_rate, 2),

@@ -62,7 +62,6 @@ def _token_logprobs(head, hidden, targets):
     return z - lse[:, None]
 
 
-
 def raw_label_scores(model, tok, prompts: list[str], labels: list[str], batch_size: int = 16,
                      progress: bool = False) -> np.ndarray:
     """[len(prompts), len(labels)] mean log-probability per label token of each label after each prompt (a full
