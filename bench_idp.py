@@ -98,37 +98,37 @@ def main(args):
             jg.generate(model, tok, batches[0], max_new_tokens=args.max_new_tokens, batch_size=bs, grammar=grammar,
                         cache=cache, max_string_chars=args.max_string_chars)
             jg.generate(model, tok, batches[0], max_new_tokens=args.max_new_tokens, batch_size=bs)
-            con = {"seconds": 0.0, "grammar_s": 0.0, "steps": 0}
-            unc = {"seconds": 0.0, "steps": 0}
-            steps_of, pair = {}, {}  # pair[(rep, j)] = [constrained s/step, plain s/step]
 
-            def constrained(rep, j, batch):
+            def constrained(batch):  # (seconds, steps, seconds in the processor)
                 res, st = jg.generate(model, tok, batch, max_new_tokens=args.max_new_tokens, batch_size=bs,
                                       grammar=grammar, cache=cache, max_string_chars=args.max_string_chars)
-                steps_of[j] = max(r["new_tokens"] for r in res)
-                con["seconds"] += st["generate_seconds"]
-                con["grammar_s"] += st["processor_seconds"]
-                con["steps"] += steps_of[j]
-                pair.setdefault((rep, j), [0, 0])[0] = st["generate_seconds"] / steps_of[j]
+                return st["generate_seconds"], max(r["new_tokens"] for r in res), st["processor_seconds"]
 
-            def plain(rep, j, batch):  # greedy decoding of the same prompts for as many steps
-                _, st = jg.generate(model, tok, batch, max_new_tokens=steps_of[j], min_new_tokens=steps_of[j],
-                                    batch_size=bs)
-                unc["seconds"] += st["generate_seconds"]
-                unc["steps"] += steps_of[j]
-                pair.setdefault((rep, j), [0, 0])[1] = st["generate_seconds"] / steps_of[j]
+            def plain(batch, steps):  # greedy decoding of the same prompts for as many steps: (seconds, steps)
+                _, st = jg.generate(model, tok, batch, max_new_tokens=steps, min_new_tokens=steps, batch_size=bs)
+                return st["generate_seconds"], steps
 
-            for rep in range(args.repeats):  # interleaved, the order alternating: slow drifts of the machine cancel
+            # interleaved, the order alternating (slow drifts of the machine cancel); the first round goes
+            # constrained first, which gives each batch's number of steps
+            pairs, steps_of = [], {}  # pairs: (constrained (s, steps, processor s), plain (s, steps))
+            for rep in range(args.repeats):
                 for j, batch in enumerate(batches):
-                    first, second = (constrained, plain) if rep % 2 == 0 else (plain, constrained)
-                    first(rep, j, batch)
-                    second(rep, j, batch)
-            c_ms, u_ms = 1000 * con["seconds"] / con["steps"], 1000 * unc["seconds"] / unc["steps"]
-            decode_rows.append({"schema": name, "batch_size": bs, "steps": con["steps"],
+                    if rep % 2 == 0:
+                        c = constrained(batch)
+                        steps_of[j] = c[1]
+                        pairs.append((c, plain(batch, c[1])))
+                    else:
+                        p = plain(batch, steps_of[j])
+                        pairs.append((constrained(batch), p))
+            con_steps = sum(c[1] for c, _ in pairs)
+            c_ms = 1000 * sum(c[0] for c, _ in pairs) / con_steps
+            u_ms = 1000 * sum(p[0] for _, p in pairs) / sum(p[1] for _, p in pairs)
+            decode_rows.append({"schema": name, "batch_size": bs, "steps": con_steps,
                                 "unconstrained_ms_per_step": u_ms, "constrained_ms_per_step": c_ms,
                                 "overhead_pct": 100 * (c_ms - u_ms) / u_ms,
-                                "overhead_median_pct": 100 * (statistics.median(c / u for c, u in pair.values()) - 1),
-                                "grammar_ms_per_step": 1000 * con["grammar_s"] / con["steps"]})
+                                "overhead_median_pct": 100 * (statistics.median(
+                                    (c[0] / c[1]) / (p[0] / p[1]) for c, p in pairs) - 1),
+                                "grammar_ms_per_step": 1000 * sum(c[2] for c, _ in pairs) / con_steps})
             print(f"  {name} batch {bs}: {c_ms:.1f} vs {u_ms:.1f} ms/step", file=sys.stderr, flush=True)
 
     # save
