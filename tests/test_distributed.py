@@ -19,18 +19,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def sft_train(flags: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    """sft_train.py in one process, or in nproc under torchrun, sharing the tests' cache of the embedded model."""
+    env = {**os.environ,
+           "DISTILL_SLM_CACHE": os.environ.get("DISTILL_SLM_CACHE", str(Path.home() / ".cache/distill_slm"))}
+    launch = [sys.executable]
+    if nproc > 1:
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    return subprocess.run([*launch, "sft_train.py", *flags], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
 def test_two_processes_match_one(tmp_path, tiny_model_dir, creditmix_dir):
     flags = ["--student", str(tiny_model_dir), "--data", str(creditmix_dir / "creditmix_sft.jsonl"),
              "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
              "--lora_dropout", "0", "--lr", "1e-3", "--logging_steps", "1", "--seed", "0"]
-    env = {**os.environ, "DISTILL_SLM_CACHE": os.environ.get("DISTILL_SLM_CACHE", str(Path.home() / ".cache/distill_slm"))}
-    one = subprocess.run([sys.executable, "sft_train.py", *flags, "--save_dir", str(tmp_path / "one")], cwd=ROOT,
-                         capture_output=True, text=True, env=env, timeout=600)
+    one = sft_train([*flags, "--save_dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(free_port())]
-    two = subprocess.run([*launch, "sft_train.py", *flags, "--save_dir", str(tmp_path / "two")], cwd=ROOT,
-                         capture_output=True, text=True, env=env, timeout=600)
+    two = sft_train([*flags, "--save_dir", str(tmp_path / "two")], nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     # accumulation 2 over 2 processes -> 1 each: the same 4 rows per optimizer step as the single process
     assert "NOTE" not in two.stderr or "not a multiple" not in two.stderr
@@ -51,11 +57,7 @@ def test_time_limit_stops_every_rank_at_the_same_step(tmp_path, tiny_model_dir, 
     flags = ["--student", str(tiny_model_dir), "--data", str(creditmix_dir / "creditmix_sft.jsonl"),
              "--max_steps", "50", "--max_minutes", "1e-9", "--per_device_train_batch_size", "2",
              "--gradient_accumulation_steps", "2", "--save_dir", str(tmp_path / "two")]
-    env = {**os.environ, "DISTILL_SLM_CACHE": os.environ.get("DISTILL_SLM_CACHE", str(Path.home() / ".cache/distill_slm"))}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(free_port())]
-    two = subprocess.run([*launch, "sft_train.py", *flags], cwd=ROOT, capture_output=True, text=True, env=env,
-                         timeout=600)
+    two = sft_train(flags, nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     assert run["metrics"]["train_steps"] == 1 and run["metrics"]["stopped_by_time_limit"]
