@@ -40,6 +40,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
     ap.add_argument("--max_new_tokens", type=int, default=256, help="token budget of the constrained replies")
     ap.add_argument("--repeats", type=int, default=2, help="measurements of each batch, both ways, interleaved")
+    ap.add_argument("--control", action="store_true",
+                    help="also decode plainly a second time in each round: the median difference between the two "
+                         "plain runs is the machine's noise floor for the overhead")
     ap.add_argument("--max_string_chars", type=int, default=256, help="as in infer_idp.py")
     ap.add_argument("--max_items", type=int, default=32, help="as in infer_idp.py")
     # output
@@ -99,36 +102,46 @@ def main(args):
                         cache=cache, max_string_chars=args.max_string_chars)
             jg.generate(model, tok, batches[0], max_new_tokens=args.max_new_tokens, batch_size=bs)
 
-            def constrained(batch):  # (seconds, steps, seconds in the processor)
+            def constrained(batch):  # (seconds, steps, seconds of the processor's own work: not its wait for the GPU)
                 res, st = jg.generate(model, tok, batch, max_new_tokens=args.max_new_tokens, batch_size=bs,
                                       grammar=grammar, cache=cache, max_string_chars=args.max_string_chars)
-                return st["generate_seconds"], max(r["new_tokens"] for r in res), st["processor_seconds"]
+                return (st["generate_seconds"], max(r["new_tokens"] for r in res),
+                        st["processor_seconds"] - st["processor_wait_seconds"])
 
             def plain(batch, steps):  # greedy decoding of the same prompts for as many steps: (seconds, steps)
                 _, st = jg.generate(model, tok, batch, max_new_tokens=steps, min_new_tokens=steps, batch_size=bs)
                 return st["generate_seconds"], steps
 
-            # interleaved, the order alternating (slow drifts of the machine cancel); the first round goes
-            # constrained first, which gives each batch's number of steps
-            pairs, steps_of = [], {}  # pairs: (constrained (s, steps, processor s), plain (s, steps))
+            # interleaved, the order alternating (slow drifts of the machine cancel); a batch's first run is
+            # constrained, which gives its number of steps; --control adds a second plain run (the noise floor)
+            ways = ["grammar", "plain", "plain again"][:3 if args.control else 2]
+            runs, steps_of = [], {}  # runs: per round and batch, way -> (seconds, steps[, processor's own s])
             for rep in range(args.repeats):
                 for j, batch in enumerate(batches):
-                    if rep % 2 == 0:
-                        c = constrained(batch)
-                        steps_of[j] = c[1]
-                        pairs.append((c, plain(batch, c[1])))
-                    else:
-                        p = plain(batch, steps_of[j])
-                        pairs.append((constrained(batch), p))
-            con_steps = sum(c[1] for c, _ in pairs)
-            c_ms = 1000 * sum(c[0] for c, _ in pairs) / con_steps
-            u_ms = 1000 * sum(p[0] for _, p in pairs) / sum(p[1] for _, p in pairs)
-            decode_rows.append({"schema": name, "batch_size": bs, "steps": con_steps,
+                    r = {}
+                    if j not in steps_of:
+                        r["grammar"] = constrained(batch)
+                        steps_of[j] = r["grammar"][1]
+                    for way in (ways if rep % 2 == 0 else ways[::-1]):
+                        if way not in r:
+                            r[way] = constrained(batch) if way == "grammar" else plain(batch, steps_of[j])
+                    runs.append(r)
+
+            def ms(way):
+                return 1000 * sum(r[way][0] for r in runs) / sum(r[way][1] for r in runs)
+
+            def median_pct(way):  # median over the runs of (way's ms per step / plain's) - 1, in percent
+                return 100 * (statistics.median((r[way][0] / r[way][1]) / (r["plain"][0] / r["plain"][1])
+                                                for r in runs) - 1)
+
+            c_ms, u_ms = ms("grammar"), ms("plain")
+            decode_rows.append({"schema": name, "batch_size": bs, "steps": sum(r["grammar"][1] for r in runs),
                                 "unconstrained_ms_per_step": u_ms, "constrained_ms_per_step": c_ms,
                                 "overhead_pct": 100 * (c_ms - u_ms) / u_ms,
-                                "overhead_median_pct": 100 * (statistics.median(
-                                    (c[0] / c[1]) / (p[0] / p[1]) for c, p in pairs) - 1),
-                                "grammar_ms_per_step": 1000 * sum(c[2] for c, _ in pairs) / con_steps})
+                                "overhead_median_pct": median_pct("grammar"),
+                                "noise_median_pct": median_pct("plain again") if args.control else None,
+                                "grammar_ms_per_step": 1000 * sum(r["grammar"][2] for r in runs) / sum(
+                                    r["grammar"][1] for r in runs)})
             print(f"  {name} batch {bs}: {c_ms:.1f} vs {u_ms:.1f} ms/step", file=sys.stderr, flush=True)
 
     # save
@@ -140,11 +153,12 @@ def main(args):
     print(f"\ndecoding, {len(docs)} documents from {Path(data).name}: milliseconds per decoding step "
           f"(a step = one token for every row of the batch)")
     print(f"{'schema':<22} {'batch':>5} {'steps':>6} {'plain':>8} {'grammar':>8} {'overhead':>9} "
-          f"{'median of pairs':>16} {'in xgrammar+guard':>18}")
+          f"{'median of pairs':>16} {'noise floor':>12} {'own work in grammar':>20}")
     for r in decode_rows:
+        noise = "-" if r["noise_median_pct"] is None else f"{r['noise_median_pct']:.1f}%"
         print(f"{r['schema']:<22} {r['batch_size']:5d} {r['steps']:6d} {r['unconstrained_ms_per_step']:8.2f} "
               f"{r['constrained_ms_per_step']:8.2f} {r['overhead_pct']:8.1f}% {r['overhead_median_pct']:15.1f}% "
-              f"{r['grammar_ms_per_step']:18.2f}")
+              f"{noise:>12} {r['grammar_ms_per_step']:20.2f}")
     out = {"model_dir": args.model_dir, "device": device, "data": data, "n_docs": len(docs),
            "compile": compile_rows, "decode": decode_rows, "args": vars(args)}
     if args.out:

@@ -1,59 +1,43 @@
-"""Where constrained decoding's extra step time comes from: greedy decoding of the same prompt for the same number
-of steps, plain and with stand-in logits processors that each do one part of BudgetJsonProcessor's GPU traffic
-(the two syncs, the bitmask upload and Triton mask, the in-place one-hot), all of it without any grammar work, and
-the real grammar. Runs are interleaved with the order alternating; prints ms per step against plain.
+"""Where constrained decoding's extra step time goes: greedy decoding of the same prompts for the same number of
+steps, plain and with the grammar (xgrammar's thread pool at its default size and at one thread), interleaved with
+the order alternating. For the grammar it splits the processor's time into the bitmask fill, the mask kernel's
+launch, the wait for the GPU and the rest (the per-row Python: accepting tokens, the budget guard, the one-hot).
 
-    . gpu/setup.sh && python3 gpu/decode_split.py --model_dir /tmp/bench_models/smollm2-135m
+    . gpu/setup.sh && python3 gpu/decode_split.py --model_dir /tmp/bench_models/smollm2-135m --batch_size 8
 """
 import argparse
 import time
+from collections import defaultdict
 
-import torch
 import xgrammar as xgr
-from transformers import LogitsProcessorList
 
 import common
 import idp
 import json_grammar as jg
+
+TIMES = defaultdict(float)
+
+
+def timed(name, fn):
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            TIMES[name] += time.perf_counter() - t
+    return wrapper
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_dir", default="smollm2-135m", help="model to decode with (any --model_dir form)")
     ap.add_argument("--data", default=".carry/idp/sroie_idp_test.jsonl", help="documents ({document|text} JSONL)")
-    ap.add_argument("--schema", default="data/sroie_schema.json", help="JSON Schema of the constrained run")
-    ap.add_argument("--n_docs", type=int, default=2, help="documents (batch 1)")
+    ap.add_argument("--schema", default=".carry/idp/sroie_schema.json", help="JSON Schema of the constrained run")
+    ap.add_argument("--n_docs", type=int, default=8, help="documents")
+    ap.add_argument("--batch_size", type=int, default=8, help="rows decoded together")
     ap.add_argument("--max_new_tokens", type=int, default=128, help="token budget of the constrained run")
     ap.add_argument("--repeats", type=int, default=4, help="interleaved rounds")
     return ap.parse_args(argv)
-
-
-def stand_ins(vocab_size: int) -> dict:
-    mask = xgr.allocate_token_bitmask(1, vocab_size)
-    if torch.cuda.is_available():
-        mask = mask.pin_memory()
-
-    def upload_and_mask(scores):
-        xgr.apply_token_bitmask_inplace(scores, mask.to(scores.device, non_blocking=True), vocab_size=vocab_size)
-
-    def one_hot(scores, best):
-        scores.fill_(float("-inf"))
-        scores[torch.arange(len(best), device=scores.device), torch.tensor(best, device=scores.device)] = 0.0
-
-    def full(ids, scores):  # everything BudgetJsonProcessor does on the GPU, in its order
-        ids[:, -1].tolist()
-        upload_and_mask(scores)
-        one_hot(scores, scores.argmax(-1).tolist())
-        return scores
-
-    return {
-        "plain": None,
-        "sync (argmax)": lambda ids, scores: (scores.argmax(-1).tolist(), scores)[1],
-        "two syncs": lambda ids, scores: (ids[:, -1].tolist(), scores.argmax(-1).tolist(), scores)[2],
-        "mask upload+triton": lambda ids, scores: (upload_and_mask(scores), scores)[1],
-        "one-hot": lambda ids, scores: (one_hot(scores, [5] * scores.shape[0]), scores)[1],
-        "all gpu ops": full,
-    }
 
 
 def main(args):
@@ -65,40 +49,54 @@ def main(args):
     docs = [r.get("document", r.get("text")) for r in common.read_records(args.data)][:args.n_docs]
     prompts = [common.chat_prompt(tok, idp.idp_user_message(schema, idp.fit_document(tok, schema, d, limit,
                                                                                      quiet=True)[0])) for d in docs]
+    bs = args.batch_size
+    batches = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
+    xgr.apply_token_bitmask_inplace = timed("mask launch", xgr.apply_token_bitmask_inplace)
+    xgr.BatchGrammarMatcher.batch_fill_next_token_bitmask = timed(
+        "fill", xgr.BatchGrammarMatcher.batch_fill_next_token_bitmask)
+    pool = xgr.BatchGrammarMatcher
 
-    def constrained(prompt):
-        res, st = jg.generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens, batch_size=1,
-                              grammar=grammar, cache=cache)
-        return res[0]["new_tokens"], st["generate_seconds"]
+    def constrained(batch, threads=None):
+        xgr.BatchGrammarMatcher = (lambda n: pool(threads)) if threads else pool
+        try:
+            res, st = jg.generate(model, tok, batch, max_new_tokens=args.max_new_tokens, batch_size=bs,
+                                  grammar=grammar, cache=cache)
+        finally:
+            xgr.BatchGrammarMatcher = pool
+        return max(r["new_tokens"] for r in res), st
 
-    def with_processor(prompt, steps, proc):
-        enc = tok([prompt], return_tensors="pt", add_special_tokens=False).to(model.device)
-        kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=tok.pad_token_id)
-        if proc:
-            kw["logits_processor"] = LogitsProcessorList([proc])
-        t = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(**enc, **kw)
-        return steps, time.perf_counter() - t
+    def plain(batch, steps):
+        _, st = jg.generate(model, tok, batch, max_new_tokens=steps, min_new_tokens=steps, batch_size=bs)
+        return steps, st
 
-    variants = stand_ins(model.config.vocab_size)
-    steps = [constrained(p)[0] for p in prompts]  # also the warm-up of the constrained path
-    for p, n in zip(prompts, steps):
-        for proc in variants.values():
-            with_processor(p, n, proc)
-    total = {k: [0.0, 0] for k in [*variants, "grammar"]}
+    steps = [constrained(b)[0] for b in batches]  # also the warm-up
+    for b, n in zip(batches, steps):
+        plain(b, n)
+        constrained(b, 1)
+    runs = {"plain": lambda b, n: plain(b, n), "grammar": lambda b, n: constrained(b),
+            "grammar, 1 thread": lambda b, n: constrained(b, 1)}
+    total = {k: defaultdict(float) for k in runs}
     for rep in range(args.repeats):
-        for p, n in zip(prompts, steps):
-            runs = [(k, lambda proc=proc: with_processor(p, n, proc)) for k, proc in variants.items()]
-            runs.append(("grammar", lambda: constrained(p)))
-            for k, run in (reversed(runs) if rep % 2 else runs):
-                n_steps, seconds = run()
-                total[k][0] += seconds
-                total[k][1] += n_steps
-    base = total["plain"][0] / total["plain"][1]
-    print(f"{args.model_dir} on {common.device_name()}, batch 1, {sum(steps)} steps per round, {args.repeats} rounds")
-    for k, (seconds, n) in total.items():
-        print(f"{k:<20} {1000 * seconds / n:8.2f} ms/step {100 * (seconds / n - base) / base:+7.1f}%")
+        for b, n in zip(batches, steps):
+            for k, run in (reversed(runs.items()) if rep % 2 else runs.items()):
+                TIMES.clear()
+                n_steps, st = run(b, n)
+                t = total[k]
+                t["steps"] += n_steps
+                t["step"] += st["generate_seconds"]
+                t["processor"] += st["processor_seconds"]
+                t["wait"] += st["processor_wait_seconds"]
+                for name, s in TIMES.items():
+                    t[name] += s
+    base = total["plain"]["step"] / total["plain"]["steps"]
+    print(f"{args.model_dir} on {common.device_name()}, batch {bs}, {sum(steps)} steps per round, "
+          f"{args.repeats} rounds; ms per step")
+    print(f"{'':<18} {'step':>7} {'vs plain':>8} {'processor':>9} {'wait':>6} {'fill':>6} {'mask':>6} {'rest':>6}")
+    for k, t in total.items():
+        ms = {x: 1000 * t[x] / t["steps"] for x in ("step", "processor", "wait", "fill", "mask launch")}
+        rest = ms["processor"] - ms["wait"] - ms["fill"] - ms["mask launch"]
+        print(f"{k:<18} {ms['step']:7.2f} {100 * (ms['step'] / 1000 - base) / base:+7.1f}% {ms['processor']:9.2f} "
+              f"{ms['wait']:6.2f} {ms['fill']:6.2f} {ms['mask launch']:6.2f} {rest:6.2f}")
 
 
 if __name__ == "__main__":

@@ -23,3 +23,10 @@ if [ ! -f $G ] && [ -f /tmp/carry/gguf.part1 ] && [ -f /tmp/carry/gguf.part2 ]; 
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, peft, trl, bitsandbytes; print('torch', torch.__version__, torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'bnb', bitsandbytes.__version__)"
+# within CMD...: run CMD if at least 20 s are left of BUDGET seconds (default 540) counted from here, killed when
+# they run out; logs its start time (and any failure) to $L. The device scripts run their lines through it.
+export T0=$(date +%s)
+within() { local left=$(( ${BUDGET:-540} - $(date +%s) + T0 ))
+           if [ $left -lt 20 ]; then echo "SKIPPED (time): $*" >>"$L"; return; fi
+           echo "[$(( $(date +%s) - T0 ))s] $*" >>"$L"; timeout $left "$@" || echo "FAILED/TIMEOUT: $*" >>"$L"; }
+export -f within

@@ -29,7 +29,7 @@ def test_bench_idp_measures_constrained_against_plain_decoding_on_cpu(tmp_path, 
     res = bench_idp.main(bench_idp.parse_args([
         "--model_dir", str(tiny_model_dir), "--data", str(data / "idp_test.jsonl"),
         "--schemas", str(data / "sroie_schema.json"),
-        "--n_docs", "2", "--batch_sizes", "1", "2", "--max_new_tokens", "48", "--repeats", "2", "--out", str(out)]))
+        "--n_docs", "2", "--batch_sizes", "1", "2", "--max_new_tokens", "48", "--repeats", "2", "--control", "--out", str(out)]))
     rows = res["decode"]
     assert [r["batch_size"] for r in rows] == [1, 2]
     for r in rows:
@@ -39,5 +39,7 @@ def test_bench_idp_measures_constrained_against_plain_decoding_on_cpu(tmp_path, 
         assert 0 < r["grammar_ms_per_step"] < r["constrained_ms_per_step"]
         want = 100 * (r["constrained_ms_per_step"] / r["unconstrained_ms_per_step"] - 1)
         assert abs(r["overhead_pct"] - want) < 1e-6
+        assert isinstance(r["noise_median_pct"], float)  # --control: plain against plain
     assert json.loads(out.read_text())["decode"] == rows
-    assert "median of pairs" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "median of pairs" in printed and "noise floor" in printed
