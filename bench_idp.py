@@ -102,46 +102,48 @@ def main(args):
                         cache=cache, max_string_chars=args.max_string_chars)
             jg.generate(model, tok, batches[0], max_new_tokens=args.max_new_tokens, batch_size=bs)
 
-            def constrained(batch):  # (seconds, steps, seconds of the processor's own work: not its wait for the GPU)
+            def constrained(batch):  # seconds (wall and CPU), steps, seconds of the processor's own work
                 res, st = jg.generate(model, tok, batch, max_new_tokens=args.max_new_tokens, batch_size=bs,
                                       grammar=grammar, cache=cache, max_string_chars=args.max_string_chars)
-                return (st["generate_seconds"], max(r["new_tokens"] for r in res),
-                        st["processor_seconds"] - st["processor_wait_seconds"])
+                return {"s": st["generate_seconds"], "cpu": st["generate_cpu_seconds"],
+                        "steps": max(r["new_tokens"] for r in res),
+                        "own": st["processor_seconds"] - st["processor_wait_seconds"]}
 
-            def plain(batch, steps):  # greedy decoding of the same prompts for as many steps: (seconds, steps)
+            def plain(batch, steps):  # greedy decoding of the same prompts for as many steps
                 _, st = jg.generate(model, tok, batch, max_new_tokens=steps, min_new_tokens=steps, batch_size=bs)
-                return st["generate_seconds"], steps
+                return {"s": st["generate_seconds"], "cpu": st["generate_cpu_seconds"], "steps": steps}
 
             # interleaved, the order alternating (slow drifts of the machine cancel); a batch's first run is
             # constrained, which gives its number of steps; --control adds a second plain run (the noise floor)
             ways = ["grammar", "plain", "plain again"][:3 if args.control else 2]
-            runs, steps_of = [], {}  # runs: per round and batch, way -> (seconds, steps[, processor's own s])
+            runs, steps_of = [], {}  # runs: per round and batch, way -> measurement
             for rep in range(args.repeats):
                 for j, batch in enumerate(batches):
                     r = {}
                     if j not in steps_of:
                         r["grammar"] = constrained(batch)
-                        steps_of[j] = r["grammar"][1]
+                        steps_of[j] = r["grammar"]["steps"]
                     for way in (ways if rep % 2 == 0 else ways[::-1]):
                         if way not in r:
                             r[way] = constrained(batch) if way == "grammar" else plain(batch, steps_of[j])
                     runs.append(r)
 
-            def ms(way):
-                return 1000 * sum(r[way][0] for r in runs) / sum(r[way][1] for r in runs)
+            def ms(way, key="s"):  # milliseconds per step over all runs
+                return 1000 * sum(r[way][key] for r in runs) / sum(r[way]["steps"] for r in runs)
 
-            def median_pct(way):  # median over the runs of (way's ms per step / plain's) - 1, in percent
-                return 100 * (statistics.median((r[way][0] / r[way][1]) / (r["plain"][0] / r["plain"][1])
-                                                for r in runs) - 1)
+            def median_pct(way, key="s"):  # median over the runs of (way's time per step / plain's) - 1, in percent
+                per_step = lambda r, w: r[w][key] / r[w]["steps"]  # noqa: E731
+                return 100 * (statistics.median(per_step(r, way) / per_step(r, "plain") for r in runs) - 1)
 
             c_ms, u_ms = ms("grammar"), ms("plain")
-            decode_rows.append({"schema": name, "batch_size": bs, "steps": sum(r["grammar"][1] for r in runs),
+            decode_rows.append({"schema": name, "batch_size": bs, "steps": sum(r["grammar"]["steps"] for r in runs),
                                 "unconstrained_ms_per_step": u_ms, "constrained_ms_per_step": c_ms,
                                 "overhead_pct": 100 * (c_ms - u_ms) / u_ms,
                                 "overhead_median_pct": median_pct("grammar"),
                                 "noise_median_pct": median_pct("plain again") if args.control else None,
-                                "grammar_ms_per_step": 1000 * sum(r["grammar"][2] for r in runs) / sum(
-                                    r["grammar"][1] for r in runs)})
+                                "cpu_overhead_median_pct": median_pct("grammar", "cpu"),
+                                "cpu_noise_median_pct": median_pct("plain again", "cpu") if args.control else None,
+                                "grammar_ms_per_step": ms("grammar", "own")})
             print(f"  {name} batch {bs}: {c_ms:.1f} vs {u_ms:.1f} ms/step", file=sys.stderr, flush=True)
 
     # save
@@ -152,13 +154,18 @@ def main(args):
         print(f"{r['schema']:<22} {r['tokenizer_info_s']:16.3f} {r['compile_s']:10.3f} {r['cached_s']:10.6f}")
     print(f"\ndecoding, {len(docs)} documents from {Path(data).name}: milliseconds per decoding step "
           f"(a step = one token for every row of the batch)")
-    print(f"{'schema':<22} {'batch':>5} {'steps':>6} {'plain':>8} {'grammar':>8} {'overhead':>9} "
-          f"{'median of pairs':>16} {'noise floor':>12} {'own work in grammar':>20}")
+    pct = lambda v: "-" if v is None else f"{v:+.1f}%"  # noqa: E731
+    print(f"{'':<35}{'ms per step':>18}{'overhead, wall time':>27}{'CPU time':>18}{'own work':>10}")
+    print(f"{'schema':<22} {'batch':>5} {'steps':>6} {'plain':>8} {'grammar':>8} {'total':>8} {'median':>8} "
+          f"{'noise':>8} {'median':>8} {'noise':>8} {'ms/step':>9}")
     for r in decode_rows:
-        noise = "-" if r["noise_median_pct"] is None else f"{r['noise_median_pct']:.1f}%"
         print(f"{r['schema']:<22} {r['batch_size']:5d} {r['steps']:6d} {r['unconstrained_ms_per_step']:8.2f} "
-              f"{r['constrained_ms_per_step']:8.2f} {r['overhead_pct']:8.1f}% {r['overhead_median_pct']:15.1f}% "
-              f"{noise:>12} {r['grammar_ms_per_step']:20.2f}")
+              f"{r['constrained_ms_per_step']:8.2f} {pct(r['overhead_pct']):>8} {pct(r['overhead_median_pct']):>8} "
+              f"{pct(r['noise_median_pct']):>8} {pct(r['cpu_overhead_median_pct']):>8} "
+              f"{pct(r['cpu_noise_median_pct']):>8} {r['grammar_ms_per_step']:9.2f}")
+    print("total: from the summed times; median: of the per-batch pairs; noise: the same for two plain runs "
+          "(--control); CPU time: this thread's, which leaves out time the OS gave its core to others; own work: "
+          "the grammar processor's, less its wait for the GPU")
     out = {"model_dir": args.model_dir, "device": device, "data": data, "n_docs": len(docs),
            "compile": compile_rows, "decode": decode_rows, "args": vars(args)}
     if args.out:

@@ -1,7 +1,7 @@
 # Device call: constrained-decoding overhead (bench_idp.py) and label-ranking agreement (bench.py score) on
 # random-weight SmolLM2-135M and Qwen2.5-3B shapes (issue 8).
 #   run: . gpu/setup.sh && bash gpu/issue8b.sh      (carry .whl .carry/tok .carry/idp)
-# Environment: CONFIGS (shapes), SCHEMAS (e.g. "--schemas data/idp_schema.json"), REPEATS (bench_idp rounds),
+# Environment: CONFIGS (shapes), IDP_ARGS (more bench_idp.py arguments, e.g. "--repeats 4 --control"),
 # SCORE=0 (skip the label-ranking case), BUDGET (seconds).
 set -u
 export L=$OUT/log.txt BUDGET=${BUDGET:-560}
@@ -10,7 +10,7 @@ I="python3 bench_idp.py --data .carry/idp/sroie_idp_test.jsonl --batch_sizes 1 8
 for cfg in ${CONFIGS:-smollm2-135m qwen2.5-3b}; do
   if [ "${SCORE:-1}" = 1 ]; then within $B --cases score --config $cfg --score_examples 512 >>$L 2>&1
   else within $B --cases matmul --config $cfg >>$L 2>&1; fi   # builds the model
-  within $I --model_dir /tmp/bench_models/$cfg --out $OUT/idp_$cfg.json --repeats ${REPEATS:-2} ${SCHEMAS:-} >>$L 2>&1
+  within $I --model_dir /tmp/bench_models/$cfg --out $OUT/idp_$cfg.json ${IDP_ARGS:-} >>$L 2>&1
 done
 python3 bench.py --table $OUT/bench.jsonl | tee $OUT/bench_table.txt
 grep -A6 "^decoding" $L
