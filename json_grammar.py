@@ -574,8 +574,7 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, batch_size:
     side = tok.padding_side
     tok.padding_side = "left"
     device = next(model.parameters()).device
-    stats = {"processor_seconds": 0.0, "processor_wait_seconds": 0.0, "generate_seconds": 0.0,
-             "generate_cpu_seconds": 0.0, "new_tokens": 0}
+    stats = {"processor_seconds": 0.0, "processor_wait_seconds": 0.0, "generate_seconds": 0.0, "new_tokens": 0}
     eos = model.generation_config.eos_token_id
     stops = ({eos} if isinstance(eos, int) else set(eos or [])) | {tok.eos_token_id}
     try:
@@ -591,13 +590,10 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, batch_size:
             if grammar is not None:
                 proc = BudgetJsonProcessor(cache, grammar, len(idx), max_new_tokens, max_string_chars)
                 kw["logits_processor"] = LogitsProcessorList([proc])
-            t0, c0 = time.perf_counter(), time.thread_time()
+            t0 = time.perf_counter()
             with torch.inference_mode():
                 out = model.generate(**enc, **kw)
             stats["generate_seconds"] += time.perf_counter() - t0
-            # this thread's CPU time: the wall time less any time the OS gave its core to others (CUDA waits for
-            # the GPU by spinning, so they count): a steadier measure on a shared machine
-            stats["generate_cpu_seconds"] += time.thread_time() - c0
             stats["processor_seconds"] += proc.seconds if proc else 0.0
             stats["processor_wait_seconds"] += proc.wait_seconds if proc else 0.0
             new = out[:, enc["input_ids"].shape[1]:].tolist()

@@ -39,7 +39,7 @@ def test_bench_idp_measures_constrained_against_plain_decoding_on_cpu(tmp_path, 
         assert 0 < r["grammar_ms_per_step"] < r["constrained_ms_per_step"]
         want = 100 * (r["constrained_ms_per_step"] / r["unconstrained_ms_per_step"] - 1)
         assert abs(r["overhead_pct"] - want) < 1e-6
-        assert isinstance(r["noise_median_pct"], float) and isinstance(r["cpu_noise_median_pct"], float)  # --control
+        assert isinstance(r["noise_median_pct"], float)  # --control: plain against plain
     assert json.loads(out.read_text())["decode"] == rows
     printed = capsys.readouterr().out
     assert "median" in printed and "noise" in printed
