@@ -92,8 +92,7 @@ def main(args):
     for name, schema in schemas.items():
         cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)
         grammar = cache.compile(schema, args.max_items)
-        prompts = [common.chat_prompt(tok, idp.idp_user_message(schema, idp.fit_document(
-            tok, schema, d, limit, quiet=True)[0])) for d in docs]
+        prompts = [idp.document_prompt(tok, schema, d, limit, quiet=True)[0] for d in docs]
         for bs in args.batch_sizes:
             batches = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
 

@@ -67,9 +67,9 @@ def main(args):
     prompts, truncated = [], 0
     for r in records:
         if "document" in r:
-            doc, cut = idp.fit_document(tok, schema, r["document"], limit, quiet=True)
+            prompt, cut = idp.document_prompt(tok, schema, r["document"], limit, quiet=True)
             truncated += cut
-            prompts.append(common.chat_prompt(tok, idp.idp_user_message(schema, doc)))
+            prompts.append(prompt)
         else:
             prompts.append(common.chat_prompt(tok, r["message"]))
             n_tok = len(tok(prompts[-1], add_special_tokens=False)["input_ids"])

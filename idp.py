@@ -88,6 +88,13 @@ def fit_document(tok, schema: dict, document: str, max_input_tokens: int, where:
     return tok.decode(ids[:keep]), True
 
 
+def document_prompt(tok, schema: dict, document: str, max_input_tokens: int, where: str = "document",
+                    quiet: bool = False) -> tuple[str, bool]:
+    """(chat prompt, truncated): the extraction prompt for `document`, cut by fit_document to fit."""
+    text, cut = fit_document(tok, schema, document, max_input_tokens, where, quiet)
+    return chat_prompt(tok, idp_user_message(schema, text)), cut
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation records
 

@@ -68,8 +68,7 @@ def main(args):
     prompts = []
     for d in docs:
         where = "--document" if d["id"] is None else f"{args.input or args.document_file}: record {d['id']}"
-        text, _ = idp.fit_document(tok, schema, d["document"], limit, where)
-        prompts.append(common.chat_prompt(tok, idp.idp_user_message(schema, text)))
+        prompts.append(idp.document_prompt(tok, schema, d["document"], limit, where)[0])
     progress = None
     if args.input:
         from tqdm import tqdm

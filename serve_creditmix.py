@@ -539,7 +539,6 @@ def run_codegen(slot: Slot, items: list[tuple], batch_size: int) -> list[dict]:
 def run_idp(slot: Slot, items: list[tuple], batch_size: int) -> list:
     """items: (document, schema, compiled grammar, validator, max_new_tokens). Grammar-constrained greedy decoding
     through json_grammar.generate (one call per schema and budget), each output parsed and validated."""
-    import common
     import idp
     import json_grammar as jg
     out: list = [None] * len(items)
@@ -549,12 +548,12 @@ def run_idp(slot: Slot, items: list[tuple], batch_size: int) -> list:
         ok, prompts, cut = [], [], {}
         for i in idx:
             try:
-                text, cut[i] = idp.fit_document(slot.tok, schema, items[i][0], limit, quiet=True)
+                prompt, cut[i] = idp.document_prompt(slot.tok, schema, items[i][0], limit, quiet=True)
             except UserError as e:
                 out[i] = ApiError(422, str(e))
                 continue
             ok.append(i)
-            prompts.append(common.chat_prompt(slot.tok, idp.idp_user_message(schema, text)))
+            prompts.append(prompt)
         if not ok:
             continue
         results, _ = jg.generate(slot.model, slot.tok, prompts, max_new_tokens=n, batch_size=batch_size,

@@ -49,8 +49,7 @@ def main(args):
     grammar = cache.compile(schema, 32)
     limit = idp.input_token_limit(model, tok, 0, args.max_new_tokens)
     docs = [r.get("document", r.get("text")) for r in common.read_records(args.data)][:args.n_docs]
-    prompts = [common.chat_prompt(tok, idp.idp_user_message(schema, idp.fit_document(tok, schema, d, limit,
-                                                                                     quiet=True)[0])) for d in docs]
+    prompts = [idp.document_prompt(tok, schema, d, limit, quiet=True)[0] for d in docs]
     bs = args.batch_size
     batches = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
     xgr.apply_token_bitmask_inplace = timed("mask launch", xgr.apply_token_bitmask_inplace)
