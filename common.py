@@ -455,12 +455,14 @@ def check_attention_kernel(model) -> bool:
 
 
 def load_student(spec: str, *, quantize: str = "auto", trust_remote_code: bool = False, lora_r: int = 16,
-                 lora_alpha: int = 32, lora_dropout: float = 0.05, gradient_checkpointing: bool = False):
+                 lora_alpha: int = 32, lora_dropout: float = 0.05, gradient_checkpointing: bool = False,
+                 attach_lora: bool = True):
     """A trainable student: the base (4-bit on CUDA) with a fresh LoRA, or a run dir's adapter to continue.
-    Gradient checkpointing is the trainer's to switch on (--gradient_checkpointing); custom loops pass True."""
+    Gradient checkpointing is the trainer's to switch on (--gradient_checkpointing); custom loops pass True.
+    attach_lora=False leaves a fresh base unwrapped, for a trainer that adds the adapter itself (DPO)."""
     model, tok, ms = load_model(spec, quantize=quantize, trust_remote_code=trust_remote_code, for_training=True)
     prepare_for_training(model, gradient_checkpointing)
-    if not ms.adapter:
+    if not ms.adapter and attach_lora:
         model = add_lora(model, lora_r, lora_alpha, lora_dropout)
     check_attention_kernel(model)
     return model, tok, ms

@@ -25,9 +25,9 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from common import (UserError, check_attention_kernel, encode_example, load_model, lora_config, note,
-                    prepare_for_training, read_records, resolve_model, user_errors)
-from training import add_training_args, log_callbacks, start, train_and_save, trl_config, trl_kwargs
+from common import UserError, encode_example, load_student, lora_config, note, read_records, resolve_model, user_errors
+from training import (add_training_args, gradient_checkpointing_on, log_callbacks, start, train_and_save, trl_config,
+                      trl_kwargs)
 
 FIELDS = ("prompt", "chosen", "rejected")
 # TRL 1.16's DPO losses (trl/trainer/dpo_config.py, DPOConfig.loss_type); tests check the list against TRL's own.
@@ -175,7 +175,6 @@ def load_policy(args):
     run comes back as a PeftModel with that adapter trainable (peft_config None): TRL 1.16 then copies it into a
     frozen adapter named "ref" and computes the reference through it (DPOTrainer.__init__), so the reference is the
     SFT policy. Either way the base weights are loaded once."""
-    import torch
     start_from = args.student
     if args.ref_model_dir:
         ref, student = resolve_model(args.ref_model_dir), resolve_model(args.student)
@@ -186,11 +185,9 @@ def load_policy(args):
             raise UserError(f"--ref_model_dir {args.ref_model_dir} was trained on {ref.base_spec}, but --student is "
                             f"{args.student}: pass --student {ref.base_spec}")
         start_from = args.ref_model_dir
-    gc = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and torch.cuda.is_available())
-    model, tok, ms = load_model(start_from, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
-                                for_training=True)
-    prepare_for_training(model, gc)
-    check_attention_kernel(model)
+    model, tok, ms = load_student(start_from, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                                  gradient_checkpointing=gradient_checkpointing_on(args.gradient_checkpointing),
+                                  attach_lora=False)
     if ms.adapter:
         note(f"DPO continues the adapter of {ms.adapter}; the reference is that policy (a frozen copy of it)")
         return model, tok, ms, None
@@ -207,17 +204,7 @@ def dpo_config(args):
 def build_trainer(args, model, tok, dataset, peft_config=None, callbacks=None, config=None):
     """A DPOTrainer over a dataset from encode_pairs (tokenised already), reference in-model (ref_model=None).
     `config` (a DPOConfig) defaults to dpo_config(args); `callbacks` to the run-directory logs."""
-    from trl import DPOTrainer
-
-    class PretokenizedDPOTrainer(DPOTrainer):
-        # TRL would re-tokenise with the chat template, which also trains the newline after the end-of-turn token
-        # and silently drops prompts that fill max_length; encode_pairs has done (and counted) all of that.
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            missing = {"prompt_ids", "chosen_ids", "rejected_ids"} - set(dataset.column_names)
-            if missing:
-                raise ValueError(f"build_trainer needs a dataset from encode_pairs (missing {sorted(missing)})")
-            return dataset
-
+    from compat import PretokenizedDPOTrainer
     return PretokenizedDPOTrainer(model=model, ref_model=None, args=config or dpo_config(args), train_dataset=dataset,
                                   processing_class=tok, peft_config=peft_config,
                                   callbacks=log_callbacks(args.save_dir) if callbacks is None else callbacks)
@@ -234,8 +221,7 @@ def bench_case(args, path, trainer_args, StepTimer, mem, n_params) -> dict:
     from datasets import Dataset
     from trl import DPOConfig
 
-    model, tok, _ = load_model(str(path), for_training=True)
-    prepare_for_training(model, torch.cuda.is_available())
+    model, tok, _ = load_student(str(path), gradient_checkpointing=torch.cuda.is_available(), attach_lora=False)
     peft_config = lora_config(model)
     ns, kw = trainer_args(args, tempfile.mkdtemp(), args.batch, args.accum)
     n, half = args.batch * args.accum * (args.steps + 1), args.seq // 2

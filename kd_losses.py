@@ -218,10 +218,10 @@ def chunked_divergence(h_student, head_student, h_teacher, head_teacher, *, kd_l
 def completion_logprobs(h, head, targets, *, scale: float = 1.0, softcap=None):
     """Per-token log-probabilities of the targets, student entropy and top-1 hits, in tiles (TRL's kernel)."""
     from trl.kernels import ChunkedLogProbFunction
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
+    from compat import chunked_logprob_chunk_size
     logp, entropy, _, _, top1 = ChunkedLogProbFunction.apply(h, head.weight, head.bias, targets, 1.0,
-                                                             _CHUNKED_LOGPROB_CHUNK_SIZE, softcap, scale,
+                                                             chunked_logprob_chunk_size(), softcap, scale,
                                                              ("log_probs", "entropy", "is_top1"))
     return logp, entropy, top1
 

@@ -104,90 +104,12 @@ def build_trainer(args, model, tok, dataset, teacher=None, vocab=None, callbacks
     tokens) and training_step makes the on-policy batches. `args` needs the KD flags (kd_loss, jsd_beta,
     temperature, alpha, lmbda, max_new_tokens, seed); `config` (an SFTConfig) defaults to the training flags'.
     full_logits: the unchunked reference loss (benchmark baseline only)."""
-    import random
+    from trl import SFTConfig
 
-    import torch
-    from trl import SFTConfig, SFTTrainer
-    from trl.models import unwrap_model_for_generation
-    from trl.models.utils import _ForwardRedirection
-
-    from kd_losses import kd_terms
-
-    class KDTrainer(SFTTrainer):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.teacher, self.on_policy = teacher, False
-            self.rng = random.Random(args.seed)
-            if teacher is not None:
-                teacher.eval()
-                teacher.requires_grad_(False)
-                # compute_loss returns per-micro-batch token means (as TRL's GKDTrainer): let Trainer divide by the
-                # accumulation steps (transformers' documented switch for a compute_loss without num_items_in_batch)
-                self.model_accepts_loss_kwargs = False
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            self.on_policy = teacher is not None and args.lmbda > 0 and self.rng.random() < args.lmbda
-            if self.on_policy:
-                inputs = self.student_completions(model, inputs)
-            return super().training_step(model, inputs, num_items_in_batch)
-
-        def student_completions(self, model, inputs):
-            """GKD's on-policy batch: each row's prompt (left-padded) continued by a student sample."""
-            ids, labels, att = inputs["input_ids"], inputs["labels"], inputs["attention_mask"]
-            starts = [int((lab != -100).nonzero()[0]) if (lab != -100).any() else int(a.sum())
-                      for lab, a in zip(labels, att)]
-            width, pad = max(starts), tok.pad_token_id
-            prompts = ids.new_full((len(starts), width), pad)
-            pmask = torch.zeros_like(prompts)
-            for i, s in enumerate(starts):
-                prompts[i, width - s:], pmask[i, width - s:] = ids[i, :s], 1
-            with unwrap_model_for_generation(model, self.accelerator,
-                                             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs) as m:
-                was = m.training
-                m.eval()
-                seq = m.generate(input_ids=prompts, attention_mask=pmask, max_new_tokens=args.max_new_tokens,
-                                 do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
-                                 pad_token_id=pad, use_cache=True)
-                m.train(was)
-                eos = m.generation_config.eos_token_id
-            eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or [tok.eos_token_id]), device=seq.device)
-            comp = seq[:, width:]
-            ended = torch.isin(comp, eos)
-            first = torch.where(ended.any(1), ended.int().argmax(1), comp.shape[1])
-            cmask = (torch.arange(comp.shape[1], device=seq.device)[None] <= first[:, None]).long()
-            att = torch.cat([pmask, cmask], 1)
-            labels = seq.masked_fill(att == 0, -100)
-            labels[:, :width] = -100
-            return {"input_ids": seq, "attention_mask": att, "labels": labels,
-                    "position_ids": (att.cumsum(1) - 1).clamp(min=0)}
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.teacher is None:  # sequence-level KD: exactly SFTTrainer's loss
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            mode = "train" if self.model.training else "eval"
-            on_policy = self.on_policy and mode == "train"
-            kw = dict(kd_loss=args.kd_loss, jsd_beta=args.jsd_beta, temperature=args.temperature, vocab=vocab,
-                      with_ce=not on_policy and args.alpha < 1)
-            unwrapped = self.accelerator.unwrap_model(model)
-            if model is unwrapped:
-                t = kd_terms(unwrapped, self.teacher, inputs, full_logits=full_logits, **kw)
-            else:  # DDP/FSDP: run through the wrapper's forward so its hooks fire (as TRL's DistillationTrainer)
-                t = _ForwardRedirection()(model, unwrapped, kd_terms, unwrapped, self.teacher, inputs,
-                                          full_logits=full_logits, **kw)
-            ce = t["ce"] if t["ce"] is not None else torch.zeros((), device=t["kd"].device)
-            kd = args.temperature ** 2 * t["kd"]  # Hinton et al. 2015: soft-target gradients keep the CE's scale
-            loss = kd if on_policy else (1 - args.alpha) * ce + args.alpha * kd
-            m = self._metrics[mode]
-            m["kd_loss"].append(t["kd"].item())
-            m["on_policy"].append(float(on_policy))
-            m["entropy"].append(t["entropy"])
-            if t["ce"] is not None:
-                m["ce_loss"].append(t["ce"].item())
-                m["mean_token_accuracy"].append(t["accuracy"])
-            return (loss, None) if return_outputs else loss
-
+    from kd_trainer import KDTrainer
     config = config or trl_config(SFTConfig, trl_kwargs(args, args.save_dir))
-    return KDTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok, callbacks=callbacks)
+    return KDTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok, callbacks=callbacks,
+                     kd=args, teacher=teacher, vocab=vocab, full_logits=full_logits)
 
 
 def bench_case(args, path, synthetic_rows, trainer_args, StepTimer, mem, n_params, full_logits=False) -> dict:

@@ -84,11 +84,17 @@ def distributed_batch(args) -> dict:
     return {"per_device_train_batch_size": args.per_device_train_batch_size, "gradient_accumulation_steps": accum}
 
 
+def gradient_checkpointing_on(choice: str) -> bool:
+    """--gradient_checkpointing: auto = on for CUDA (memory is what a GPU lacks), off on a CPU (time is)."""
+    import torch
+    return choice == "on" or (choice == "auto" and torch.cuda.is_available())
+
+
 def trl_kwargs(args, save_dir: str) -> dict:
     """TrainingArguments shared by the TRL configs. The data is tokenised already (max_length=None)."""
     import torch
     cuda = torch.cuda.is_available()
-    gc = args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and cuda)
+    gc = gradient_checkpointing_on(args.gradient_checkpointing)
     return dict(**distributed_batch(args),
         output_dir=save_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
         learning_rate=args.lr,
@@ -108,7 +114,8 @@ def trl_config(cls, kwargs: dict, **extra):
     several GPUs visible, Trainer would wrap it in nn.DataParallel, which TRL refuses (use accelerate launch)."""
     config = cls(**kwargs, **extra)
     if world_size() == 1 and config.n_gpu > 1:
-        config._n_gpu = 1
+        from compat import one_gpu_per_process
+        one_gpu_per_process(config)
     return config
 
 
@@ -146,15 +153,11 @@ def probe_step(trainer, rows: list[dict]) -> None:
     model.train()
     if trainer.args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs)
-    trainer.current_gradient_accumulation_steps = 1  # the training loop sets it; training_step divides by it
+    from compat import one_training_step
     try:
-        trainer.training_step(model, trainer._prepare_inputs(trainer.data_collator(rows)))
+        one_training_step(trainer, rows)
     finally:
         model.zero_grad(set_to_none=True)
-        for values in getattr(trainer, "_metrics", {}).get("train", {}).values():
-            values.clear()
-        if hasattr(trainer, "_total_train_tokens"):
-            trainer._total_train_tokens = 0
 
 
 def fit_micro_batch(trainer, args) -> None:
@@ -198,7 +201,8 @@ def fit_micro_batch(trainer, args) -> None:
              "effective batch)")
     targs.per_device_train_batch_size = best
     targs.gradient_accumulation_steps = effective // best
-    trainer._train_batch_size = best * max(1, targs.n_gpu)
+    from compat import set_micro_batch
+    set_micro_batch(trainer, best)
 
 
 def keep_lora_fp32(model) -> None:
@@ -218,15 +222,6 @@ def resume_checkpoint(args) -> bool | None:
     if not any(Path(args.save_dir).glob("checkpoint-*")):
         raise UserError(f"--resume: no checkpoint in {args.save_dir} to continue from")
     return True
-
-
-def score_answer_tokens_only() -> None:
-    """TRL's fused LM head scores only the answer positions on CUDA but every position elsewhere (static tile shapes
-    for XLA/Neuron compilers). On a CPU that is ~100x wasted work for a one-token CreditMix answer, so take the
-    answer-only path there too; the kernel still picks its torch fallback off-GPU. Idempotent."""
-    import trl.trainer.utils as tu
-    from trl.kernels.chunked_logprob import _use_triton
-    tu._use_triton = lambda device: device.type == "cpu" or _use_triton(device)
 
 
 def time_limit_callback(minutes: float):
@@ -256,6 +251,7 @@ def time_limit_callback(minutes: float):
 def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: str, data: str, started: float,
                    data_report: dict, extra_metrics: dict | None = None, extra: dict | None = None) -> dict:
     """Run the trainer (resuming when asked), save the adapter and tokenizer (rank 0), write run.json."""
+    from compat import score_answer_tokens_only
     resume = resume_checkpoint(args)
     score_answer_tokens_only()
     keep_lora_fp32(trainer.model)

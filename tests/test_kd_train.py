@@ -131,3 +131,33 @@ def test_idp_mode_bad_json_names_line(tiny_model_dir, tmp_path):
 def test_bad_flags(tmp_path, flags, msg):
     with pytest.raises(UserError, match=msg):
         run(tmp_path, "--student", "unused", *flags)
+
+
+def test_logit_kd_loss_is_weighted_per_token_over_the_accumulated_batch(tiny_model_dir, teacher_dir, tmp_path):
+    """Two micro-batches with answers of very different lengths, each weighted by its share of the accumulated
+    batch's completion tokens, add up to the loss of the whole batch at once (as SFT's num_items_in_batch does)."""
+    import torch
+    from common import load_model, load_student
+    from training import encode_rows
+
+    args = kd_train.parse_args(["--data", "unused", "--save_dir", str(tmp_path / "run"), "--teacher", "t",
+                                "--alpha", "0.5", "--per_device_train_batch_size", "1",
+                                "--gradient_accumulation_steps", "2"])
+    model, tok, _ = load_student(str(tiny_model_dir))
+    teacher, _, _ = load_model(str(teacher_dir))
+    rows = [{"input": "short", "teacher_output": "Good"},
+            {"input": "long", "teacher_output": "Standard, because " + "the income is high and " * 6}]
+    dataset, _ = encode_rows(tok, rows, "input", "teacher_output", max_len=256)
+    enc = list(dataset)
+    trainer = kd_train.build_trainer(args, model, tok, dataset, teacher=teacher, callbacks=[])
+    model.train()
+    parts = [trainer.data_collator([e]) for e in enc]
+    whole = trainer.data_collator(enc)
+    n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in parts)
+    assert len({int((b["labels"][:, 1:] != -100).sum()) for b in parts}) == 2  # the lengths differ
+    with torch.no_grad():
+        split = sum(trainer.compute_loss(model, b, num_items_in_batch=torch.tensor(n)) for b in parts)
+        at_once = trainer.compute_loss(model, whole, num_items_in_batch=torch.tensor(n))
+        plain_mean = sum(trainer.compute_loss(model, b) for b in parts) / 2  # what per-micro-batch means would give
+    assert float(split) == pytest.approx(float(at_once), rel=1e-4)
+    assert abs(float(plain_mean) - float(at_once)) > 1e-3  # the test can tell the two weightings apart
