@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import UserError, atomic_open, guess_task, user_errors, write_json
+from scoring import CALIBRATIONS
 
 # Column header -> how to read it from an evaluation's "metrics" (a key path, or a function for alternatives).
-CALIBRATIONS = ("multi_null", "batch", "none")  # eval_creditmix.py's calibrations, the README's default first
 TASK_COLUMNS = {
     "creditmix": [(f"{k} {cal}", ("calibrations", cal, key)) for cal in CALIBRATIONS
                   for k, key in (("acc", "accuracy"), ("F1", "macro_f1"))],

@@ -253,17 +253,6 @@ def reward_summary(log_history: list[dict]) -> dict:
     return out
 
 
-def reward_callback(summary: dict):
-    """Fills `summary` with reward_summary when training ends, before train_and_save writes run.json."""
-    from transformers import TrainerCallback
-
-    class RewardSummary(TrainerCallback):
-        def on_train_end(self, targs, state, control, **kw):
-            summary.update(reward_summary(state.log_history))
-
-    return RewardSummary()
-
-
 def main(args):
     started = start("dpo_train", args)
     check_args(args)
@@ -272,9 +261,10 @@ def main(args):
     model, tok, ms, peft_config = load_policy(args)
     dataset, report = encode_pairs(tok, rows, args.max_len, args.max_prompt_len, source=args.data)
     # run
-    rewards = {}  # filled at the end of training (reward_callback), read by train_and_save for run.json
+    from callbacks import RewardSummary
+    rewards = {}  # filled at the end of training (RewardSummary), read by train_and_save for run.json
     trainer = build_trainer(args, model, tok, dataset, peft_config,
-                            callbacks=log_callbacks(args.save_dir) + [reward_callback(rewards)])
+                            callbacks=log_callbacks(args.save_dir) + [RewardSummary(rewards, reward_summary)])
     # save
     metrics = train_and_save(trainer, tok, args, script="dpo_train.py", method="dpo", base_model=ms.base_spec,
                              data=args.data, started=started, data_report=report, extra_metrics=rewards,

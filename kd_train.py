@@ -144,25 +144,6 @@ def bench_case(args, path, synthetic_rows, trainer_args, StepTimer, mem, n_param
             "batch": args.batch, "accum": args.accum, **mem()}
 
 
-def kd_callback(record: dict, held=None):
-    """Keeps the last logged kd_loss / ce_loss in `record` and, at the end of training, the held-out KL: train_and_save
-    reads `record` after training, so it lands in run.json's metrics."""
-    from transformers import TrainerCallback
-
-    class KDRecord(TrainerCallback):
-        def on_log(self, targs, state, control, logs=None, **kw):
-            for k in ("kd_loss", "ce_loss"):
-                if logs and k in logs:
-                    record[f"final_{k}"] = round(logs[k], 6)
-
-        def on_train_end(self, targs, state, control, model=None, **kw):
-            if held is not None:
-                after = held(model)
-                record.update(kl_after=after["kl"], kl_first_token_after=after["kl_first_token"])
-
-    return KDRecord()
-
-
 def main(args):
     started = start("kd_train", args)
     check_args(args)
@@ -187,6 +168,7 @@ def main(args):
     dataset, report = encode_rows(tok, rows, "input", "teacher_output", args.max_len, keep_whole=args.idp_mode,
                                   source=args.data)
     # run
+    from callbacks import KDRecord
     record, held = {}, None  # held: the held-out KL function, when --eval_kl is given
     if held_rows is not None:
         from kd_losses import heldout_kl
@@ -199,7 +181,7 @@ def main(args):
                       kl_rows=before["rows"], kl_data=args.eval_kl)
         print(json.dumps({"heldout_kl_before": before}))
     trainer = build_trainer(args, model, tok, dataset, teacher=teacher, vocab=vocab,
-                            callbacks=log_callbacks(args.save_dir) + [kd_callback(record, held)])
+                            callbacks=log_callbacks(args.save_dir) + [KDRecord(record, held)])
     # save
     return train_and_save(trainer, tok, args, script="kd_train.py", method="kd", base_model=ms.base_spec,
                           data=args.data, started=started, data_report=report, extra_metrics=record,

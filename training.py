@@ -224,30 +224,6 @@ def resume_checkpoint(args) -> bool | None:
     return True
 
 
-def time_limit_callback(minutes: float):
-    """Stops training (at a step boundary, so the adapter is saved as usual) once `minutes` have passed."""
-    from transformers import TrainerCallback
-
-    class TimeLimit(TrainerCallback):
-        stopped = False
-
-        def on_train_begin(self, targs, state, control, **kw):
-            self.t0 = time.time()
-
-        def on_step_end(self, targs, state, control, **kw):
-            stop = time.time() - self.t0 > minutes * 60
-            if world_size() > 1:  # every rank must stop at the same step, or the others wait forever in a collective
-                import torch
-                import torch.distributed as dist
-                flag = torch.tensor([int(stop)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop = bool(flag.item())
-            if stop:
-                control.should_training_stop = self.stopped = True
-
-    return TimeLimit()
-
-
 def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: str, data: str, started: float,
                    data_report: dict, extra_metrics: dict | None = None, extra: dict | None = None) -> dict:
     """Run the trainer (resuming when asked), save the adapter and tokenizer (rank 0), write run.json."""
@@ -256,7 +232,8 @@ def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: 
     score_answer_tokens_only()
     keep_lora_fp32(trainer.model)
     fit_micro_batch(trainer, args)
-    limit = time_limit_callback(args.max_minutes) if getattr(args, "max_minutes", 0) > 0 else None
+    from callbacks import TimeLimit
+    limit = TimeLimit(args.max_minutes) if getattr(args, "max_minutes", 0) > 0 else None
     if limit:
         trainer.add_callback(limit)
     result = trainer.train(resume_from_checkpoint=resume)

@@ -1,0 +1,60 @@
+"""Trainer callbacks the trainers attach: a time limit, the KD record and the DPO reward summary.
+
+Imports transformers at import time: import it inside functions.
+"""
+from __future__ import annotations
+
+import time
+
+from transformers import TrainerCallback
+
+from common import world_size
+
+
+class TimeLimit(TrainerCallback):
+    """Stops training (at a step boundary, so the adapter is saved as usual) once `minutes` have passed."""
+
+    def __init__(self, minutes: float):
+        self.minutes, self.stopped, self.t0 = minutes, False, time.time()
+
+    def on_train_begin(self, targs, state, control, **kw):
+        self.t0 = time.time()
+
+    def on_step_end(self, targs, state, control, **kw):
+        stop = time.time() - self.t0 > self.minutes * 60
+        if world_size() > 1:  # every rank must stop at the same step, or the others wait forever in a collective
+            import torch
+            import torch.distributed as dist
+            flag = torch.tensor([int(stop)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            control.should_training_stop = self.stopped = True
+
+
+class KDRecord(TrainerCallback):
+    """Keeps the last logged kd_loss / ce_loss in `record` and, at the end of training, the held-out KL (`held`:
+    model -> heldout_kl's dict): train_and_save reads `record` after training, so it lands in run.json's metrics."""
+
+    def __init__(self, record: dict, held=None):
+        self.record, self.held = record, held
+
+    def on_log(self, targs, state, control, logs=None, **kw):
+        for k in ("kd_loss", "ce_loss"):
+            if logs and k in logs:
+                self.record[f"final_{k}"] = round(logs[k], 6)
+
+    def on_train_end(self, targs, state, control, model=None, **kw):
+        if self.held is not None:
+            after = self.held(model)
+            self.record.update(kl_after=after["kl"], kl_first_token_after=after["kl_first_token"])
+
+
+class RewardSummary(TrainerCallback):
+    """Fills `summary` with summarize(log_history) when training ends, before train_and_save writes run.json."""
+
+    def __init__(self, summary: dict, summarize):
+        self.summary, self.summarize = summary, summarize
+
+    def on_train_end(self, targs, state, control, **kw):
+        self.summary.update(self.summarize(state.log_history))
