@@ -566,7 +566,7 @@ def print_config(title: str, args) -> None:
     print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in items.items()), file=sys.stderr, flush=True)
 
 
-def eval_run_dir(spec: str) -> Path:
+def eval_run_dir(spec: str, create: bool = True) -> Path:
     """Where an evaluation of `spec` is filed: the run dir itself, or runs/base-<slug> for a plain model (created
     with a run.json of method "base", so compare_runs.py lists base models beside the trained ones)."""
     p = Path(spec)
@@ -574,7 +574,7 @@ def eval_run_dir(spec: str) -> Path:
         return p
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(spec.rstrip("/")).name or spec)
     run = Path(os.environ.get("DISTILL_SLM_RUNS", "runs")) / f"base-{slug}"
-    if not (run / "run.json").is_file():
+    if create and not (run / "run.json").is_file():
         write_json(run / "run.json", {"script": None, "method": "base", "task": None, "base_model": spec,
                                       "args": {}, "data": None, "versions": library_versions(), "metrics": {}})
     return run

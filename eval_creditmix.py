@@ -1,5 +1,8 @@
 """Evaluate a CreditMix classifier on a balanced validation split: accuracy, macro-F1, classification report and
-confusion matrix for each calibration (multi_null, batch, none), all from one pass of raw label scores.
+confusion matrix for each calibration (multi_null, batch, none), all from one pass of raw label scores. Records the
+best calibration, with a temperature fitted to its scores, beside the run (creditmix_calibration.json): that is
+what `--calibration auto` in infer_creditmix.py and the server use. Its expected calibration error is printed
+before and after the temperature.
 
     python eval_creditmix.py --model_dir smollm2-135m --data data/creditmix_val.jsonl
     python eval_creditmix.py --model_dir runs/creditmix_sft --data data/creditmix_dataset.json --val_per_class 1500
@@ -16,9 +19,9 @@ from collections import Counter
 import numpy as np
 
 import creditmix as cm
-from common import (UserError, add_model_args, load_model, need_file, read_records, resolve_model, save_eval,
-                    user_errors, world_size, write_json)
-from scoring import CALIBRATIONS, prior_for
+from common import (UserError, add_model_args, data_record, eval_run_dir, load_model, need_file, read_records,
+                    resolve_model, save_eval, user_errors, world_size, write_json)
+from scoring import CALIBRATION_FILE, CALIBRATIONS, choose_calibration, prior_for
 
 
 def parse_args(argv=None):
@@ -143,8 +146,9 @@ def main(args):
         pred = [cm.LABELS[i] for i in np.argmax(raw - prior_for(mode, raw, nulls), 1)]
         results[mode] = metrics_for(y_true, pred)
         reports[mode] = classification_report(y_true, pred, labels=cm.LABELS, digits=3, zero_division=0)
+    chosen = choose_calibration(raw, nulls, np.array([cm.LABELS.index(y) for y in y_true]))
     metrics = {"n": len(pairs), "val_per_class": dict(Counter(y_true)), "labels": cm.LABELS,
-               "calibrations": results}
+               "calibrations": results, "chosen_calibration": chosen}
     # save
     print(f"\n{args.model_dir} on {args.data}: {len(pairs)} rows {dict(Counter(y_true))}")
     print(f"{'calibration':<12} {'accuracy':>9} {'macro_f1':>9}")
@@ -154,7 +158,12 @@ def main(args):
         print(f"\n[{mode}] classification_report\n{reports[mode]}")
         print(f"[{mode}] confusion_matrix (rows: true {cm.LABELS}, cols: predicted)")
         print("\n".join("  " + " ".join(f"{v:>6}" for v in row) for row in results[mode]["confusion_matrix"]))
+    print(f"\ncalibration for --calibration auto (infer_creditmix.py, the server): {chosen['calibration']}, "
+          f"temperature {chosen['temperature']}: expected calibration error {chosen['ece_before']} -> "
+          f"{chosen['ece_after']}")
     saved = save_eval(args.model_dir, "creditmix", args.data, args, metrics, "eval_creditmix.py")
+    write_json(eval_run_dir(args.model_dir) / CALIBRATION_FILE,
+               {**chosen, "model_dir": args.model_dir, "data": data_record(args.data), "picked_by": "eval_creditmix.py"})
     if args.out:
         write_json(args.out, metrics)
     print(f"\nsaved {saved}")

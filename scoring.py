@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 
 CALIBRATIONS = ("multi_null", "batch", "none")
+CALIBRATION_FILE = "creditmix_calibration.json"  # eval_creditmix.py's choice, beside the run it evaluated
 _VOCAB_CHUNK = 16384  # output-layer rows upcast to fp32 at a time
 
 
@@ -157,10 +158,11 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def response(model_name: str, labels: list[str], raw: np.ndarray, prior: np.ndarray, digits: int = 4) -> dict:
-    """The README's response JSON for one example."""
+def response(model_name: str, labels: list[str], raw: np.ndarray, prior: np.ndarray, digits: int = 4,
+             temperature: float = 1.0) -> dict:
+    """The README's response JSON for one example; probabilities are softmax(calibrated scores / temperature)."""
     cal = raw - prior
-    probs = softmax(cal)
+    probs = softmax(cal / temperature)
     top = np.sort(cal)[::-1]
     r = lambda v: round(float(v), digits)  # noqa: E731
     return {
@@ -172,3 +174,71 @@ def response(model_name: str, labels: list[str], raw: np.ndarray, prior: np.ndar
         "probabilities": {c: r(v) for c, v in zip(labels, probs)},
         "top2_margin": r(top[0] - top[1]) if len(top) > 1 else 0.0,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the calibration a model is served with: picked on a validation split, probabilities temperature-scaled
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    """ECE of the top-1 probability (Guo et al. 2017): |accuracy - confidence| per equal-width confidence bin,
+    weighted by the bin's share of the examples."""
+    conf, hit = probs.max(1), (probs.argmax(1) == y).astype(float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    return float(sum(abs(hit[which == b].mean() - conf[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
+
+
+def fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T minimising the negative log-likelihood of softmax(scores / T) on (scores, y): temperature
+    scaling (Guo et al. 2017), one parameter, so the ranking (and accuracy) cannot change."""
+    from scipy.optimize import minimize_scalar
+
+    def nll(log_t):
+        z = scores / np.exp(log_t)
+        z = z - z.max(1, keepdims=True)
+        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))).mean())
+    return float(np.exp(minimize_scalar(nll, bounds=(-5.0, 5.0), method="bounded").x))
+
+
+def choose_calibration(raw: np.ndarray, null_raw: np.ndarray, y: np.ndarray) -> dict:
+    """The calibration with the best accuracy on this (balanced) validation split, ties to the README's order
+    (multi_null first), with its prior as a fixed vector (a batch prior is the validation mean, so one request
+    alone is scored the same way) and the temperature fitted on it. ECE before and after the temperature."""
+    acc = {m: float((np.argmax(raw - prior_for(m, raw, null_raw), 1) == y).mean()) for m in CALIBRATIONS}
+    mode = max(CALIBRATIONS, key=lambda m: (acc[m], -CALIBRATIONS.index(m)))
+    prior = prior_for(mode, raw, null_raw)
+    t = fit_temperature(raw - prior, y)
+    return {"calibration": mode, "prior": [round(float(v), 6) for v in prior], "temperature": round(t, 4),
+            "accuracy": {m: round(v, 4) for m, v in acc.items()}, "n": int(len(y)),
+            "ece_before": round(expected_calibration_error(softmax(raw - prior), y), 4),
+            "ece_after": round(expected_calibration_error(softmax((raw - prior) / t), y), 4)}
+
+
+def read_calibration(run_dir) -> dict | None:
+    """The calibration eval_creditmix.py recorded beside a run (None when it was never evaluated)."""
+    import json
+    from pathlib import Path
+    p = Path(run_dir) / CALIBRATION_FILE
+    if not p.is_file():
+        return None
+    try:
+        rec = json.loads(p.read_text(encoding="utf-8"))
+        if rec["calibration"] not in CALIBRATIONS or float(rec["temperature"]) <= 0:
+            raise ValueError(rec["calibration"])
+        rec["prior"] = np.asarray(rec["prior"], dtype=float)
+        return rec
+    except (ValueError, KeyError, TypeError) as e:
+        from common import UserError
+        raise UserError(f"{p}: not a calibration written by eval_creditmix.py ({e}); delete it or rerun "
+                        "eval_creditmix.py") from None
+
+
+def served_prior(choice: str, recorded: dict | None, raw: np.ndarray, null_raw=None):
+    """(prior, temperature, calibration used) for --calibration `choice`: auto takes what eval_creditmix.py recorded
+    (`recorded`) and else multi_null, the README's; `null_raw` is a function giving the null prompts' raw scores,
+    called only when multi_null needs them."""
+    if choice == "auto" and recorded is not None:
+        return recorded["prior"], float(recorded["temperature"]), recorded["calibration"]
+    mode = "multi_null" if choice == "auto" else choice
+    return prior_for(mode, raw, null_raw() if mode == "multi_null" else None), 1.0, mode

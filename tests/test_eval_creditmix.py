@@ -48,3 +48,25 @@ def test_bad_inputs(tiny_model_dir, creditmix_dir, tmp_path):
     (run_dir / "checkpoint-1").mkdir(parents=True)
     with pytest.raises(UserError, match="without a saved adapter"):
         run(["--model_dir", str(run_dir), "--data", str(creditmix_dir / "creditmix_val.jsonl")])
+
+
+def test_records_the_calibration_that_infer_auto_then_serves(tiny_sft_run, creditmix_dir, capsys):
+    import numpy as np
+
+    import infer_creditmix
+    from scoring import CALIBRATION_FILE
+    m = run(["--model_dir", str(tiny_sft_run), "--data", str(creditmix_dir / "creditmix_val.jsonl")])
+    chosen = m["chosen_calibration"]
+    best = max(m["calibrations"][c]["accuracy"] for c in ("multi_null", "batch", "none"))
+    assert m["calibrations"][chosen["calibration"]]["accuracy"] == pytest.approx(best, abs=1e-4)
+    rec = json.loads((tiny_sft_run / CALIBRATION_FILE).read_text())
+    assert rec["calibration"] == chosen["calibration"] and rec["temperature"] > 0
+    assert 0 <= rec["ece_after"] <= 1 and rec["data"]["path"].endswith("creditmix_val.jsonl")
+    capsys.readouterr()
+    out = infer_creditmix.main(infer_creditmix.parse_args(["--model_dir", str(tiny_sft_run), "--features", "Age: 30"]))
+    assert "--calibration auto: " + rec["calibration"] in capsys.readouterr().err
+    r = out[0]
+    assert [r["prior"][c] for c in ("Good", "Standard", "Bad")] == pytest.approx(rec["prior"], abs=1e-4)
+    z = np.array([r["scores"][c] for c in ("Good", "Standard", "Bad")]) / rec["temperature"]
+    p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+    assert [r["probabilities"][c] for c in ("Good", "Standard", "Bad")] == pytest.approx(list(p), abs=2e-4)

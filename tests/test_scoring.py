@@ -78,3 +78,40 @@ def test_fp32_output_layer_log_probs_match_log_softmax_over_vocab_chunks(tiny, m
         want = torch.log_softmax(head(hidden).double(), -1).gather(-1, targets)
         got = scoring._token_logprobs(head, hidden, targets)
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5)
+
+
+def test_temperature_scaling_recovers_an_overconfident_models_temperature():
+    """Labels drawn from softmax(z / 3) but scored as softmax(z): the fitted temperature is about 3, the ECE drops,
+    and the ranking (so the accuracy) is unchanged by construction."""
+    from scoring import expected_calibration_error, fit_temperature, softmax
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 4, size=(4000, 3))
+    p = softmax(z / 3)
+    y = np.array([rng.choice(3, p=row) for row in p])
+    t = fit_temperature(z, y)
+    assert t == pytest.approx(3, rel=0.15)
+    before, after = expected_calibration_error(softmax(z), y), expected_calibration_error(softmax(z / t), y)
+    assert before > 0.1 and after < 0.03
+
+
+def test_expected_calibration_error_of_known_cases():
+    from scoring import expected_calibration_error
+    y = np.array([0, 0, 1, 1])
+    sure_right = np.eye(3)[y]
+    assert expected_calibration_error(sure_right, y) == pytest.approx(0)
+    sure_wrong = np.eye(3)[[1, 1, 0, 0]]
+    assert expected_calibration_error(sure_wrong, y) == pytest.approx(1)
+    half = np.array([[0.6, 0.4, 0.0]] * 4)  # confidence 0.6, right half the time
+    assert expected_calibration_error(half, y) == pytest.approx(0.1)
+
+
+def test_choose_calibration_picks_the_most_accurate_prior_ties_to_multi_null():
+    from scoring import choose_calibration
+    y = np.array([0, 1, 2, 0, 1, 2])
+    raw = np.eye(3)[y] + np.array([0.0, 0.0, 5.0])  # a constant bias towards label 2: the batch mean removes it
+    nulls = np.zeros((4, 3))                          # content-free prompts that show no bias
+    c = choose_calibration(raw, nulls, y)
+    assert c["calibration"] == "batch" and c["accuracy"]["batch"] == 1 and c["accuracy"]["multi_null"] < 1
+    assert c["prior"] == pytest.approx(list(raw.mean(0)))
+    tie = choose_calibration(np.eye(3)[y], nulls, y)  # every prior is perfect: the README's multi_null
+    assert tie["calibration"] == "multi_null" and tie["temperature"] > 0
