@@ -3,6 +3,7 @@
     python kd_train.py --student smollm2-135m --data data/creditmix_kd.jsonl --idp_mode --save_dir runs/creditmix_kd --epochs 2
     python kd_train.py --student Qwen/Qwen2.5-3B-Instruct --data data/creditmix_kd.jsonl --idp_mode --save_dir runs/creditmix_kd --epochs 5 --max_steps 7115
     python kd_train.py --student smollm2-135m --teacher runs/creditmix_sft --data data/creditmix_kd.jsonl --idp_mode --kd_loss forward_kl --alpha 0.5 --eval_kl data/creditmix_val.jsonl --save_dir runs/creditmix_kd_logit
+    python kd_train.py --student smollm2-135m --teacher_cache runs/cache_creditmix_sft --data data/creditmix_kd.jsonl --idp_mode --save_dir runs/creditmix_kd_cached
 
 Three modes, one trainer (TRL's SFTTrainer, subclassed as TRL's GKDTrainer does):
 - no --teacher: sequence-level KD, the README's: cross-entropy on {"input","teacher_output"} (fill teacher_output
@@ -10,6 +11,8 @@ Three modes, one trainer (TRL's SFTTrainer, subclassed as TRL's GKDTrainer does)
 - --teacher MODEL: adds a token-level divergence between the teacher's and the student's next-token distributions on
   the completion tokens: loss = (1 - alpha) * ce + alpha * T^2 * kd. Same tokenizer needed. The teacher is loaded
   once, frozen (4-bit on CUDA); neither model's [tokens, vocab] logits are built (kd_losses.py, TRL's chunked kernels).
+- --teacher_cache DIR: the same forward-KL mix from the teacher's top-k log-probabilities, cached once by
+  teacher_cache.py (same tokenizer, same --data and encoding flags): the teacher is never loaded.
 - --teacher with --lmbda > 0: on-policy (GKD): that fraction of micro-batches has its completions sampled from the
   student (--max_new_tokens) and scored by the teacher; those batches train the divergence alone (no reference answer
   to take a CE against: a CE on the student's own samples would reinforce its mistakes).
@@ -17,7 +20,7 @@ Three modes, one trainer (TRL's SFTTrainer, subclassed as TRL's GKDTrainer does)
 import argparse
 import json
 
-from common import UserError, load_model, load_student, note, read_records, user_errors
+from common import UserError, load_model, load_student, note, read_records, sha256_file, user_errors
 from kd_losses import KD_LOSSES, canonical_rows, load_schema, target_key
 from training import add_training_args, encode_rows, log_callbacks, start, train_and_save, trl_config, trl_kwargs
 
@@ -40,6 +43,9 @@ def parse_args(argv=None):
     g.add_argument("--teacher", default=None,
                    help="teacher for logit KD: hub id, local folder, run dir (adapter) or smollm2-135m; must share "
                         "the student's tokenizer. Default: none (sequence-level KD on teacher_output)")
+    g.add_argument("--teacher_cache", default=None,
+                   help="instead of --teacher: a folder of the teacher's top-k log-probabilities on this --data made "
+                        "by teacher_cache.py; the teacher is never loaded (forward KL over the top k + a tail bucket)")
     g.add_argument("--kd_loss", default="forward_kl", choices=KD_LOSSES,
                    help="forward_kl = KL(teacher||student) (mode covering, Hinton), reverse_kl = KL(student||teacher) "
                         "(mode seeking, MiniLLM), jsd = generalised Jensen-Shannon (GKD)")
@@ -75,7 +81,12 @@ def check_args(args) -> None:
         raise UserError(f"--jsd_beta must be strictly between 0 and 1 (got {args.jsd_beta})")
     if args.schema and not args.idp_mode:
         raise UserError("--schema orders canonical JSON targets: it needs --idp_mode")
-    if args.teacher is None:
+    if args.teacher_cache:
+        for flag, bad in (("--teacher", args.teacher), ("--lmbda", args.lmbda > 0), ("--eval_kl", args.eval_kl),
+                          ("--kd_loss " + args.kd_loss, args.kd_loss != "forward_kl")):
+            if bad:
+                raise UserError(f"{flag} needs a live teacher: --teacher_cache trains forward KL on cached targets")
+    elif args.teacher is None:
         for flag, bad in (("--lmbda", args.lmbda > 0), ("--eval_kl", args.eval_kl)):
             if bad:
                 raise UserError(f"{flag} needs --teacher (logit-level KD)")
@@ -84,7 +95,11 @@ def check_args(args) -> None:
         note("--alpha 0: the divergence has no weight; it is computed and logged only")
 
 
-def kd_record(args, teacher_spec=None) -> dict:
+def kd_record(args, teacher_spec=None, cache=None) -> dict:
+    if cache is not None:
+        m = cache.meta
+        return {"mode": "cached", "teacher": m["teacher"], "teacher_cache": args.teacher_cache, "top_k": m["top_k"],
+                "kd_loss": "forward_kl", "temperature": args.temperature, "alpha": args.alpha}
     mode = "sequence" if args.teacher is None else ("on_policy" if args.lmbda > 0 else "logit")
     if args.teacher is None:
         return {"mode": mode, "teacher": None}
@@ -98,18 +113,21 @@ def kd_record(args, teacher_spec=None) -> dict:
 # trainer
 
 def build_trainer(args, model, tok, dataset, teacher=None, vocab=None, callbacks=None, config=None,
-                  full_logits=False):
+                  full_logits=False, cache=None):
     """TRL's SFTTrainer with the KD loss: without a teacher it is SFTTrainer itself (fused chunked CE); with one,
     compute_loss runs kd_losses.kd_terms (one backbone pass per model, chunked CE and divergence on the completion
     tokens) and training_step makes the on-policy batches. `args` needs the KD flags (kd_loss, jsd_beta,
     temperature, alpha, lmbda, max_new_tokens, seed); `config` (an SFTConfig) defaults to the training flags'.
-    full_logits: the unchunked reference loss (benchmark baseline only)."""
+    full_logits: the unchunked reference loss (benchmark baseline only). cache: a kd_cache.TeacherCache instead of
+    a teacher (the dataset then has a "kd_row" column)."""
     from trl import SFTConfig
 
     from kd_trainer import KDTrainer
-    config = config or trl_config(SFTConfig, trl_kwargs(args, args.save_dir))
+    # a cached teacher's targets are found by row: keep the "kd_row" column, which no model forward takes
+    config = config or trl_config(SFTConfig, {**trl_kwargs(args, args.save_dir),
+                                              **({"remove_unused_columns": False} if cache else {})})
     return KDTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok, callbacks=callbacks,
-                     kd=args, teacher=teacher, vocab=vocab, full_logits=full_logits)
+                     kd=args, teacher=teacher, vocab=vocab, full_logits=full_logits, cache=cache)
 
 
 def bench_case(args, path, synthetic_rows, trainer_args, StepTimer, mem, n_params, full_logits=False) -> dict:
@@ -158,6 +176,8 @@ def main(args):
         held_key = target_key(held_rows, args.eval_kl)
         if args.idp_mode:
             held_rows = canonical_rows(held_rows, held_key, args.eval_kl, schema)
+    import kd_cache
+    cache = kd_cache.TeacherCache(args.teacher_cache) if args.teacher_cache else None
     model, tok, ms = load_student(args.student, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
                                   lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     teacher = vocab = tms = None
@@ -167,6 +187,12 @@ def main(args):
         vocab = check_vocab(tok, ttok, model, teacher)
     dataset, report = encode_rows(tok, rows, "input", "teacher_output", args.max_len, keep_whole=args.idp_mode,
                                   source=args.data)
+    if cache is not None:
+        cache.check(data_sha256=sha256_file(args.data), tokenizer=kd_cache.tokenizer_fingerprint(tok),
+                    rows_sha256=kd_cache.rows_fingerprint(dataset), temperature=args.temperature)
+        dataset = dataset.add_column("kd_row", list(range(len(dataset))))
+        note(f"--teacher_cache: the top-{cache.meta['top_k']} targets of {cache.meta['teacher']}; the teacher is not "
+             "loaded")
     # run
     from callbacks import KDRecord
     record, held = {}, None  # held: the held-out KL function, when --eval_kl is given
@@ -180,12 +206,12 @@ def main(args):
         record.update(kl_before=before["kl"], kl_first_token_before=before["kl_first_token"],
                       kl_rows=before["rows"], kl_data=args.eval_kl)
         print(json.dumps({"heldout_kl_before": before}))
-    trainer = build_trainer(args, model, tok, dataset, teacher=teacher, vocab=vocab,
+    trainer = build_trainer(args, model, tok, dataset, teacher=teacher, vocab=vocab, cache=cache,
                             callbacks=log_callbacks(args.save_dir) + [KDRecord(record, held)])
     # save
     return train_and_save(trainer, tok, args, script="kd_train.py", method="kd", base_model=ms.base_spec,
                           data=args.data, started=started, data_report=report, extra_metrics=record,
-                          extra={"kd": kd_record(args, tms)})
+                          extra={"kd": kd_record(args, tms, cache)})
 
 
 if __name__ == "__main__":

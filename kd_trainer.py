@@ -10,7 +10,20 @@ import torch
 from trl import SFTTrainer
 from trl.models import unwrap_model_for_generation
 
+from kd_cache import cached_kd_terms
 from kd_losses import kd_terms
+
+
+class WithRowIds:
+    """The trainer's collator, plus each example's "kd_row" (its index in the KD file) as a tensor."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, examples):
+        out = self.collate([{k: v for k, v in e.items() if k != "kd_row"} for e in examples])
+        out["kd_row"] = torch.tensor([e["kd_row"] for e in examples])
+        return out
 
 
 class KDTrainer(SFTTrainer):
@@ -25,15 +38,18 @@ class KDTrainer(SFTTrainer):
     (sampled completions, whose token count the loop cannot know in advance) stay token means divided by the
     accumulation steps."""
 
-    def __init__(self, *a, kd, teacher=None, vocab=None, full_logits: bool = False, **kw):
+    def __init__(self, *a, kd, teacher=None, vocab=None, full_logits: bool = False, cache=None, **kw):
         super().__init__(*a, **kw)
-        self.kd, self.teacher, self.vocab, self.full_logits = kd, teacher, vocab, full_logits
+        self.kd, self.teacher, self.vocab, self.full_logits, self.cache = kd, teacher, vocab, full_logits, cache
         self.on_policy = False
         self.rng = random.Random(kd.seed)
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
+        if teacher is not None or cache is not None:
             self.model_accepts_loss_kwargs = True  # compute_loss weights by num_items_in_batch itself (below)
+        if cache is not None:  # each batch says which rows it holds, to look their cached targets up
+            self.data_collator = WithRowIds(self.data_collator)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.on_policy = self.teacher is not None and self.kd.lmbda > 0 and self.rng.random() < self.kd.lmbda
@@ -73,19 +89,25 @@ class KDTrainer(SFTTrainer):
                 "position_ids": (att.cumsum(1) - 1).clamp(min=0)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.teacher is None:  # sequence-level KD: exactly SFTTrainer's loss
+        if self.teacher is None and self.cache is None:  # sequence-level KD: exactly SFTTrainer's loss
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         kd = self.kd
         mode = "train" if self.model.training else "eval"
         on_policy = self.on_policy and mode == "train"
-        kw = dict(kd_loss=kd.kd_loss, jsd_beta=kd.jsd_beta, temperature=kd.temperature, vocab=self.vocab,
-                  with_ce=not on_policy and kd.alpha < 1, full_logits=self.full_logits)
         unwrapped = self.accelerator.unwrap_model(model)
+        if self.cache is not None:  # the teacher's cached top-k (kd_cache.py): no teacher in memory
+            inputs = dict(inputs)
+            fn, args, kw = cached_kd_terms, (unwrapped, inputs, self.cache, inputs.pop("kd_row").tolist()), \
+                dict(temperature=kd.temperature)
+        else:
+            fn, args = kd_terms, (unwrapped, self.teacher, inputs)
+            kw = dict(kd_loss=kd.kd_loss, jsd_beta=kd.jsd_beta, temperature=kd.temperature, vocab=self.vocab,
+                      with_ce=not on_policy and kd.alpha < 1, full_logits=self.full_logits)
         if model is unwrapped:
-            t = kd_terms(unwrapped, self.teacher, inputs, **kw)
+            t = fn(*args, **kw)
         else:  # DDP/FSDP: run through the wrapper's forward so its hooks fire (as TRL's DistillationTrainer)
             from compat import forward_through_wrapper
-            t = forward_through_wrapper(model, unwrapped, kd_terms, unwrapped, self.teacher, inputs, **kw)
+            t = forward_through_wrapper(model, unwrapped, fn, *args, **kw)
         ce = t["ce"] if t["ce"] is not None else torch.zeros((), device=t["kd"].device)
         div = kd.temperature ** 2 * t["kd"]  # Hinton et al. 2015: soft-target gradients keep the CE's scale
         loss = div if on_policy else (1 - kd.alpha) * ce + kd.alpha * div
@@ -97,7 +119,8 @@ class KDTrainer(SFTTrainer):
         m = self._metrics[mode]
         m["kd_loss"].append(t["kd"].item())
         m["on_policy"].append(float(on_policy))
-        m["entropy"].append(t["entropy"])
+        if t["entropy"] is not None:
+            m["entropy"].append(t["entropy"])
         if t["ce"] is not None:
             m["ce_loss"].append(t["ce"].item())
             m["mean_token_accuracy"].append(t["accuracy"])

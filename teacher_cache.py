@@ -1,0 +1,133 @@
+"""Cache a teacher's top-k next-token log-probabilities on the answers of a KD file, once, for kd_train.py
+--teacher_cache: the teacher then never shares the GPU with the student.
+
+    python teacher_cache.py --teacher smollm2-135m --data data/creditmix_kd.jsonl --idp_mode --out runs/cache_creditmix
+    python kd_train.py --student smollm2-135m --teacher_cache runs/cache_creditmix --data data/creditmix_kd.jsonl --idp_mode --save_dir runs/creditmix_kd_cached --max_steps 2
+
+The answers are encoded exactly as kd_train.py encodes them (same --max_len, --idp_mode, --schema), with the
+teacher's tokenizer, which must be the student's (kd_train.py checks the ids). Storage: 4k + 2 bytes per answer
+token (258 at the default k = 64; format in kd_cache.py). Resumable: shards of --shard_rows rows are written whole
+as they finish; rerun the same command to continue after an interruption. --overwrite starts over.
+"""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from tqdm import tqdm
+
+import kd_cache
+from common import UserError, load_model, print_config, read_records, sha256_file, user_errors, write_json
+from kd_losses import canonical_rows, load_schema
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--teacher", required=True, help="hub id, local folder, run dir (adapter + its base) or smollm2-135m")
+    g.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"], help="auto: 4-bit NF4 on CUDA")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    g = p.add_argument_group("data (as given to kd_train.py)")
+    g.add_argument("--data", required=True, help='JSONL of {"input": prompt, "teacher_output": answer}')
+    g.add_argument("--idp_mode", action="store_true", help="as kd_train.py --idp_mode: targets whole, JSON canonical")
+    g.add_argument("--schema", default=None, help="as kd_train.py --schema (with --idp_mode)")
+    g.add_argument("--max_len", type=int, default=1024, help="as kd_train.py --max_len (tokens per example)")
+    g = p.add_argument_group("cache")
+    g.add_argument("--top_k", type=int, default=64, help="log-probabilities kept per answer token")
+    g.add_argument("--temperature", type=float, default=1.0, help="teacher softmax temperature (kd_train.py's)")
+    g.add_argument("--batch_size", type=int, default=8, help="rows per teacher forward pass")
+    g.add_argument("--shard_rows", type=int, default=256, help="rows per shard file (the resume unit)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="cache folder (created)")
+    g.add_argument("--overwrite", action="store_true", help="discard an existing cache at --out")
+    return p.parse_args(argv)
+
+
+def check_out(args, meta: dict) -> int:
+    """The first shard still to write: 0 for a new cache, more when resuming the same one; refuses another."""
+    out = Path(args.out)
+    if out.exists() and args.overwrite:
+        shutil.rmtree(out)
+    if not out.exists():
+        return 0
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a cache folder")
+    old = out / "meta.json"
+    if not old.is_file():
+        raise UserError(f"--out {out} exists and is not a teacher cache: choose another path or pass --overwrite")
+    prev = json.loads(old.read_text(encoding="utf-8"))
+    same = {k: prev.get(k) for k in meta if k != "complete"} == {k: meta[k] for k in meta if k != "complete"}
+    if not same:
+        raise UserError(f"--out {out} holds a cache made with other settings ({prev.get('teacher')}, top_k "
+                        f"{prev.get('top_k')}, data {prev.get('data')}): pass --overwrite to replace it")
+    done = 0
+    while kd_cache.shard_path(out, done).is_file():
+        done += 1
+    return done
+
+
+def main(args):
+    print_config("teacher_cache", args)
+    if args.top_k < 1 or args.temperature <= 0 or args.shard_rows < 1:
+        raise UserError("--top_k and --shard_rows must be >= 1 and --temperature > 0")
+    # load
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from kd_losses import completion_hidden, lm_parts
+    from training import encode_rows
+    rows = read_records(args.data, required=("input", "teacher_output"), nonempty=("input", "teacher_output"))
+    if args.idp_mode:
+        rows = canonical_rows(rows, "teacher_output", args.data, load_schema(args.schema))
+    teacher, tok, _ = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+    dataset, _ = encode_rows(tok, rows, "input", "teacher_output", args.max_len, keep_whole=args.idp_mode,
+                             source=args.data)
+    meta = {"teacher": args.teacher, "data": args.data, "data_sha256": sha256_file(args.data),
+            "tokenizer": kd_cache.tokenizer_fingerprint(tok), "rows_sha256": kd_cache.rows_fingerprint(dataset),
+            "rows": len(dataset), "top_k": args.top_k, "temperature": args.temperature, "shard_rows": args.shard_rows,
+            "encoding": {"max_len": args.max_len, "idp_mode": args.idp_mode, "schema": args.schema},
+            "format": "kd_cache v1: packed uint32 id<<14 | round(-logp*512), float16 log tail mass"}
+    first = check_out(args, meta)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "meta.json", {**meta, "complete": False})
+    # run
+    tok.padding_side = "right"  # as the trainer's collator pads: the same positions, the same hidden states
+    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    _, head, scale, softcap = lm_parts(teacher)
+    device = head.weight.device
+    n_shards = -(-len(dataset) // args.shard_rows)
+    bar = tqdm(total=len(dataset), initial=min(first * args.shard_rows, len(dataset)), desc="teacher top-k",
+               unit="row")
+    for s in range(first, n_shards):
+        lo, hi = s * args.shard_rows, min((s + 1) * args.shard_rows, len(dataset))
+        shard = []
+        for b in range(lo, hi, args.batch_size):
+            batch = collate([{k: dataset[i][k] for k in ("input_ids", "labels")}
+                             for i in range(b, min(b + args.batch_size, hi))])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.inference_mode():
+                h, _, which = completion_hidden(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                ids, logp, tail = kd_cache.teacher_topk(h, head, k=args.top_k, temperature=args.temperature,
+                                                        scale=scale, softcap=softcap)
+            which = which.cpu().numpy()
+            for r in range(batch["input_ids"].shape[0]):
+                sel = which == r
+                shard.append((ids[sel], logp[sel], tail[sel]))
+            bar.update(batch["input_ids"].shape[0])
+        kd_cache.write_shard(out, s, shard)
+    bar.close()
+    # save
+    kd_cache.finish(out, meta)
+    size = sum(p.stat().st_size for p in out.glob("shard-*.npz"))
+    tokens = sum(sum(x != -100 for x in ex["labels"][1:]) for ex in dataset)
+    summary = {"out": str(out), "rows": len(dataset), "shards": n_shards, "resumed_at_shard": first,
+               "answer_tokens": tokens, "top_k": args.top_k, "bytes": size,
+               "bytes_per_answer_token": round(size / max(tokens, 1), 1)}
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    with user_errors():
+        main(parse_args())
