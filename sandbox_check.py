@@ -33,15 +33,17 @@ def load_baseline(path: str):
 
 
 def variants(baseline: str | None, without_namespaces: bool) -> dict:
-    """name -> (module, isolation) to measure."""
+    """name -> (module, isolation) to measure; prints what each name stands for."""
     iso = sandbox.detect_isolation()
-    out = {f"this ({iso.description})": (sandbox, iso)}
+    out = {"this": (sandbox, iso)}
+    print(f"this:     {os.path.abspath(sandbox.__file__)}: {iso.description}")
     if without_namespaces and iso.unshare:
-        plain = sandbox.Isolation((), iso.drop_uid, iso.seccomp, "plain subprocess")
-        out["this, without namespaces"] = (sandbox, plain)
+        # as root without a uid drop: a dropped uid cannot start an interpreter that lives under /root
+        out["this, no namespaces"] = (sandbox, sandbox.Isolation((), False, iso.seccomp, "plain subprocess"))
     if baseline:
         mod = load_baseline(baseline)
-        out[f"baseline {os.path.basename(baseline)} ({mod.detect_isolation().description})"] = (mod, None)
+        out["baseline"] = (mod, mod.detect_isolation())
+        print(f"baseline: {os.path.abspath(baseline)}: {out['baseline'][1].description}")
     return out
 
 
@@ -76,43 +78,45 @@ def self_check(timeout: float, workers: int | None, runs: dict) -> list[dict]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     # run
     p.add_argument("--self_check", action="store_true", help="run the hostile snippets and print how each ends")
     p.add_argument("--timeout", type=float, default=3.0, help="wall-clock seconds per candidate in --self_check")
     p.add_argument("--bench", action="store_true", help="measure throughput: candidates/s for 1, N and 2N workers")
     p.add_argument("--bench_n", type=int, default=64, help="candidates per benchmark measurement")
     p.add_argument("--rounds", type=int, default=3, help="benchmark rounds (median and range are shown)")
-    p.add_argument("--workers", type=int, default=None, help="parallel candidates (default: one per core)")
+    p.add_argument("--workers", type=int, default=None, help="parallel candidates (None: one per core)")
     p.add_argument("--baseline", default=None,
-                   help="path of another sandbox.py to measure side by side (e.g. `git show main:sandbox.py`)")
+                   help="path of another sandbox.py to measure side by side (e.g. `git show main:sandbox.py`; "
+                        "None: this one only)")
     p.add_argument("--without_namespaces", action="store_true",
                    help="--bench also measures this sandbox as a plain subprocess (what the namespaces cost)")
     # output
-    p.add_argument("--out", default=None, help="write the rows here as JSON")
+    p.add_argument("--out", default=None, help="write the rows here as JSON (None: print only)")
     return p.parse_args(argv)
 
 
 def main(args):
     # load
     iso = sandbox.detect_isolation()
-    print(f"isolation: {iso.description}" + (f" (kernel does not contain: {', '.join(iso.missing)})"
-                                             if iso.missing else ""))
     runs = variants(args.baseline, args.without_namespaces and args.bench)
+    print("not contained by the kernel here: " + (", ".join(iso.missing) or "nothing on the list in sandbox.py"))
     out = {"isolation": iso.description, "missing": list(iso.missing), "cores": sandbox.default_workers()}
     # run
     if args.self_check:
-        check_runs = {k: v for k, v in runs.items() if k != "this, without namespaces"}
+        check_runs = {k: v for k, v in runs.items() if k != "this, no namespaces"}
         out["self_check"] = rows = self_check(args.timeout, args.workers, check_runs)
         for r in rows:
-            print(f"{r['sandbox'][:40]:40s} {r['snippet'][:44]:44s} guard={'on ' if r['guard'] else 'off'} "
+            print(f"{r['sandbox']:8s} {r['snippet'][:48]:48s} guard={'on ' if r['guard'] else 'off'} "
                   f"{r['status']:8s} {r['seconds']:5.2f}s  {r['reason'][:70]}")
     if args.bench:
         maxw = args.workers or sandbox.default_workers()
         out["bench"] = rows = bench(args.bench_n, sorted({1, maxw, 2 * maxw}), args.rounds, runs)
-        print(f"{'sandbox':80} {'workers':>7} {'cand/s (median)':>15} {'range':>13}")
+        print(f"{'sandbox':20} {'workers':>7} {'cand/s (median)':>15} {'range':>13}")
         for r in rows:
-            print(f"{r['sandbox'][:80]:80} {r['workers']:>7} {r['candidates_per_s']:>15} "
+            print(f"{r['sandbox']:20} {r['workers']:>7} {r['candidates_per_s']:>15} "
                   f"{str(r['min']) + '-' + str(r['max']):>13}" + ("" if r["passed"] == r["candidates"] else
                                                                    f"  ({r['passed']}/{r['candidates']} passed)"))
     # save
