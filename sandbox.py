@@ -420,7 +420,7 @@ def view_spec() -> str:
     prefix = os.path.realpath(sys.base_prefix)
     ro(prefix if exe.startswith(prefix + "/") else os.path.dirname(exe))
     for sp in site.getsitepackages([prefix]):     # the interpreter's own packages are not the candidate's
-        if sp.startswith(prefix + "/") and os.path.isdir(sp) and not sp.startswith("/usr/"):
+        if sp.startswith(prefix + "/") and os.path.isdir(sp):
             add("mask", sp)
     for d in package_dirs():
         add("ro", d, f"{SITE}/{os.path.basename(d)}")
@@ -458,13 +458,10 @@ def seccomp_filter() -> tuple[bytes | None, str]:
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")   # its flags sit in memory a filter cannot read
     for call in ("socket", "socketpair"):
         f.add_rule(sc.ERRNO(errno.EPERM), call, sc.Arg(0, sc.NE, AF_UNIX))
-    r, w = os.pipe()
-    try:
-        with os.fdopen(w, "wb") as out:
-            f.export_bpf(out)
-        return os.read(r, 1 << 20), ""
-    finally:
-        os.close(r)
+    with tempfile.TemporaryFile() as out:
+        f.export_bpf(out)
+        out.seek(0)
+        return out.read(), ""
 
 
 def _rmtree(path: str) -> None:
@@ -613,8 +610,9 @@ def detect_isolation() -> Isolation:
     options = []
     for cmd in ([ns, ()] if ns else [()]):
         for drop in ([True, False] if root else [False]):
-            options.append(Isolation(cmd, drop, bpf is not None, _describe(cmd, drop, root, bpf is not None),
-                                     _missing(cmd, drop, root, why)))
+            for sc in ([True, False] if bpf else [False]):   # a kernel without seccomp refuses the filter
+                options.append(Isolation(cmd, drop, sc, _describe(cmd, drop, root, sc),
+                                         _missing(cmd, drop, root, why or ("" if sc else "the filter did not load"))))
     errors = []
     for iso in options:
         r = run_program(PROBE, Limits(timeout_s=20), isolation=iso)
