@@ -44,9 +44,10 @@ How the view is made: our own mount namespace. The `unshare` command (util-linux
 namespaces; the harness, still privileged inside them, mounts a tmpfs root, bind-mounts the paths above read-only,
 mounts the work tmpfs and /proc, pivot_roots into it and detaches the host's tree, then drops the uid and every
 capability, sets no_new_privs and loads the seccomp filter. The interpreter starts with -S: site-packages and
-their .pth files are the host's (running them took 80 of 120 ms per start here), numpy comes from PACKAGES. Chosen over bubblewrap by
-measurement: the same harness in a bwrap-made view ran at the same rate (within the run-to-run noise, see
-docs/sandbox.md), and this way needs no system package, so every machine that has `unshare` gets the whole view.
+their .pth files are the host's (running them took 80 of 120 ms per start here); numpy comes from PACKAGES.
+Chosen over bubblewrap by measurement: the same harness in a bwrap-made view ran at the same rate (within the
+run-to-run noise, see docs/sandbox.md), and this way needs no system package, so every machine that has `unshare`
+gets the whole view.
 
 What is NOT contained:
   * where `unshare` is unusable (e.g. a Docker container without CAP_SYS_ADMIN, no unprivileged user namespaces):
@@ -210,7 +211,7 @@ def view(root, spec, tmpfs_opts):
             os.close(os.open(d, os.O_CREAT | os.O_WRONLY, 0o644))
         mount(src, d, None, MS_BIND | MS_REC)
         st = os.statvfs(src).f_flag   # flags locked on the source (in a user namespace) must be kept
-        keep = ((st & 8) and MS_NOEXEC) | ((st & 1024) and 1024) | ((st & 2048) and 2048) | ((st & 4096) and MS_RELATIME)
+        keep = ((st & 8) and MS_NOEXEC) | (st & (1024 | 2048)) | ((st & 4096) and MS_RELATIME)   # ST_* -> MS_*
         mount(None, d, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | keep | (0 if kind == "dev" else MS_NODEV))
     os.makedirs(root + "/proc")
     mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -494,9 +495,11 @@ def run_program(program: str, limits: Limits | None = None, *, guard: bool = Tru
         r_fd, w_fd = os.pipe()
         os.set_blocking(r_fd, False)
         bpf = seccomp_filter()[0] if iso.seccomp else None
+        # where PACKAGES are importable from: SITE in the view, else their own parent directories
+        site_dirs = [SITE] if view else sorted({os.path.dirname(d) for d in package_dirs()})
         cfg = {"fd": w_fd, "nonce": "n" + secrets.token_hex(16), "view": view_spec() if view else "None", "uid": uid,
-               "site": os.fsencode(SITE).hex() if view else ",".join(
-                   os.fsencode(os.path.dirname(d)).hex() for d in package_dirs()) or "-", "disk_kb": limits.disk_mb << 10, "bpf": "x" + bpf.hex() if bpf else "-",
+               "site": ",".join(os.fsencode(d).hex() for d in site_dirs) or "-", "disk_kb": limits.disk_mb << 10,
+               "bpf": "x" + bpf.hex() if bpf else "-",
                "cpu_s": max(1, math.ceil(limits.timeout_s)), "as_bytes": limits.memory_mb << 20,
                "fsize_bytes": limits.max_file_mb << 20, "nproc": limits.max_procs,
                "nproc_relative": not root and not iso.unshare, "guard": guard,
