@@ -7,9 +7,16 @@
 Each case runs in its own process (clean peak-memory counters, its own memory cap) and prints one JSON line; the
 parent prints one table: peak allocated/reserved GiB, tokens/s (examples/s for scoring), MFU against the measured
 bf16 matmul ceiling (training FLOPs = 6 x parameters x tokens). `sft_baseline` is the plain recipe most users write
-(PEFT prepare_model_for_kbit_training, the model's own full-vocabulary loss) measured side by side.
-Cases: matmul, sft_baseline, sft, sft_auto (micro-batch picked by --max_memory_gb), kd, dpo, score (label ranking:
-one forward per label per example vs ours). Constrained decoding has its own benchmark: bench_idp.py.
+(PEFT prepare_model_for_kbit_training, the model's own full-vocabulary loss) measured side by side, and `unsloth` is
+Unsloth on the same folder, shape, LoRA (r16 a32, all seven projections), sequence and micro-batch x accumulation
+(`x unsloth` column). Unsloth pins older TRL/datasets, so it lives in its own folder, never in the project's venv:
+    pip install --no-deps --target /tmp/unsloth_site unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 \
+        datasets==4.8.0 tyro docstring_parser typeguard shtab cut_cross_entropy torchao msgspec hf_transfer
+    python bench.py --cases sft,unsloth --unsloth_site /tmp/unsloth_site --seq 2048 --batch 1 --accum 8
+Cases: matmul, sft_baseline, sft, sft_auto (micro-batch picked by --max_memory_gb), unsloth, unsloth_auto (its
+largest micro-batch under --max_memory_gb, by the same rule), kd, dpo, score (label ranking: one forward per label
+per example vs ours). --kernels picks our speed-ups (speedups.py) to measure each on its own. Constrained decoding
+has its own benchmark: bench_idp.py.
 """
 import argparse
 import json
@@ -57,6 +64,12 @@ def parse_args(argv=None):
     p.add_argument("--cap_gb", type=float, default=None, help="cap the process's GPU memory (e.g. 8)")
     p.add_argument("--max_memory_gb", type=float, default=8, help="budget for sft_auto's micro-batch choice")
     p.add_argument("--activation_offloading", action="store_true", help="trainer cases: activations on the CPU")
+    p.add_argument("--kernels", default=None,
+                   help="our cases' speed-ups (speedups.py): auto (the trainers' default), none, or a list such as "
+                        "liger,compile,tiled_mlp")
+    p.add_argument("--lora_dropout", type=float, default=0.05, help="our cases' LoRA dropout (README: 0.05)")
+    p.add_argument("--unsloth_site", default=os.environ.get("UNSLOTH_SITE"),
+                   help="folder Unsloth was pip-installed into with --target (unsloth cases; default $UNSLOTH_SITE)")
     p.add_argument("--score_examples", type=int, default=64, help="examples for the score case")
     # output
     p.add_argument("--out", default=None, help="also write the rows here (.json: a list; .jsonl: appended)")
@@ -196,29 +209,105 @@ def case_sft_baseline(args):
     model = AutoModelForCausalLM.from_pretrained(path, **kw)
     if cuda:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
                                              target_modules=common.LORA_TARGETS))
     if cuda:
         model.config.use_cache = False
     model.train()  # as Trainer does: gradient checkpointing and dropout only act in training mode
+    return _plain_loop(model, args, args.batch, args.accum)
+
+
+def _plain_loop(model, args, batch, accum) -> dict:
+    """A plain AdamW loop over synthetic rows (labels = inputs, the model's own loss), as a user writes it."""
+    import torch
+    cuda = torch.cuda.is_available()
     params = n_params(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    rows = synthetic_rows(args.seq, args.batch * args.accum, model.config.vocab_size)
+    rows = synthetic_rows(args.seq, batch * accum, model.config.vocab_size)
     device = next(model.parameters()).device
     ids = torch.tensor([r["input_ids"] for r in rows], device=device)
     times = []
     for step in range(args.steps + 1):
-        for m in range(args.accum):
-            x = ids[m * args.batch:(m + 1) * args.batch]
+        for m in range(accum):
+            x = ids[m * batch:(m + 1) * batch]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = model(input_ids=x, labels=x).loss / args.accum
+                loss = model(input_ids=x, labels=x).loss / accum
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter())
     s = (times[-1] - times[0]) / args.steps
-    return {"tokens_per_s": round(args.seq * args.batch * args.accum / s, 1), "params": params, **mem()}
+    return {"tokens_per_s": round(args.seq * batch * accum / s, 1), "params": params, "batch": batch,
+            "accum": accum, **mem()}
+
+
+UNSLOTH_INSTALL = ("pip install --no-deps --target /tmp/unsloth_site unsloth==2026.10.9 unsloth_zoo==2026.10.9 "
+                   "trl==1.15.0 datasets==4.8.0 tyro docstring_parser typeguard shtab cut_cross_entropy torchao "
+                   "msgspec hf_transfer, then --unsloth_site /tmp/unsloth_site")
+
+
+def _unsloth_model(args):
+    """Unsloth's own recipe: FastLanguageModel 4-bit, LoRA r16 a32 on the seven projections, dropout 0 (its fast
+    path), its offloaded gradient checkpointing. Imported first, as Unsloth asks (it patches transformers)."""
+    try:
+        import unsloth  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"Unsloth is not installed ({e}); {UNSLOTH_INSTALL}") from None
+    import torch
+    from unsloth import FastLanguageModel
+
+    import common
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(model_dir(args)), max_seq_length=args.seq,
+                                                 dtype=torch.bfloat16, load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0, bias="none",
+                                             target_modules=list(common.LORA_TARGETS),
+                                             use_gradient_checkpointing="unsloth", random_state=0)
+    FastLanguageModel.for_training(model)
+    return model
+
+
+def _unsloth_micro_batch(model, args, effective: int) -> int:
+    """The largest micro-batch (1, 2, 4, ... dividing `effective`) whose real step fits 90% of --max_memory_gb:
+    the rule fit_micro_batch applies to ours."""
+    import torch
+    budget = args.max_memory_gb * 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / torch.cuda.get_device_properties(0).total_memory))
+    x = torch.tensor([r["input_ids"] for r in synthetic_rows(args.seq, effective, model.config.vocab_size)],
+                     device=next(model.parameters()).device)
+    best, b = 0, 1
+    while b <= effective and effective % b == 0:
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(input_ids=x[:b], labels=x[:b]).loss.backward()
+            fits = torch.cuda.max_memory_allocated() <= 0.9 * budget
+        except torch.OutOfMemoryError:
+            fits = False
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        if not fits:
+            break
+        best, b = b, b * 2
+    return max(best, 1)
+
+
+def case_unsloth(args):
+    """Unsloth (see _unsloth_model) in a plain AdamW loop at --batch x --accum."""
+    return {**_plain_loop(_unsloth_model(args), args, args.batch, args.accum), **_unsloth_version()}
+
+
+def case_unsloth_auto(args):
+    """Unsloth at its largest micro-batch under --max_memory_gb (same effective batch), as sft_auto picks ours."""
+    model = _unsloth_model(args)
+    effective = args.batch * args.accum
+    b = _unsloth_micro_batch(model, args, effective)
+    return {**_plain_loop(model, args, b, effective // b), **_unsloth_version()}
+
+
+def _unsloth_version() -> dict:
+    from importlib.metadata import version
+    return {"unsloth": version("unsloth")}
 
 
 def _our_sft(args, batch, accum, auto):
@@ -227,9 +316,9 @@ def _our_sft(args, batch, accum, auto):
     from trl import SFTConfig, SFTTrainer
 
     import common
-    from training import fit_micro_batch, trl_config
+    from training import prepare_trainer, trl_config
     path = model_dir(args)
-    model, tok, _ = common.load_student(str(path))
+    model, tok, _ = common.load_student(str(path), lora_dropout=args.lora_dropout)
     params = n_params(model)
     ns, kw = trainer_args(args, tempfile.mkdtemp(), batch, accum)
     batch, accum = kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]  # per process
@@ -240,15 +329,15 @@ def _our_sft(args, batch, accum, auto):
                          callbacks=[timer.callback])
     if auto:
         ns.max_memory_gb = args.max_memory_gb
-        fit_micro_batch(trainer, ns)
-        batch, accum = trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps
+    kernels = prepare_trainer(trainer, ns)
+    batch, accum = trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     s = timer.seconds_per_step()
     world = common.world_size()  # under accelerate launch: tokens of every process per optimizer step
     return {"tokens_per_s": round(args.seq * batch * accum * world / s, 1), "params": params, "batch": batch,
-            "accum": accum, "gpus": world, **mem()}
+            "accum": accum, "gpus": world, "kernels": list(kernels), "lora_dropout": args.lora_dropout, **mem()}
 
 
 def case_sft(args):
@@ -312,6 +401,8 @@ CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case
 # ----------------------------------------------------------------------------------------------------------------
 
 def run_one(args) -> dict:
+    if args.kernels is not None:
+        os.environ["DISTILL_SLM_KERNELS"] = args.kernels
     cap(args)
     row = {"case": args.one, "seq": args.seq, "cap_gb": args.cap_gb}
     if getattr(args, "activation_offloading", False):
@@ -320,7 +411,7 @@ def run_one(args) -> dict:
         row.update(CASES[args.one](args))
         row["status"] = "ok"
     except Exception as e:  # a case that OOMs or breaks is a row in the table, not a crash of the bench
-        row.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else
+        row.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0][:320]}" if str(e) else
                    type(e).__name__)
     return row
 
@@ -328,8 +419,10 @@ def run_one(args) -> dict:
 def table(rows: list[dict]) -> str:
     ceiling = next((r.get("tflops_ceiling") for r in rows if r.get("tflops_ceiling")), None)
     base = {r["seq"]: r.get("tokens_per_s") for r in rows if r["case"] == "sft_baseline" and r["status"] == "ok"}
-    head = f"{'case':<13}{'seq':>7}{'cap':>5}{'b x acc':>9}{'alloc GiB':>10}{'resv GiB':>9}{'tok/s | ex/s':>13}" \
-           f"{'x base':>8}{'MFU':>7}  status"
+    uns = {_unsloth_key(r): r.get("tokens_per_s") for r in rows if r["case"].startswith("unsloth")
+           and r["status"] == "ok"}
+    head = f"{'case':<24}{'seq':>7}{'cap':>5}{'b x acc':>9}{'alloc GiB':>10}{'resv GiB':>9}{'tok/s | ex/s':>13}" \
+           f"{'x base':>8}{'x unsloth':>10}{'MFU':>7}  status"
     lines = [head, "-" * len(head)]
     for r in rows:
         rate = r.get("tokens_per_s") or r.get("examples_per_s") or r.get("tflops_ceiling")
@@ -341,6 +434,9 @@ def table(rows: list[dict]) -> str:
             ratio = f"{r['tokens_per_s'] / base[r['seq']]:.2f}"
         elif r.get("speedup"):
             ratio = f"{r['speedup']:.1f}"
+        vs_uns = "-"
+        if r.get("tokens_per_s") and uns.get(_unsloth_key(r)) and not r["case"].startswith("unsloth"):
+            vs_uns = f"{r['tokens_per_s'] / uns[_unsloth_key(r)]:.2f}"
         bxa = f"{r.get('batch', '')}x{r.get('accum', '')}" if r.get("batch") else "-"
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')}"
         if r.get("same_predictions") is not None:
@@ -349,11 +445,25 @@ def table(rows: list[dict]) -> str:
                        + (f", closest margin {r['min_top2_margin']:.2g}" if "min_top2_margin" in r else "")
                        + f", naive {r['naive_examples_per_s']} ex/s)")
         fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-        name = r["case"] + ("+offl" if r.get("activation_offloading") else "")
-        lines.append(f"{name:<13}{r['seq']:>7}{fmt(r.get('cap_gb')):>5}{bxa:>9}"
+        lines.append(f"{row_name(r):<24}{r['seq']:>7}{fmt(r.get('cap_gb')):>5}{bxa:>9}"
                      f"{fmt(r.get('peak_alloc_gib')):>10}{fmt(r.get('peak_reserved_gib')):>9}"
-                     f"{fmt(rate):>13}{ratio:>8}{mfu:>7}  {status}")
+                     f"{fmt(rate):>13}{ratio:>8}{vs_uns:>10}{mfu:>7}  {status}")
     return "\n".join(lines)
+
+
+def _unsloth_key(r: dict) -> tuple:
+    """Which Unsloth row a row compares with: same sequence, cap and micro-batch rule (fixed, or best that fits)."""
+    return r["seq"], r.get("cap_gb"), r["case"].endswith("_auto")
+
+
+def row_name(r: dict) -> str:
+    """case, +offl (activation offloading), [speed-ups] and d=dropout where not the README's 0.05."""
+    name = r["case"] + ("+offl" if r.get("activation_offloading") else "")
+    if "kernels" in r:
+        name += f"[{','.join(r['kernels']) or 'none'}]"
+    if r.get("lora_dropout") not in (None, 0.05):
+        name += f" d={r['lora_dropout']:g}"
+    return name
 
 
 def load_rows(paths) -> list[dict]:
@@ -381,10 +491,14 @@ def main(args):
     model_dir(args)  # build once, before the timed processes
     rows = []
     for case in args.cases.split(","):
-        flags = {k: v for k, v in vars(args).items() if v not in (None, False) and k not in ("one", "out", "table")}
+        flags = {k: v for k, v in vars(args).items()  # 0 and 0.0 are values; None and False are "not given"
+                 if v is not None and v is not False and k not in ("one", "out", "table")}
         argv = [sys.executable, __file__, "--one", case] + [f"--{k}" if v is True else f"--{k}={v}"
                                                             for k, v in flags.items()]
-        r = subprocess.run(argv, capture_output=True, text=True)
+        env = dict(os.environ)
+        if case.startswith("unsloth") and args.unsloth_site:  # its own TRL/datasets, ahead of the project's
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.unsloth_site, env.get("PYTHONPATH")]))
+        r = subprocess.run(argv, capture_output=True, text=True, env=env)
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("BENCH ")), None)
         row = json.loads(line[6:]) if line else {"case": case, "seq": args.seq, "cap_gb": args.cap_gb,
                                                  "status": "crashed", "error": (r.stderr.strip().splitlines()

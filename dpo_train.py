@@ -232,6 +232,8 @@ def bench_case(args, path, trainer_args, StepTimer, mem, n_params) -> dict:
     trainer = build_trainer(ns, model, tok, dataset, peft_config, callbacks=[timer.callback],
                             config=trl_config(DPOConfig, kw, beta=0.1))
     params = n_params(trainer.model)
+    from training import apply_speedups
+    apply_speedups(trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()

@@ -154,6 +154,8 @@ def bench_case(args, path, synthetic_rows, trainer_args, StepTimer, mem, n_param
     trainer = build_trainer(kd, model, tok, Dataset.from_list(rows), teacher=teacher, vocab=vocab,
                             callbacks=[timer.callback], config=trl_config(SFTConfig, kw), full_logits=full_logits)
     params = n_params(trainer.model) + n_params(teacher) // 3
+    from training import apply_speedups
+    apply_speedups(trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()

@@ -224,14 +224,34 @@ def resume_checkpoint(args) -> bool | None:
     return True
 
 
+def apply_speedups(trainer) -> tuple:
+    """speedups.choose + apply on the trainer's model; says what runs."""
+    import torch
+
+    import speedups
+    applied = speedups.apply(trainer.model, speedups.choose(torch.cuda.is_available()))
+    if applied:
+        print(f"speed-ups: {', '.join(applied)}")
+    return applied
+
+
+def prepare_trainer(trainer, args) -> tuple:
+    """Everything a trainer needs before train(), in the trainers and bench.py alike: the answer-only LM head, fp32
+    LoRA weights, the speed-ups (speedups.py), then --max_memory_gb's micro-batch (measured with the speed-ups on).
+    Returns the speed-ups applied."""
+    from compat import score_answer_tokens_only
+    score_answer_tokens_only()
+    keep_lora_fp32(trainer.model)
+    applied = apply_speedups(trainer)
+    fit_micro_batch(trainer, args)
+    return applied
+
+
 def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: str, data: str, started: float,
                    data_report: dict, extra_metrics: dict | None = None, extra: dict | None = None) -> dict:
     """Run the trainer (resuming when asked), save the adapter and tokenizer (rank 0), write run.json."""
-    from compat import score_answer_tokens_only
     resume = resume_checkpoint(args)
-    score_answer_tokens_only()
-    keep_lora_fp32(trainer.model)
-    fit_micro_batch(trainer, args)
+    speedups = prepare_trainer(trainer, args)
     from callbacks import TimeLimit
     limit = TimeLimit(args.max_minutes) if getattr(args, "max_minutes", 0) > 0 else None
     if limit:
@@ -247,7 +267,8 @@ def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: 
         "tokens_seen": int(state.num_input_tokens_seen or 0),
         "tokens_per_s": round((state.num_input_tokens_seen or 0) / max(result.metrics.get("train_runtime", 1), 1e-9), 1),
         "final_loss": next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None),
-        "stopped_by_time_limit": bool(limit and limit.stopped), "data_rows": data_report, **(extra_metrics or {}),
+        "stopped_by_time_limit": bool(limit and limit.stopped), "data_rows": data_report,
+        "speedups": list(speedups), **(extra_metrics or {}),
     }
     if trainer.is_world_process_zero():
         trainer.save_model(args.save_dir)  # PEFT: the adapter only, never the base weights

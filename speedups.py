@@ -1,0 +1,165 @@
+"""Speed-ups of the training step (import inside functions: it imports torch) that keep its arithmetic (losses and gradients equal to the plain path within
+rounding: tests/test_speedups.py). Which ones run is decided once per trainer by `choose` and applied by `apply`;
+docs/performance.md has what each bought on an H200.
+
+- liger: Liger-Kernel's Triton RMSNorm, SwiGLU (SiLU x up in one kernel, SiLU recomputed in backward) and RoPE, through
+  transformers' own Liger integration. Its fused linear cross-entropy stays off: TRL already fuses the LM head
+  (chunked log-probs on the answer tokens) and refuses Liger's, which would replace the model's forward. CUDA only.
+- compile: regional torch.compile of each decoder layer (one compiled graph reused by every layer); fuses the
+  elementwise work around the 4-bit matmuls (norms, RoPE, LoRA dropout/scale/add, SiLU x up) and so cuts the kernel
+  launches that bound a micro-batch of one 2,048-token row. CUDA only; the default there. A layer dynamo cannot
+  compile runs eagerly (suppress_errors), so a new model type trains, only slower.
+- tiled_mlp: the MLP runs over the tokens in tiles of `TILE_TOKENS` and recomputes each tile in backward, so the
+  [tokens, intermediate] tensors exist for one tile at a time (a 32,768 x 11,008 bf16 intermediate is 688 MiB, and
+  the MLP holds several). Opt-in only (see `choose`).
+
+DISTILL_SLM_KERNELS overrides the choice: "auto" (default), "none", or a comma-separated list of the names above
+(bench.py --kernels sets it to measure each on its own).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from common import UserError, note
+
+KERNELS = ("liger", "compile", "tiled_mlp")
+ENV = "DISTILL_SLM_KERNELS"
+DEFAULT = ("compile",)  # on CUDA under "auto": +39% at 2048 x 1 x 8 on an H200; Liger -19% there (docs/performance.md)
+TILE_TOKENS = 4096  # tokens per MLP tile: 4,096 x 11,008 bf16 = 86 MiB per intermediate for the 3B shape
+CUDA_ONLY = ("liger", "compile")
+
+
+def parse(spec: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in spec.split(",") if n.strip() and n.strip() != "none")
+    unknown = [n for n in names if n not in KERNELS]
+    if unknown:
+        raise UserError(f"{ENV}={spec}: unknown {', '.join(unknown)}; known: auto, none, {', '.join(KERNELS)}")
+    return names
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401  (imports Triton)
+        return True
+    except Exception:
+        return False
+
+
+def choose(cuda: bool, spec: str | None = None) -> tuple[str, ...]:
+    """The speed-ups to apply: `spec` (default: $DISTILL_SLM_KERNELS, else "auto") filtered to what this machine runs.
+    auto = DEFAULT on CUDA, nothing on a CPU. tiled_mlp is never automatic: with activation offloading it measured
+    2.5x slower and 1.6 GiB larger at 16,384 tokens (its recompute's saved tensors go through the offloading hooks)."""
+    spec = spec if spec is not None else os.environ.get(ENV, "auto")
+    if spec.strip() == "auto":
+        names = DEFAULT if cuda else ()
+    else:
+        names = parse(spec)
+    if not cuda and any(n in CUDA_ONLY for n in names):
+        note(f"{', '.join(n for n in names if n in CUDA_ONLY)}: CUDA only, off on this device")
+        names = tuple(n for n in names if n not in CUDA_ONLY)
+    if "liger" in names and not liger_available():
+        note("liger-kernel is not installed (pip install liger-kernel): RMSNorm/SwiGLU/RoPE stay PyTorch's")
+        names = tuple(n for n in names if n != "liger")
+    if "compile" in names and "tiled_mlp" in names:  # the tiled MLP's nested backward breaks the compiled graph
+        names = tuple(n for n in names if n != "compile")
+    return names
+
+
+def decoder_layers(model):
+    """The decoder layers of a (PEFT-wrapped) causal LM: base.model.layers for Llama/Qwen-style models."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, base.base_model_prefix, base)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise UserError(f"{type(base).__name__}: no decoder layers found (model.layers) for the speed-ups")
+    return base, layers
+
+
+def apply(model, names) -> tuple[str, ...]:
+    """Apply the chosen speed-ups in place (idempotent); returns what was applied."""
+    if not names:
+        return ()
+    base, layers = decoder_layers(model)
+    done = getattr(base, "_distill_slm_speedups", ())
+    todo = [n for n in names if n not in done]
+    if "liger" in todo:
+        from transformers.integrations.liger import apply_liger_kernel
+        apply_liger_kernel(base, {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                                  "fused_linear_cross_entropy": False})
+    if "tiled_mlp" in todo:
+        for layer in layers:
+            tile_mlp(layer.mlp)
+    if "compile" in todo:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        torch._dynamo.config.suppress_errors = True  # a layer dynamo cannot compile falls back to eager
+        for layer in layers:
+            layer.compile()  # nn.Module.compile: the same code for every layer, so one graph serves all
+    base._distill_slm_speedups = tuple(done) + tuple(todo)
+    return base._distill_slm_speedups
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tiled MLP
+
+def tile_mlp(mlp, tile_tokens: int = TILE_TOKENS) -> None:
+    """Route mlp's forward through TiledMLP (tokens flattened, `tile_tokens` at a time)."""
+    if getattr(mlp, "_tiled", False):
+        return
+    inner = mlp.forward
+
+    def forward(x):
+        return TiledMLP.apply(inner, x, tile_tokens, *[p for p in mlp.parameters() if p.requires_grad])
+
+    mlp.forward, mlp._tiled = forward, True
+
+
+class TiledMLP(torch.autograd.Function):
+    """out = mlp(x), computed tile by tile without saving the intermediates; backward recomputes each tile under
+    the forward's autocast and RNG state (same LoRA-dropout masks, tiles in the same order) and backpropagates it
+    at once, accumulating the weights' gradients as autograd would (the approach of DeepSpeed/ALST's TiledMLP).
+    The trainable parameters are passed only so autograd knows the output depends on them."""
+
+    @staticmethod
+    def forward(ctx, fn, x, tile_tokens, *params):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        ctx.fn, ctx.tile, ctx.shape = fn, tile_tokens, shape
+        ctx.device = x.device.type
+        ctx.autocast = (torch.is_autocast_enabled(ctx.device), torch.get_autocast_dtype(ctx.device))
+        ctx.rng = _rng_state(x.device)
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            out = torch.cat([fn(t) for t in flat.split(tile_tokens)])
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        flat = x.detach().reshape(-1, ctx.shape[-1])
+        g = grad.reshape(-1, grad.shape[-1])
+        dx = torch.empty_like(flat)
+        enabled, dtype = ctx.autocast
+        saved = _rng_state(x.device)
+        _set_rng_state(x.device, ctx.rng)
+        try:
+            for start in range(0, flat.shape[0], ctx.tile):
+                t = flat[start:start + ctx.tile].detach().requires_grad_(True)
+                with torch.enable_grad(), torch.autocast(ctx.device, dtype=dtype, enabled=enabled):
+                    out = ctx.fn(t)
+                torch.autograd.backward(out, g[start:start + ctx.tile])
+                dx[start:start + ctx.tile] = t.grad
+        finally:
+            _set_rng_state(x.device, saved)
+        return (None, dx.reshape(ctx.shape), None) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
+def _rng_state(device):
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(device, state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
