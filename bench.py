@@ -311,12 +311,11 @@ def _unsloth_version() -> dict:
 
 
 def _our_sft(args, batch, accum, auto):
-    import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     import common
-    from training import prepare_trainer, trl_config
+    from training import trl_config
     path = model_dir(args)
     model, tok, _ = common.load_student(str(path), lora_dropout=args.lora_dropout)
     params = n_params(model)
@@ -324,17 +323,11 @@ def _our_sft(args, batch, accum, auto):
     batch, accum = kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]  # per process
     ds = Dataset.from_list(synthetic_rows(args.seq, batch * accum * common.world_size() * (args.steps + 1),
                                           model.config.vocab_size))
-    timer = StepTimer()
-    trainer = SFTTrainer(model=model, args=trl_config(SFTConfig, kw), train_dataset=ds, processing_class=tok,
-                         callbacks=[timer.callback])
+    trainer = SFTTrainer(model=model, args=trl_config(SFTConfig, kw), train_dataset=ds, processing_class=tok)
     if auto:
         ns.max_memory_gb = args.max_memory_gb
-    kernels = prepare_trainer(trainer, ns)
+    s, kernels = _train_timed(trainer, ns)
     batch, accum = trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    s = timer.seconds_per_step()
     world = common.world_size()  # under accelerate launch: tokens of every process per optimizer step
     return {"tokens_per_s": round(args.seq * batch * accum * world / s, 1), "params": params, "batch": batch,
             "accum": accum, "gpus": world, "kernels": list(kernels), "lora_dropout": args.lora_dropout, **mem()}
@@ -348,16 +341,75 @@ def case_sft_auto(args):
     return _our_sft(args, args.batch, args.accum, auto=True)
 
 
-def case_kd(args):
-    """Logit KD: a 4-bit teacher of the same shape beside the 4-bit student (kd_train.py's trainer)."""
-    import kd_train
-    return kd_train.bench_case(args, model_dir(args), synthetic_rows, trainer_args, StepTimer, mem, n_params)
+def _train_timed(trainer, ns) -> tuple[float, tuple]:
+    """prepare_trainer (as the trainers run: speed-ups, fp32 LoRA), then seconds per optimizer step after a warm-up."""
+    import torch
+
+    from training import prepare_trainer
+    timer = StepTimer()
+    trainer.add_callback(timer.callback)
+    kernels = prepare_trainer(trainer, ns)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    return timer.seconds_per_step(), kernels
+
+
+def case_kd(args, full_logits=False):
+    """Logit KD (forward KL, alpha 0.5) with the model as both the 4-bit student (fresh LoRA) and a second, frozen
+    4-bit teacher, on synthetic rows (loss on every token: the largest KD workload for --seq), through kd_train.py's
+    trainer. `params` counts the student plus a third of the teacher (training is 6 FLOPs per parameter and token,
+    the teacher's forward 2), so MFU stays honest."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    import common
+    from kd_losses import check_vocab
+    from kd_trainer import build_trainer
+    from training import trl_config
+    path = model_dir(args)
+    model, tok, _ = common.load_student(str(path), lora_dropout=args.lora_dropout)
+    teacher, ttok, _ = common.load_model(str(path))
+    vocab = check_vocab(tok, ttok, model, teacher)
+    ns, kw = trainer_args(args, tempfile.mkdtemp(), args.batch, args.accum)
+    kd = argparse.Namespace(**vars(ns), kd_loss="forward_kl", jsd_beta=0.5, temperature=1.0, alpha=0.5, lmbda=0.0,
+                            max_new_tokens=1)
+    rows = synthetic_rows(args.seq, args.batch * args.accum * (args.steps + 1), model.config.vocab_size)
+    trainer = build_trainer(kd, model, tok, Dataset.from_list(rows), teacher=teacher, vocab=vocab, callbacks=[],
+                            config=trl_config(SFTConfig, kw), full_logits=full_logits)
+    params = n_params(trainer.model) + n_params(teacher) // 3
+    s, kernels = _train_timed(trainer, ns)
+    return {"tokens_per_s": round(args.seq * args.batch * args.accum / s, 1), "params": params,
+            "batch": args.batch, "accum": args.accum, "kernels": list(kernels), "lora_dropout": args.lora_dropout,
+            **mem()}
 
 
 def case_dpo(args):
-    """DPO on chosen + rejected of --seq tokens each (dpo_train.py's trainer; reference = adapter disabled)."""
-    import dpo_train
-    return dpo_train.bench_case(args, model_dir(args), trainer_args, StepTimer, mem, n_params)
+    """DPO on random pairs whose chosen and rejected are --seq tokens each (half prompt, half answer), fresh LoRA,
+    reference = adapter disabled, through dpo_train.py's trainer. tokens_per_s counts the policy's tokens (chosen and
+    rejected), the sft case's unit; pairs_per_s is the preference throughput."""
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    import common
+    from dpo_trainer import build_trainer
+    from training import trl_config
+    model, tok, _ = common.load_student(str(model_dir(args)), gradient_checkpointing=torch.cuda.is_available(),
+                                        attach_lora=False)
+    peft_config = common.lora_config(model, dropout=args.lora_dropout)
+    ns, kw = trainer_args(args, tempfile.mkdtemp(), args.batch, args.accum)
+    n, half = args.batch * args.accum * (args.steps + 1), args.seq // 2
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, model.config.vocab_size, (n, 3, args.seq - half), generator=g).tolist()
+    dataset = Dataset.from_list([{"prompt_ids": x[0][:half], "chosen_ids": x[1], "rejected_ids": x[2]} for x in ids])
+    trainer = build_trainer(ns, model, tok, dataset, peft_config, callbacks=[],
+                            config=trl_config(DPOConfig, kw, beta=0.1))
+    params = n_params(trainer.model)
+    s, kernels = _train_timed(trainer, ns)
+    return {"tokens_per_s": round(2 * args.seq * args.batch * args.accum / s, 1),
+            "pairs_per_s": round(args.batch * args.accum / s, 3), "params": params, "batch": args.batch,
+            "accum": args.accum, "kernels": list(kernels), "lora_dropout": args.lora_dropout, **mem()}
 
 
 def case_score(args):
@@ -474,6 +526,18 @@ def load_rows(paths) -> list[dict]:
     return rows
 
 
+def child_command(args, case: str) -> tuple[list[str], dict]:
+    """The command and environment that run one case in its own process: every flag given (0 and 0.0 included;
+    None and False mean "not given"), and for the unsloth cases --unsloth_site ahead of the project's packages."""
+    flags = {k: v for k, v in vars(args).items()
+             if v is not None and v is not False and k not in ("one", "out", "table", "cases")}
+    argv = [sys.executable, __file__, "--one", case] + [f"--{k}" if v is True else f"--{k}={v}" for k, v in flags.items()]
+    env = dict(os.environ)
+    if case.startswith("unsloth") and args.unsloth_site:  # its own TRL/datasets, ahead of the project's
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.unsloth_site, env.get("PYTHONPATH")]))
+    return argv, env
+
+
 def main(args):
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the trainers run
     if args.table:
@@ -491,13 +555,7 @@ def main(args):
     model_dir(args)  # build once, before the timed processes
     rows = []
     for case in args.cases.split(","):
-        flags = {k: v for k, v in vars(args).items()  # 0 and 0.0 are values; None and False are "not given"
-                 if v is not None and v is not False and k not in ("one", "out", "table")}
-        argv = [sys.executable, __file__, "--one", case] + [f"--{k}" if v is True else f"--{k}={v}"
-                                                            for k, v in flags.items()]
-        env = dict(os.environ)
-        if case.startswith("unsloth") and args.unsloth_site:  # its own TRL/datasets, ahead of the project's
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.unsloth_site, env.get("PYTHONPATH")]))
+        argv, env = child_command(args, case)
         r = subprocess.run(argv, capture_output=True, text=True, env=env)
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("BENCH ")), None)
         row = json.loads(line[6:]) if line else {"case": case, "seq": args.seq, "cap_gb": args.cap_gb,

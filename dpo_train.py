@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 from common import UserError, encode_example, load_student, lora_config, note, read_records, resolve_model, user_errors
+from dpo_trainer import build_trainer
 from training import (add_training_args, gradient_checkpointing_on, log_callbacks, start, train_and_save, trl_config,
                       trl_kwargs)
 
@@ -192,55 +193,6 @@ def load_policy(args):
         note(f"DPO continues the adapter of {ms.adapter}; the reference is that policy (a frozen copy of it)")
         return model, tok, ms, None
     return model, tok, ms, lora_config(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-
-
-def dpo_config(args):
-    """TRL's DPOConfig: the shared training arguments plus beta and the loss (README: beta goes in the config)."""
-    from trl import DPOConfig
-    return trl_config(DPOConfig, trl_kwargs(args, args.save_dir), beta=args.beta, loss_type=list(args.loss_type),
-                      loss_weights=args.loss_weights, label_smoothing=args.label_smoothing, logging_first_step=True)
-
-
-def build_trainer(args, model, tok, dataset, peft_config=None, callbacks=None, config=None):
-    """A DPOTrainer over a dataset from encode_pairs (tokenised already), reference in-model (ref_model=None).
-    `config` (a DPOConfig) defaults to dpo_config(args); `callbacks` to the run-directory logs."""
-    from compat import PretokenizedDPOTrainer
-    return PretokenizedDPOTrainer(model=model, ref_model=None, args=config or dpo_config(args), train_dataset=dataset,
-                                  processing_class=tok, peft_config=peft_config,
-                                  callbacks=log_callbacks(args.save_dir) if callbacks is None else callbacks)
-
-
-def bench_case(args, path, trainer_args, StepTimer, mem, n_params) -> dict:
-    """bench.py's `dpo` case: --steps timed DPO steps (after one warm-up) on random pairs whose chosen and rejected
-    sequences are --seq tokens each (half prompt, half answer), over the model at `path` (4-bit on CUDA) with a
-    fresh LoRA, reference = adapter disabled, as main() trains. tokens_per_s counts the policy's tokens (chosen and
-    rejected), the same unit as the sft case's; pairs_per_s is the preference throughput."""
-    import tempfile
-
-    import torch
-    from datasets import Dataset
-    from trl import DPOConfig
-
-    model, tok, _ = load_student(str(path), gradient_checkpointing=torch.cuda.is_available(), attach_lora=False)
-    peft_config = lora_config(model)
-    ns, kw = trainer_args(args, tempfile.mkdtemp(), args.batch, args.accum)
-    n, half = args.batch * args.accum * (args.steps + 1), args.seq // 2
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, model.config.vocab_size, (n, 3, args.seq - half), generator=g).tolist()
-    dataset = Dataset.from_list([{"prompt_ids": x[0][:half], "chosen_ids": x[1], "rejected_ids": x[2]} for x in ids])
-    timer = StepTimer()
-    trainer = build_trainer(ns, model, tok, dataset, peft_config, callbacks=[timer.callback],
-                            config=trl_config(DPOConfig, kw, beta=0.1))
-    params = n_params(trainer.model)
-    from training import apply_speedups
-    apply_speedups(trainer)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    s = timer.seconds_per_step()
-    return {"tokens_per_s": round(2 * args.seq * args.batch * args.accum / s, 1),
-            "pairs_per_s": round(args.batch * args.accum / s, 3), "params": params, "batch": args.batch,
-            "accum": args.accum, **mem()}
 
 
 def reward_summary(log_history: list[dict]) -> dict:

@@ -112,58 +112,6 @@ def kd_record(args, teacher_spec=None, cache=None) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # trainer
 
-def build_trainer(args, model, tok, dataset, teacher=None, vocab=None, callbacks=None, config=None,
-                  full_logits=False, cache=None):
-    """TRL's SFTTrainer with the KD loss: without a teacher it is SFTTrainer itself (fused chunked CE); with one,
-    compute_loss runs kd_losses.kd_terms (one backbone pass per model, chunked CE and divergence on the completion
-    tokens) and training_step makes the on-policy batches. `args` needs the KD flags (kd_loss, jsd_beta,
-    temperature, alpha, lmbda, max_new_tokens, seed); `config` (an SFTConfig) defaults to the training flags'.
-    full_logits: the unchunked reference loss (benchmark baseline only). cache: a kd_cache.TeacherCache instead of
-    a teacher (the dataset then has a "kd_row" column)."""
-    from trl import SFTConfig
-
-    from kd_trainer import KDTrainer
-    # a cached teacher's targets are found by row: keep the "kd_row" column, which no model forward takes
-    config = config or trl_config(SFTConfig, {**trl_kwargs(args, args.save_dir),
-                                              **({"remove_unused_columns": False} if cache else {})})
-    return KDTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok, callbacks=callbacks,
-                     kd=args, teacher=teacher, vocab=vocab, full_logits=full_logits, cache=cache)
-
-
-def bench_case(args, path, synthetic_rows, trainer_args, StepTimer, mem, n_params, full_logits=False) -> dict:
-    """bench.py's `kd` case: --steps timed steps (after one warm-up) of logit KD (forward KL, alpha 0.5) with the
-    model at `path` as both the 4-bit student (fresh LoRA) and a second, frozen 4-bit teacher, on bench.py's
-    synthetic rows (loss on every token: the largest KD workload for --seq). full_logits=True times the unchunked
-    reference (both models' [tokens, vocab] logits) for comparison. `params` counts the student plus a third of the
-    teacher (training is 6 FLOPs per parameter and token, the teacher's forward 2), so bench's MFU stays honest."""
-    import tempfile
-
-    import torch
-    from datasets import Dataset
-    from trl import SFTConfig
-
-    from kd_losses import check_vocab
-    model, tok, _ = load_student(str(path))
-    teacher, ttok, _ = load_model(str(path))
-    vocab = check_vocab(tok, ttok, model, teacher)
-    ns, kw = trainer_args(args, tempfile.mkdtemp(), args.batch, args.accum)
-    kd = argparse.Namespace(**vars(ns), kd_loss="forward_kl", jsd_beta=0.5, temperature=1.0, alpha=0.5, lmbda=0.0,
-                            max_new_tokens=1)
-    rows = synthetic_rows(args.seq, args.batch * args.accum * (args.steps + 1), model.config.vocab_size)
-    timer = StepTimer()
-    trainer = build_trainer(kd, model, tok, Dataset.from_list(rows), teacher=teacher, vocab=vocab,
-                            callbacks=[timer.callback], config=trl_config(SFTConfig, kw), full_logits=full_logits)
-    params = n_params(trainer.model) + n_params(teacher) // 3
-    from training import apply_speedups
-    apply_speedups(trainer)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    s = timer.seconds_per_step()
-    return {"tokens_per_s": round(args.seq * args.batch * args.accum / s, 1), "params": params,
-            "batch": args.batch, "accum": args.accum, **mem()}
-
-
 def main(args):
     started = start("kd_train", args)
     check_args(args)
@@ -208,6 +156,7 @@ def main(args):
         record.update(kl_before=before["kl"], kl_first_token_before=before["kl_first_token"],
                       kl_rows=before["rows"], kl_data=args.eval_kl)
         print(json.dumps({"heldout_kl_before": before}))
+    from kd_trainer import build_trainer
     trainer = build_trainer(args, model, tok, dataset, teacher=teacher, vocab=vocab, cache=cache,
                             callbacks=log_callbacks(args.save_dir) + [KDRecord(record, held)])
     # save

@@ -125,3 +125,21 @@ class KDTrainer(SFTTrainer):
             m["ce_loss"].append(t["ce"].item())
             m["mean_token_accuracy"].append(t["accuracy"])
         return (loss, None) if return_outputs else loss
+
+
+def build_trainer(args, model, tok, dataset, teacher=None, vocab=None, callbacks=None, config=None,
+                  full_logits=False, cache=None):
+    """TRL's SFTTrainer with the KD loss: without a teacher it is SFTTrainer itself (fused chunked CE); with one,
+    compute_loss runs kd_losses.kd_terms (one backbone pass per model, chunked CE and divergence on the completion
+    tokens) and training_step makes the on-policy batches. `args` needs the KD flags (kd_loss, jsd_beta,
+    temperature, alpha, lmbda, max_new_tokens, seed); `config` (an SFTConfig) defaults to the training flags'.
+    full_logits: the unchunked reference loss (benchmark baseline only). cache: a kd_cache.TeacherCache instead of
+    a teacher (the dataset then has a "kd_row" column)."""
+    from trl import SFTConfig
+
+    from training import trl_config, trl_kwargs
+    # a cached teacher's targets are found by row: keep the "kd_row" column, which no model forward takes
+    config = config or trl_config(SFTConfig, {**trl_kwargs(args, args.save_dir),
+                                              **({"remove_unused_columns": False} if cache else {})})
+    return KDTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok, callbacks=callbacks,
+                     kd=args, teacher=teacher, vocab=vocab, full_logits=full_logits, cache=cache)

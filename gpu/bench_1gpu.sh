@@ -1,9 +1,11 @@
-# Device call 1: the issue-8 benchmark on a Qwen2.5-3B-shaped model (random weights, 4-bit), one GPU, one table.
-#   run: . gpu/setup.sh && bash gpu/bench_1gpu.sh      (carry .whl .carry/tok .carry/p1)
-# Lines run in order of importance, within BUDGET seconds (gpu/setup.sh's `within`).
+#!/usr/bin/env bash
+# Memory and speed of the trainers (SFT, KD, DPO) and the label-ranking scorer on a random-weight Qwen2.5-3B-shaped
+# model (4-bit), one CUDA GPU, one table (docs/performance.md, "Trainers on one GPU"). Any CUDA machine with
+# requirements.txt installed:   bash gpu/bench_1gpu.sh        (rows in $OUT, default runs/gpu)
 set -u
-B="python3 bench.py --tokenizer .carry/tok --model_cache /tmp/bench_models --out $OUT/bench.jsonl"
-export L=$OUT/bench.log BUDGET=${BUDGET:-520}
+OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"; L=${L:-$OUT/log.txt}
+type within >/dev/null 2>&1 || within() { "$@"; }   # dev/setup.sh's time budget on a borrowed machine, else plain
+B="python3 bench.py --tokenizer ${TOKENIZER:-smollm2-135m} --model_cache ${MODEL_CACHE:-/tmp/bench_models} --out $OUT/bench.jsonl"
 b() { within $B "$@" >>$L 2>&1; }
 b --cases matmul,sft_baseline,sft,sft_auto --seq 2048 --batch 1 --accum 8 --steps 2
 b --cases sft --seq 16384 --batch 1 --accum 1 --steps 2 --cap_gb 8 --activation_offloading

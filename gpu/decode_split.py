@@ -4,7 +4,7 @@ pool of half the machine's threads), interleaved with the order alternating. For
 processor's time into the bitmask fill, the mask kernel's launch, the wait for the GPU and the rest (the per-row
 Python: accepting tokens, the budget guard, the one-hot).
 
-    . gpu/setup.sh && python3 gpu/decode_split.py --model_dir /tmp/bench_models/smollm2-135m --batch_size 8
+    python3 gpu/decode_split.py --model_dir /tmp/bench_models/smollm2-135m --batch_size 8
 """
 import argparse
 import os
@@ -33,8 +33,8 @@ def timed(name, fn):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model_dir", default="smollm2-135m", help="model to decode with (any --model_dir form)")
-    ap.add_argument("--data", default=".carry/idp/sroie_idp_test.jsonl", help="documents ({document|text} JSONL)")
-    ap.add_argument("--schema", default=".carry/idp/sroie_schema.json", help="JSON Schema of the constrained run")
+    ap.add_argument("--data", default="data/idp_test.jsonl", help="documents ({document|text} JSONL)")
+    ap.add_argument("--schema", default="data/sroie_schema.json", help="JSON Schema of the constrained run")
     ap.add_argument("--n_docs", type=int, default=8, help="documents")
     ap.add_argument("--batch_size", type=int, default=8, help="rows decoded together")
     ap.add_argument("--max_new_tokens", type=int, default=128, help="token budget of the constrained run")

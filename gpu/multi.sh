@@ -1,10 +1,14 @@
-# Device call on nvidia-h100-x2: data-parallel throughput 1 vs 2 GPUs (Qwen2.5-3B shape), FSDP+QLoRA on a 7B shape,
+#!/usr/bin/env bash
+# Two CUDA GPUs of one host: data-parallel throughput 1 vs 2 GPUs (Qwen2.5-3B shape), FSDP+QLoRA on a 7B shape,
 # then constrained-decoding overhead (bench_idp.py) on random-weight Qwen2.5-3B- and SmolLM2-135M-shaped models
 # (it compares the same number of decoding steps with and without the grammar, so the weights do not matter).
-#   run: . gpu/setup.sh && bash gpu/multi.sh        (carry .whl .carry/tok .carry/idp)
+# docs: "More than one GPU". Any 2-GPU CUDA machine with requirements.txt installed:   bash gpu/multi.sh
 set -u
-export L=$OUT/multi.log BUDGET=${BUDGET:-540}
-C="--tokenizer .carry/tok --model_cache /tmp/bench_models"
+OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"; L=${L:-$OUT/log.txt}
+type within >/dev/null 2>&1 || within() { "$@"; }   # dev/setup.sh's time budget on a borrowed machine, else plain
+D=${IDP_DATA:-data}; T=${MODEL_CACHE:-/tmp/bench_models}
+[ -f $D/sroie_idp_test.jsonl ] && DOCS=$D/sroie_idp_test.jsonl || DOCS=$D/idp_test.jsonl
+C="--tokenizer ${TOKENIZER:-smollm2-135m} --model_cache $T"
 A="python3 -m accelerate.commands.launch --num_processes 2"
 within python3 bench.py --cases matmul $C >>$L 2>&1     # builds the 3B-shaped model once
 within python3 bench.py --one sft --seq 2048 --accum 8 --steps 3 $C 2>>$L | grep BENCH >>$OUT/multi.jsonl
@@ -14,6 +18,6 @@ within $A --config_file configs/fsdp_qlora.yaml bench.py --one sft --config qwen
 sed -i 's/^BENCH //' $OUT/multi.jsonl; python3 bench.py --table $OUT/multi.jsonl | tee $OUT/multi_table.txt
 within python3 bench.py --cases matmul --config smollm2-135m $C >>$L 2>&1
 for m in smollm2-135m qwen2.5-3b; do
-  within python3 bench_idp.py --model_dir /tmp/bench_models/$m --schemas data/idp_schema.json .carry/idp/sroie_schema.json --data .carry/idp/sroie_idp_test.jsonl --n_docs 16 --batch_sizes 1 8 --out $OUT/bench_idp_$m.json 2>>$L | tee -a $OUT/bench_idp.txt
+  within python3 bench_idp.py --model_dir $T/$m --schemas data/idp_schema.json $D/sroie_schema.json --data $DOCS --n_docs 16 --batch_sizes 1 8 --out $OUT/bench_idp_$m.json 2>>$L | tee -a $OUT/bench_idp.txt
 done
 nvidia-smi --query-gpu=name --format=csv,noheader; echo "[$(( $(date +%s) - T0 ))s] done" >>$L

@@ -44,3 +44,54 @@ def test_bench_idp_measures_constrained_against_plain_decoding_on_cpu(tmp_path, 
     assert json.loads(out.read_text())["decode"] == rows
     printed = capsys.readouterr().out
     assert "median" in printed and "noise" in printed
+
+
+def test_unsloth_case_without_unsloth_says_how_to_install_it_in_one_line(tmp_path):
+    import importlib.util
+
+    import pytest
+    if importlib.util.find_spec("unsloth"):
+        pytest.skip("unsloth is importable here")
+    args = bench.parse_args(["--config", "tiny", "--model_cache", str(tmp_path / "m")])
+    args.one = "unsloth"
+    row = bench.run_one(args)
+    assert row["status"] == "failed"
+    assert "pip install --no-deps --target /tmp/unsloth_site unsloth==" in row["error"]
+    assert row["error"].endswith("--unsloth_site /tmp/unsloth_site") and "\n" not in row["error"]
+
+
+def test_child_command_forwards_zero_values_and_puts_unsloth_first(tmp_path):
+    args = bench.parse_args(["--lora_dropout", "0", "--kernels", "none", "--unsloth_site", str(tmp_path)])
+    argv, env = bench.child_command(args, "sft")
+    assert "--lora_dropout=0.0" in argv and "--kernels=none" in argv and "--activation_offloading" not in argv
+    assert not env.get("PYTHONPATH", "").startswith(str(tmp_path))
+    _, env = bench.child_command(args, "unsloth_auto")
+    assert env["PYTHONPATH"].split(":")[0] == str(tmp_path)
+
+
+def test_table_compares_each_row_with_the_matching_unsloth_row():
+    rows = [
+        {"case": "unsloth", "seq": 2048, "cap_gb": None, "status": "ok", "tokens_per_s": 1000.0, "batch": 1,
+         "accum": 8},
+        {"case": "unsloth_auto", "seq": 2048, "cap_gb": 8.0, "status": "ok", "tokens_per_s": 4000.0, "batch": 8,
+         "accum": 1},
+        {"case": "sft", "seq": 2048, "cap_gb": None, "status": "ok", "tokens_per_s": 1500.0, "batch": 1, "accum": 8,
+         "kernels": ["compile"], "lora_dropout": 0.05},
+        {"case": "sft_auto", "seq": 2048, "cap_gb": 8.0, "status": "ok", "tokens_per_s": 2000.0, "batch": 4,
+         "accum": 2, "kernels": [], "lora_dropout": 0.0},
+    ]
+    lines = bench.table(rows).splitlines()
+    assert "x unsloth" in lines[0]
+    sft = next(ln for ln in lines if ln.startswith("sft[compile]"))
+    auto = next(ln for ln in lines if ln.startswith("sft_auto[none] d=0"))
+    assert "1.50" in sft.split() and "0.50" in auto.split()  # 1500/1000 at 1x8; 2000/4000 at the best micro-batch
+
+
+def test_kd_and_dpo_cases_time_the_trainers_on_cpu(tmp_path, tiny_model_dir):
+    for case in ("kd", "dpo"):
+        args = bench.parse_args(["--config", "tiny", "--seq", "32", "--accum", "1", "--steps", "1",
+                                 "--tokenizer", str(tiny_model_dir), "--model_cache", str(tmp_path / "m")])
+        args.one = case
+        row = bench.run_one(args)
+        assert row["status"] == "ok", row
+        assert row["tokens_per_s"] > 0 and row["kernels"] == []  # no speed-up runs on a CPU by default

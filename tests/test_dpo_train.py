@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dpo_train
+import dpo_trainer
 from common import UserError, chat_prompt, encode_example, load_model, load_tokenizer, resolve_model, write_jsonl
 
 # A consistent preference the tiny model can learn in a few steps: always "Good" over "Bad".
@@ -70,7 +71,7 @@ def test_reference_is_base_with_adapter_disabled(tiny_model_dir, toy_file, tmp_p
     args = run_args(toy_file, tmp_path / "run", tiny_model_dir, "--max_steps", 2)
     model, tok, ms, peft_config = dpo_train.load_policy(args)
     dataset, _ = dpo_train.encode_pairs(tok, dpo_train.read_pairs(str(toy_file)), args.max_len)
-    trainer = dpo_train.build_trainer(args, model, tok, dataset, peft_config, callbacks=[])
+    trainer = dpo_trainer.build_trainer(args, model, tok, dataset, peft_config, callbacks=[])
     assert trainer.ref_model is None  # no second model object
     assert list(trainer.model.peft_config) == ["default"]  # no reference adapter either: the reference is the base
     trainer.train()
@@ -109,7 +110,7 @@ def test_sft_adapter_is_the_reference(tiny_model_dir, toy_file, tmp_path):
     model, tok, ms, peft_config = dpo_train.load_policy(args)
     assert ms.adapter == str(sft_dir) and peft_config is None
     dataset, _ = dpo_train.encode_pairs(tok, dpo_train.read_pairs(str(toy_file)), args.max_len)
-    trainer = dpo_train.build_trainer(args, model, tok, dataset, peft_config, callbacks=[])
+    trainer = dpo_trainer.build_trainer(args, model, tok, dataset, peft_config, callbacks=[])
     assert trainer.ref_model is None and set(trainer.model.peft_config) == {"default", "ref"}
     lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     trainer.train()
@@ -205,7 +206,7 @@ def test_loss_types_are_trls_and_reach_the_config(tmp_path):
     assert set(dpo_train.LOSS_TYPES) == set(re.findall(r"`'(\w+)'`", trl_help))
     args = dpo_train.parse_args(["--data", "d.jsonl", "--save_dir", str(tmp_path), "--beta", "0.25",
                                  "--loss_type", "ipo"])
-    cfg = dpo_train.dpo_config(args)
+    cfg = dpo_trainer.dpo_config(args)
     assert cfg.beta == 0.25 and cfg.loss_type == ["ipo"] and cfg.max_length is None
     with pytest.raises(SystemExit):
         dpo_train.parse_args(["--data", "d", "--save_dir", "s", "--loss_type", "bogus"])

