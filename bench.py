@@ -10,7 +10,7 @@ bf16 matmul ceiling (training FLOPs = 6 x parameters x tokens). `sft_baseline` i
 (PEFT prepare_model_for_kbit_training, the model's own full-vocabulary loss) measured side by side, and `unsloth` is
 Unsloth on the same folder, shape, LoRA (r16 a32, all seven projections), sequence and micro-batch x accumulation
 (`x unsloth` column). Unsloth pins older TRL/datasets, so it lives in its own folder, never in the project's venv:
-    pip install --no-deps --target /tmp/unsloth_site unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 \
+    pip install --no-deps --target /tmp/unsloth_site unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 \\
         datasets==4.8.0 tyro docstring_parser typeguard shtab cut_cross_entropy torchao msgspec hf_transfer
     python bench.py --cases sft,unsloth --unsloth_site /tmp/unsloth_site --seq 2048 --batch 1 --accum 8
 Cases: matmul, sft_baseline, sft, sft_auto (micro-batch picked by --max_memory_gb), unsloth, unsloth_auto (its
@@ -48,8 +48,12 @@ CONFIGS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default in --help."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # model
     p.add_argument("--config", default="qwen2.5-3b", help=f"architecture: {', '.join(CONFIGS)} or a config.json")
     p.add_argument("--model_cache", default=os.path.join(tempfile.gettempdir(), "distill_slm_bench"),
@@ -251,7 +255,7 @@ def _unsloth_model(args):
     """Unsloth's own recipe: FastLanguageModel 4-bit, LoRA r16 a32 on the seven projections, dropout 0 (its fast
     path), its offloaded gradient checkpointing. Imported first, as Unsloth asks (it patches transformers)."""
     try:
-        import unsloth  # noqa: F401
+        import unsloth  # noqa: F401  (first: it patches transformers, peft and trl when imported)
     except ImportError as e:
         raise RuntimeError(f"Unsloth is not installed ({e}); {UNSLOTH_INSTALL}") from None
     import torch
@@ -531,7 +535,8 @@ def child_command(args, case: str) -> tuple[list[str], dict]:
     None and False mean "not given"), and for the unsloth cases --unsloth_site ahead of the project's packages."""
     flags = {k: v for k, v in vars(args).items()
              if v is not None and v is not False and k not in ("one", "out", "table", "cases")}
-    argv = [sys.executable, __file__, "--one", case] + [f"--{k}" if v is True else f"--{k}={v}" for k, v in flags.items()]
+    argv = [sys.executable, __file__, "--one", case] + [f"--{k}" if v is True else f"--{k}={v}"
+                                                        for k, v in flags.items()]
     env = dict(os.environ)
     if case.startswith("unsloth") and args.unsloth_site:  # its own TRL/datasets, ahead of the project's
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.unsloth_site, env.get("PYTHONPATH")]))

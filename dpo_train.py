@@ -27,8 +27,7 @@ from pathlib import Path
 
 from common import UserError, encode_example, load_student, lora_config, note, read_records, resolve_model, user_errors
 from dpo_trainer import build_trainer
-from training import (add_training_args, gradient_checkpointing_on, log_callbacks, start, train_and_save, trl_config,
-                      trl_kwargs)
+from training import add_training_args, gradient_checkpointing_on, log_callbacks, start, train_and_save
 
 FIELDS = ("prompt", "chosen", "rejected")
 # TRL 1.16's DPO losses (trl/trainer/dpo_config.py, DPOConfig.loss_type); tests check the list against TRL's own.

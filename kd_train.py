@@ -22,7 +22,7 @@ import json
 
 from common import UserError, load_model, load_student, note, read_records, sha256_file, user_errors
 from kd_losses import KD_LOSSES, canonical_rows, load_schema, target_key
-from training import add_training_args, encode_rows, log_callbacks, start, train_and_save, trl_config, trl_kwargs
+from training import add_training_args, encode_rows, log_callbacks, start, train_and_save
 
 
 def parse_args(argv=None):

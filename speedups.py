@@ -1,6 +1,7 @@
-"""Speed-ups of the training step (import inside functions: it imports torch) that keep its arithmetic (losses and gradients equal to the plain path within
-rounding: tests/test_speedups.py). Which ones run is decided once per trainer by `choose` and applied by `apply`;
-docs/performance.md has what each bought on an H200.
+"""Speed-ups of the training step that keep its arithmetic (losses and gradients equal to the plain path within
+rounding: tests/test_speedups.py). Which ones run is decided once per trainer by `choose` and applied by `apply`
+(training.prepare_trainer); docs/performance.md has what each bought on an H200. Imports torch: import it inside
+functions.
 
 - liger: Liger-Kernel's Triton RMSNorm, SwiGLU (SiLU x up in one kernel, SiLU recomputed in backward) and RoPE, through
   transformers' own Liger integration. Its fused linear cross-entropy stays off: TRL already fuses the LM head
