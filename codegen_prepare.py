@@ -25,7 +25,7 @@ from pathlib import Path
 
 import codegen
 import sandbox
-from common import UserError, print_config, read_records, sha256_file, user_errors, write_json, write_jsonl
+from common import UserError, check_output_file, print_config, read_records, sha256_file, user_errors, write_outputs
 
 SYNTHETIC_SOURCE = "synthetic (codegen_prepare.py --synthetic): made-up tasks, not MBPP"
 
@@ -219,8 +219,14 @@ def load_tasks(args) -> tuple[list[codegen.Problem], dict]:
     return problems[:args.limit] if args.limit else problems, src
 
 
+OUTPUTS = ["codegen_sft.jsonl", "codegen_kd.jsonl", "codegen_dpo.jsonl", "codegen_prepare.json"]  # all or none
+
+
 def main(args):
     print_config("codegen_prepare", args)
+    out = Path(args.outdir)
+    for name in OUTPUTS:  # before the teacher loads and the sandbox runs
+        check_output_file(out / name)
     rng = random.Random(args.seed)
     limits = sandbox.Limits(timeout_s=args.timeout)
     # load
@@ -296,16 +302,13 @@ def main(args):
                         "chosen_from": chosen_from, "rejected_from": kind,
                         "rejected_result": f"{r.status}: {r.reason}"[:200]})
     # save
-    out = Path(args.outdir)
     files = {"codegen_sft.jsonl": sft, "codegen_kd.jsonl": kd, "codegen_dpo.jsonl": dpo}
-    for name, rows in files.items():
-        write_jsonl(out / name, rows)
     report.update(tasks=len(problems), dropped_reference_failed=dropped, rows={k: len(v) for k, v in files.items()},
                   dpo_without_failing_candidate=len(sft) - len(dpo), teacher=args.teacher,
                   candidate_results=dict(status), rejected_from=dict(Counter(
                       "teacher" if r["rejected_from"] == "teacher" else r["rejected_from"].split(":")[1].strip()
                       for r in dpo)), isolation=sandbox.detect_isolation().description)
-    write_json(out / "codegen_prepare.json", report)
+    write_outputs({**{out / name: rows for name, rows in files.items()}, out / "codegen_prepare.json": report})
     print(f"{len(problems)} tasks ({len(dropped)} dropped: reference failed) -> "
           + ", ".join(f"{out / k} ({len(v)})" for k, v in files.items()))
     return report

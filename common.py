@@ -71,11 +71,41 @@ def need_file(path: str | os.PathLike, what: str = "file") -> Path:
     return p
 
 
-def read_records(path: str | os.PathLike, required: tuple[str, ...] = (), nonempty: tuple[str, ...] = ()) -> list[dict]:
-    """Read a JSONL file, or a .json file holding a list of objects. Each record must be an object with the
-    `required` fields; fields in `nonempty` must also be non-empty strings. Errors name the file and line."""
-    p = need_file(path, "data file")
-    text = p.read_text(encoding="utf-8")
+def read_text(path: str | os.PathLike, what: str = "data file") -> str:
+    """A file's text as UTF-8 (a leading BOM is dropped). Not UTF-8: one line naming the file, line and column."""
+    p = need_file(path, what)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {p}: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {col}); "
+                        "save the file as UTF-8") from None
+
+
+def jsonl_lines(text: str) -> list[tuple[int, str]]:
+    """(line number of the file, line) of each non-blank line. Splits on "\\n" only (a "\\r" before it is dropped):
+    str.splitlines() would also split inside a JSON string at U+2028, U+2029, U+0085 and other separators."""
+    return [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
+def jsonl_dumps(obj) -> str:
+    """One JSONL line (no newline): UTF-8 kept, but the three line separators that are not ASCII control characters
+    escaped, so even a reader that splits with str.splitlines() gets one record per line."""
+    s = json.dumps(obj, ensure_ascii=False)
+    return s.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
+
+
+def read_records_placed(path: str | os.PathLike, required: tuple[str, ...] = (),
+                        nonempty: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """read_records, each record with its place for messages: 'line N' (the line of the file, blank lines counted)
+    of a JSONL file, 'record N' of a .json list."""
+    p = Path(path)
+    text = read_text(p, "data file")
     if p.suffix == ".json":
         try:
             data = json.loads(text)
@@ -83,46 +113,97 @@ def read_records(path: str | os.PathLike, required: tuple[str, ...] = (), nonemp
             raise UserError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(data, list):
             raise UserError(f"{p}: expected a JSON list of objects")
-        rows = [(i + 1, r) for i, r in enumerate(data)]
-        where = "record"
+        rows = [(f"record {i + 1}", r) for i, r in enumerate(data)]
     else:
         rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        for lineno, line in jsonl_lines(text):
             try:
-                rows.append((lineno, json.loads(line)))
+                rows.append((f"line {lineno}", json.loads(line)))
             except json.JSONDecodeError as e:
                 raise UserError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
-        where = "line"
-    out = []
-    for n, r in rows:
+    for where, r in rows:
         if not isinstance(r, dict):
-            raise UserError(f"{p}: {where} {n}: expected a JSON object")
+            raise UserError(f"{p}: {where}: expected a JSON object")
         for f in required:
             if f not in r:
-                raise UserError(f"{p}: {where} {n}: missing field '{f}'")
+                raise UserError(f"{p}: {where}: missing field '{f}'")
         for f in nonempty:
             if not isinstance(r.get(f), str) or not r[f].strip():
-                raise UserError(f"{p}: {where} {n}: field '{f}' must be a non-empty string")
-        out.append(r)
-    if not out:
+                raise UserError(f"{p}: {where}: field '{f}' must be a non-empty string")
+    if not rows:
         raise UserError(f"{p}: no records")
-    return out
+    return rows
+
+
+def read_records(path: str | os.PathLike, required: tuple[str, ...] = (), nonempty: tuple[str, ...] = ()) -> list[dict]:
+    """Read a JSONL file, or a .json file holding a list of objects. Each record must be an object with the
+    `required` fields; fields in `nonempty` must also be non-empty strings. Errors name the file and its line."""
+    return [r for _, r in read_records_placed(path, required, nonempty)]
+
+
+def record_places(path: str | os.PathLike) -> list[str]:
+    """The place ('line N' of the file, or 'record N' of a .json list) of each record read_records returns."""
+    return [where for where, _ in read_records_placed(path)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# output paths: checked before anything loads, written whole or not at all
+
+def _nearest_existing(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_writable_parent(p: Path, what: str) -> None:
+    anc = _nearest_existing(p.parent)
+    if not anc.is_dir():
+        raise UserError(f"{what} {p}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {p}: cannot write in {anc} (read-only or no permission)")
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
+    """Fail now, before any model or data loads, if `path` cannot be written as a file."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what} {p} is a folder: a file goes there; remove it or choose another path")
+    _check_writable_parent(p, what)
+    return p
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "--save_dir") -> Path:
+    """Fail now, before any model or data loads, if `path` cannot be a folder we write in."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{what} {p} is a file, not a folder; remove it or choose another path")
+    if p.is_dir():
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise UserError(f"{what} {p}: cannot write in it (read-only or no permission)")
+    else:
+        _check_writable_parent(p, what)
+    return p
+
+
+def _stage(path: Path, mode: str = "w"):
+    """(temp file object, temp path) beside `path`, for a rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a normal file is what users expect
+    return os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8"), tmp
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w"):
     """Write to a temp file beside `path` and rename it into place on success: never a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    f, tmp = _stage(path, mode)
     try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+        with f:
             yield f
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a normal file is what users expect
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -130,19 +211,50 @@ def atomic_open(path: str | os.PathLike, mode: str = "w"):
         raise
 
 
+def _dump(f, obj, jsonl: bool) -> int:
+    """Rows as JSONL (returns how many), or one object as indented JSON (returns 1)."""
+    if jsonl:
+        n = 0
+        for r in obj:
+            f.write(jsonl_dumps(r) + "\n")
+            n += 1
+        return n
+    json.dump(obj, f, indent=2, default=str)
+    f.write("\n")
+    return 1
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_open(path) as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.write("\n")
+        _dump(f, obj, jsonl=False)
 
 
 def write_jsonl(path: str | os.PathLike, rows) -> int:
-    n = 0
     with atomic_open(path) as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            n += 1
-    return n
+        return _dump(f, rows, jsonl=True)
+
+
+def write_outputs(files: dict) -> dict[str, int]:
+    """Write several output files all or none: {path: rows (a .jsonl path) or an object (JSON)}. Each is written to
+    a temp file beside it; only when all are written are they renamed into place. Returns {path: records}."""
+    paths = [Path(p) for p in files]
+    for p in paths:
+        check_output_file(p)
+    staged, counts = [], {}
+    try:
+        for p, obj in zip(paths, files.values()):
+            f, tmp = _stage(p)
+            staged.append((tmp, p))
+            with f:
+                counts[str(p)] = _dump(f, obj, jsonl=p.suffix == ".jsonl")
+        for tmp, p in staged:
+            os.replace(tmp, p)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+    return counts
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -182,6 +294,9 @@ def materialize_gguf(gguf: Path, out: Path) -> Path:
     dequantise through transformers' GGUF reader, rebuild a plain model from its config, save safetensors."""
     if (out / "config.json").is_file():
         return out
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":  # the format's magic number (ggml docs/gguf.md)
+            raise UserError(f"{gguf}: not a GGUF file (it does not start with the GGUF magic bytes)")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -191,9 +306,13 @@ def materialize_gguf(gguf: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as e:  # a damaged or unsupported file: the reader's own errors vary (ValueError, struct.error, ...)
+            raise UserError(f"{gguf}: cannot read this GGUF file ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:160]})") from None
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # a GGUF-flagged model refuses training and 4-bit loading
         config.name_or_path = str(out)
@@ -219,17 +338,39 @@ def embedded_model_dir() -> Path:
     return materialize_gguf(embedded_gguf_path(), cache_dir() / "smollm2-135m-instruct")
 
 
+def looks_like_path(spec: str) -> bool:
+    """A spec written as a path (./x, ../x, /x, ~/x, runs/x, a/b/c, or under a folder that exists here), never sent
+    to the hub: a hub id is exactly `org/name`."""
+    if spec.startswith((".", "/", "~")) or "\\" in spec or spec.endswith("/") or spec.count("/") > 1:
+        return True
+    first = spec.split("/", 1)[0]
+    return "/" in spec and (first == "runs" or Path(first).is_dir())
+
+
+def is_hub_id(spec: str) -> bool:
+    """`org/name` as the hub spells repo ids (huggingface_hub's own check), and not written as a path."""
+    if spec.count("/") != 1 or looks_like_path(spec):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
+
+
 def resolve_model(spec: str) -> ModelSpec:
     """A hub id, a local HF folder, a .gguf file, a run dir holding a LoRA adapter, or the alias smollm2-135m."""
     if spec == EMBEDDED_ALIAS:
         return ModelSpec(spec, str(embedded_model_dir()), base_spec=EMBEDDED_ALIAS)
-    p = Path(spec)
+    p = Path(spec).expanduser()
     if p.suffix == ".gguf":
         need_file(p, "GGUF file")
         digest = hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:10]
         return ModelSpec(spec, str(materialize_gguf(p, cache_dir() / f"{p.stem}-{digest}")), base_spec=spec)
     if p.is_dir():
         if (p / "adapter_config.json").is_file():
+            check_run_dir(p)
             base_spec = _adapter_base_spec(p)
             base = resolve_model(base_spec)
             return ModelSpec(spec, base.base, adapter=str(p), base_spec=base.base_spec)
@@ -241,25 +382,115 @@ def resolve_model(spec: str) -> ModelSpec:
         raise UserError(f"{p} is neither a model folder (config.json) nor a run directory (adapter_config.json)")
     if p.exists():
         raise UserError(f"not a model: {p}")
-    if spec.count("/") == 1 and not spec.startswith((".", "/")) and not spec.endswith("/"):
-        return ModelSpec(spec, spec, base_spec=spec)  # hub id: loading tells whether the hub has it
+    if looks_like_path(spec):
+        raise UserError(f"model '{spec}' does not exist (a path: train that run first, or check the path)")
+    if is_hub_id(spec):
+        return ModelSpec(spec, spec, base_spec=spec)  # load_model checks the hub (or the local cache) has it
     raise UserError(f"unknown model '{spec}': give a hub id (org/name), a local folder, a .gguf file, a run "
                     f"directory, or '{EMBEDDED_ALIAS}'")
 
 
+def _read_json_object(path: Path) -> dict:
+    """A JSON object from a file of a run dir; anything else is one line naming the file."""
+    text = read_text(path, "file")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, found a {type(obj).__name__}")
+    return obj
+
+
 def _adapter_base_spec(run_dir: Path) -> str:
-    """The base a run dir was trained on: run.json's user-level name first (portable across machines)."""
+    """The base a run dir was trained on: run.json's user-level name first, else adapter_config.json's (which
+    training writes portable: a hub id or smollm2-135m)."""
     run = run_dir / "run.json"
     if run.is_file():
-        with contextlib.suppress(ValueError, KeyError):
-            base = json.loads(run.read_text())["base_model"]
-            if base:
-                return base
-    cfg = json.loads((run_dir / "adapter_config.json").read_text())
-    base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{run_dir}/adapter_config.json names no base model")
+        base = _read_json_object(run).get("base_model")
+        if isinstance(base, str) and base:
+            return base
+    cfg = run_dir / "adapter_config.json"
+    base = _read_json_object(cfg).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{cfg}: field 'base_model_name_or_path' names no base model")
     return base
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# run directories: complete or refused
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's file names
+FINAL_TMP_PREFIX = ".final-"  # the temporary folder inside a run dir where training writes the final save
+
+
+def adapter_digests(run_dir: str | os.PathLike) -> dict[str, str]:
+    """{file name: sha256} of the adapter weights in a run dir (what run.json records and the loader checks)."""
+    d = Path(run_dir)
+    return {n: sha256_file(d / n) for n in ADAPTER_WEIGHTS if (d / n).is_file()}
+
+
+def is_training_run(run_dir: Path) -> bool:
+    """Traces only this project's trainers leave: metrics.jsonl, Trainer checkpoints, an unfinished final save."""
+    return (run_dir / "metrics.jsonl").is_file() or any(run_dir.glob("checkpoint-*")) or \
+        any(run_dir.glob(FINAL_TMP_PREFIX + "*"))
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run dir whose final save did not finish: a training run must hold run.json, and the adapter weights
+    must match the digest run.json records. A bare adapter folder (copied or downloaded, no traces of training) is
+    loaded as it is."""
+    run = run_dir / "run.json"
+    if not run.is_file():
+        if is_training_run(run_dir):
+            raise UserError(f"{run_dir}: no run.json: the run's final save did not finish; rerun the training "
+                            "command with --resume")
+        return
+    digests = _read_json_object(run).get("adapter_sha256")
+    if digests is None:
+        return  # a run.json written before digests were recorded
+    if not isinstance(digests, dict) or not digests:
+        raise UserError(f"{run}: field 'adapter_sha256' must map the adapter weight files to their sha256")
+    for name, want in digests.items():
+        f = run_dir / name
+        if not f.is_file() or sha256_file(f) != want:
+            raise UserError(f"{f} does not match the sha256 in {run} (the final save was interrupted, or the "
+                            "file was changed): rerun the training command with --resume")
+
+
+def commit_run_dir(tmp: Path, run_dir: Path) -> None:
+    """Move a finished save from `tmp` (inside run_dir) into run_dir: the old run.json goes first, every other file
+    next, the new run.json last. Killed at any point, the run dir holds either the complete old run, or the old run
+    without run.json, or the new files without run.json: check_run_dir refuses the last two."""
+    import shutil
+    (run_dir / "run.json").unlink(missing_ok=True)
+    for f in sorted(tmp.iterdir()):
+        if f.name == "run.json":
+            continue
+        target = run_dir / f.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(f, target)
+    os.replace(tmp / "run.json", run_dir / "run.json")
+    tmp.rmdir()
+
+
+def final_save_dir(run_dir: str | os.PathLike) -> Path:
+    """A fresh temporary folder inside run_dir for the final save (leftovers of an interrupted one removed)."""
+    import shutil
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for old in run_dir.glob(FINAL_TMP_PREFIX + "*"):
+        shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=FINAL_TMP_PREFIX, dir=run_dir))
+
+
+def portable_base(base_spec: str | None) -> str | None:
+    """The name adapter_config.json records for the base: the hub id or smollm2-135m, which another machine can
+    resolve; None (keep PEFT's local path) for a local folder."""
+    if base_spec and (base_spec == EMBEDDED_ALIAS or is_hub_id(base_spec)):
+        return base_spec
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,6 +499,34 @@ def _adapter_base_spec(run_dir: Path) -> str:
 def pick_device() -> str:
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_hub_model(repo_id: str) -> None:
+    """Before loading a hub id: fail at once, with one line, when it cannot come: not in the local cache and the hub
+    is off (HF_HUB_OFFLINE=1) or unreachable, or the hub has no such repo. transformers would retry a dead network
+    five times (about a minute) first. One request, no retries; a cached model is loaded without asking."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    offline = f"use '{EMBEDDED_ALIAS}', a local folder, or a machine that has '{repo_id}' in its Hugging Face cache"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"model '{repo_id}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                        f"{offline}")
+    try:
+        HfApi().model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        return  # gated: from_pretrained says how to get access
+    except RepositoryNotFoundError:
+        raise UserError(f"model '{repo_id}' is not on the Hugging Face hub (or is private: `hf auth login`)") from None
+    except OfflineModeIsEnabled:
+        raise UserError(f"model '{repo_id}' is not in the local Hugging Face cache and offline mode is on: "
+                        f"{offline}") from None
+    except Exception as e:  # httpx connection errors and timeouts: no network, DNS, a proxy, a firewall
+        if getattr(getattr(e, "response", None), "status_code", None) is not None:
+            return  # the hub answered (rate limit, server error, ...): from_pretrained reports it
+        raise UserError(f"model '{repo_id}': the Hugging Face hub cannot be reached ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:120]}); offline, {offline}") from None
 
 
 def _from_pretrained(cls, name: str, **kw):
@@ -321,12 +580,17 @@ def align_special_tokens(tok, model=None) -> None:
             [tok.eos_token_id] + [e for e in eos if e != tok.eos_token_id]
 
 
-def use_4bit(quantize: str, device: str) -> bool:
-    """--quantize auto|4bit|none. auto: 4-bit NF4 on CUDA; on CPU bitsandbytes 4-bit cannot run, so plain weights."""
+def use_4bit(quantize: str, device: str, training: bool = False) -> bool:
+    """--quantize auto|4bit|none. auto: 4-bit NF4 on CUDA; on CPU bitsandbytes 4-bit cannot run, so plain weights.
+    The CPU fallback is said when it changes what the user asked or expects: training (QLoRA becomes plain LoRA), or
+    an explicit --quantize 4bit."""
     if quantize == "none":
         return False
     if device != "cuda":
-        note("4-bit QLoRA needs a CUDA GPU: on this CPU the base loads unquantised (training uses plain LoRA)")
+        if training:
+            note("4-bit QLoRA needs a CUDA GPU: on this CPU the base loads unquantised (training uses plain LoRA)")
+        elif quantize == "4bit":
+            note("--quantize 4bit needs a CUDA GPU: on this CPU the model loads unquantised")
         return False
     return True
 
@@ -372,11 +636,13 @@ def load_model(spec: str, *, quantize: str = "auto", trust_remote_code: bool = F
     from transformers import AutoModelForCausalLM
 
     ms = resolve_model(spec)
+    if not Path(ms.base).exists():
+        check_hub_model(ms.base)
     device = device or pick_device()
     dtype = dtype or compute_dtype(device)
     tok = load_tokenizer(ms, trust_remote_code)
     kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None)
-    if use_4bit(quantize, device):
+    if use_4bit(quantize, device, training=for_training):
         kw["quantization_config"] = bnb_config(dtype)
     if device == "cuda":
         # PyTorch 2.11 runs SDPA on cuDNN first on Hopper and newer, and cuDNN builds an execution plan for every new
@@ -398,11 +664,13 @@ def load_model(spec: str, *, quantize: str = "auto", trust_remote_code: bool = F
     align_special_tokens(tok, model)
     if ms.adapter:
         from peft import PeftModel
+        from safetensors import SafetensorError
         note(f"base model {ms.base_spec} comes from the adapter in {ms.adapter}")
         try:
             model = PeftModel.from_pretrained(model, ms.adapter, is_trainable=for_training)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"cannot load the adapter in {ms.adapter}: {str(e).splitlines()[0][:200]}") from None
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # damaged or foreign files
+            raise UserError(f"cannot load the adapter in {ms.adapter}: {type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:200]}") from None
     if not for_training:
         model.eval()
     return model, tok, ms

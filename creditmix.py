@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import random
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from common import UserError, need_file, read_records
+from common import UserError, need_file, read_records_placed, read_text
 
 LABELS = ["Good", "Standard", "Bad"]
 # The README's fixed-template classification ask ("Return only the label.").
@@ -90,42 +91,40 @@ def load_examples(path, cols: list[str]) -> tuple[list[dict], dict]:
     report = Counter()
     rows = []
     if p.suffix == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in cols + ["Credit_Mix"] if c not in (reader.fieldnames or [])]
-            if missing:
-                raise UserError(f"{p}: missing column(s) {', '.join(missing)}")
-            for line, r in enumerate(reader, 2):
-                label = (r["Credit_Mix"] or "").strip()
-                if label in ("", "_"):
-                    report["skipped_unknown_label"] += 1
-                    continue
-                if label not in LABELS:
-                    raise UserError(f"{p}:{line}: Credit_Mix '{label}' is not one of {', '.join(LABELS)}")
-                rows.append({"features": features_text(r, cols), "label": label, "split": None})
+        reader = csv.DictReader(io.StringIO(read_text(p), newline=""))
+        missing = [c for c in cols + ["Credit_Mix"] if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"{p}: missing column(s) {', '.join(missing)}")
+        for r in reader:
+            label = (r["Credit_Mix"] or "").strip()
+            if label in ("", "_"):
+                report["skipped_unknown_label"] += 1
+                continue
+            if label not in LABELS:  # reader.line_num: the file's line where this row ends
+                raise UserError(f"{p}:{reader.line_num}: Credit_Mix '{label}' is not one of {', '.join(LABELS)}")
+            rows.append({"features": features_text(r, cols), "label": label, "split": None})
         return _check_classes(rows, p), dict(report)
-    recs = read_records(p)
-    first = recs[0]
+    recs = read_records_placed(p)  # [(place: "line N" of the file or "record N", record)]
+    first = recs[0][1]
     if "question" in first or "answer" in first:
-        where = "record" if p.suffix == ".json" else "line"
-        for n, r in enumerate(recs, 1):
+        for where, r in recs:
             for f in ("question", "answer"):
                 if not isinstance(r.get(f), str) or not r[f].strip():
-                    raise UserError(f"{p}: {where} {n}: missing or empty field '{f}'")
+                    raise UserError(f"{p}: {where}: missing or empty field '{f}'")
             if r["answer"].strip() not in LABELS:
-                raise UserError(f"{p}: {where} {n}: answer '{r['answer']}' is not one of {', '.join(LABELS)}")
+                raise UserError(f"{p}: {where}: answer '{r['answer']}' is not one of {', '.join(LABELS)}")
             rows.append({"features": r["question"].strip(), "label": r["answer"].strip(), "split": None})
     elif "label" in first:
-        for n, r in enumerate(recs, 1):
+        for where, r in recs:
             label = r.get("label")
             if label in (None, "", "_"):
                 report["skipped_unknown_label"] += 1
                 continue
             if label not in LABELS:
-                raise UserError(f"{p}: line {n}: label '{label}' is not one of {', '.join(LABELS)}")
+                raise UserError(f"{p}: {where}: label '{label}' is not one of {', '.join(LABELS)}")
             missing = [c for c in cols if c not in r]
             if missing:
-                raise UserError(f"{p}: line {n}: missing field '{missing[0]}'")
+                raise UserError(f"{p}: {where}: missing field '{missing[0]}'")
             rows.append({"features": features_text(r, cols), "label": label, "split": r.get("source_split")})
     else:
         raise UserError(f"{p}: line 1: expected fields 'question' and 'answer' (seed format) or Kaggle columns "

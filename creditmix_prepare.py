@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import creditmix as cm
-from common import sha256_file, user_errors, write_json, write_jsonl
+from common import check_output_file, sha256_file, user_errors, write_outputs
 
 
 def parse_args(argv=None):
@@ -37,6 +37,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# What main() writes into --outdir: all of them or none.
+OUTPUTS = ["creditmix_sft.jsonl", "creditmix_kd.jsonl", "creditmix_dpo.jsonl", "creditmix_val.jsonl",
+           "creditmix_prepare.json"]
+
+
 def training_files(train: list[dict], seed: int) -> dict[str, list[dict]]:
     """The README's three formats from the balanced training rows; DPO's rejected is a wrong label."""
     rng = random.Random(seed)
@@ -50,6 +55,9 @@ def training_files(train: list[dict], seed: int) -> dict[str, list[dict]]:
 
 
 def main(args):
+    out = Path(args.outdir)
+    for name in OUTPUTS:  # before anything is read
+        check_output_file(out / name)
     # load
     cols = cm.resolve_features(args.features)
     rows, report = cm.load_examples(args.src, cols)
@@ -59,13 +67,10 @@ def main(args):
     files["creditmix_val.jsonl"] = [{"input": cm.prompt_for(r["features"]), "output": r["label"],
                                      "features": r["features"]} for r in val]
     # save
-    out = Path(args.outdir)
-    for name, recs in files.items():
-        write_jsonl(out / name, recs)
     summary = {"src": str(args.src), "src_sha256": sha256_file(args.src), "features": cols, "seed": args.seed,
                "val_per_class": len(val) // len(cm.LABELS), "train_per_class": len(train) // len(cm.LABELS),
                "source_counts": dict(Counter(r["label"] for r in rows)), **report}
-    write_json(out / "creditmix_prepare.json", summary)
+    write_outputs({**{out / name: recs for name, recs in files.items()}, out / "creditmix_prepare.json": summary})
     skipped = f", skipped {report['skipped_unknown_label']} rows with unknown Credit_Mix" if report else ""
     print(f"{len(rows)} labelled rows{skipped}; per class: {summary['train_per_class']} train, "
           f"{summary['val_per_class']} validation -> {', '.join(str(out / n) for n in files)}")

@@ -104,15 +104,16 @@ def parse_args(argv=None):
 
 def load_source(args) -> tuple[dict, list[dict], str, str]:
     """(schema, rows [{"id","split","document","gold"}], prefix, schema file name)."""
-    rows = common.read_records(args.src)
+    placed = common.read_records_placed(args.src)  # [(place: "line N" of the file or "record N", record)]
+    rows = [r for _, r in placed]
     kind = args.dataset
     if kind == "auto":
         g = rows[0].get("gold")
         kind = ("sroie" if isinstance(g, dict) and "company" in g else
                 "funsd" if isinstance(g, dict) and "key_value_pairs" in g else "generic")
     out = []
-    for n, r in enumerate(rows, 1):
-        where = f"{args.src}: record {n}"
+    for n, (place, r) in enumerate(placed, 1):
+        where = f"{args.src}: {place}"
         doc = idp.check_document(r.get("document", r.get("text")), where)
         gold = r.get("gold")
         if not isinstance(gold, dict):
@@ -131,10 +132,11 @@ def load_source(args) -> tuple[dict, list[dict], str, str]:
         schema = SROIE_SCHEMA if kind == "sroie" else FUNSD_SCHEMA
         jg.check_schema(schema, kind)
     validator = jg.make_validator(schema)
-    for r in out:
+    for (place, _), r in zip(placed, out):
         err = next(iter(validator.iter_errors(r["gold"])), None)
         if err is not None:
-            raise common.UserError(f"{args.src}: record {r['id']}: gold does not match the schema: {err.message}")
+            raise common.UserError(f"{args.src}: {place} (id {r['id']}): field 'gold' does not match the schema: "
+                                   f"{err.message}")
     prefix = args.prefix or (f"{kind}_idp" if kind != "generic" else f"{Path(args.src).stem}_idp")
     return schema, out, prefix, f"{prefix.removesuffix('_idp')}_schema.json"
 
@@ -272,6 +274,8 @@ def training_rows(schema: dict, rows: list[dict], rng: random.Random):
 
 
 def main(args):
+    out = Path(args.outdir)
+    common.check_output_dir(out, "--outdir")  # the file names depend on the source; write_outputs checks each
     # load
     rng = random.Random(args.seed)
     if args.synthetic:
@@ -297,14 +301,12 @@ def main(args):
     sft, kd, dpo = training_rows(schema, train, rng)
     test_rows = [{"id": r["id"], "document": r["document"], "gold": r["gold"]} for r in test]
 
-    # save
-    out = Path(args.outdir)
-    common.write_json(out / schema_name, schema)
-    written = {schema_name: 1}
-    for name, recs in ((f"{prefix}_sft.jsonl", sft), (f"{prefix}_kd.jsonl", kd), (f"{prefix}_dpo.jsonl", dpo)):
-        written[name] = common.write_jsonl(out / name, recs)
+    # save: all files or none
+    files = {schema_name: schema, f"{prefix}_sft.jsonl": sft, f"{prefix}_kd.jsonl": kd, f"{prefix}_dpo.jsonl": dpo}
     if test_rows:
-        written[f"{prefix}_test.jsonl"] = common.write_jsonl(out / f"{prefix}_test.jsonl", test_rows)
+        files[f"{prefix}_test.jsonl"] = test_rows
+    counts = common.write_outputs({out / name: obj for name, obj in files.items()})
+    written = {name: counts[str(out / name)] for name in files}
     for name, n in written.items():
         print(f"{out / name}: {n} {'schema' if name.endswith('.json') else 'records'}")
     return written

@@ -14,7 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from common import UserError, chat_prompt, load_model, note, print_config, read_records, user_errors
+from common import (UserError, chat_prompt, check_output_file, jsonl_dumps, jsonl_lines, load_model, note,
+                    print_config, read_records_placed, user_errors)
 
 
 def parse_args(argv=None):
@@ -57,20 +58,25 @@ def done_rows(out: Path, prompts: list[str], teacher: str) -> int:
         with open(out, "r+b") as f:
             f.truncate(cut)
         raw = raw[:cut]
-    lines = [ln for ln in raw.decode("utf-8").splitlines() if ln.strip()]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{out}: not UTF-8 text, so not written by teacher_generate.py; use another --out or "
+                        "--overwrite") from None
+    lines = jsonl_lines(text)  # split on "\n" only, as written: a U+2028 in an answer is not a line break
     if len(lines) > len(prompts):
         raise UserError(f"{out} holds {len(lines)} rows but the data has {len(prompts)}: not a run on this data; "
                         "use another --out or --overwrite")
-    for i, line in enumerate(lines):
+    for i, (lineno, line) in enumerate(lines):
         try:
             r = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{out}:{i + 1}: invalid JSON ({e.msg}); use another --out or --overwrite") from None
-        if r.get("input") != prompts[i]:
-            raise UserError(f"{out}:{i + 1}: its input differs from row {i + 1} of the data: not a run on this data; "
-                            "use another --out or --overwrite")
+            raise UserError(f"{out}:{lineno}: invalid JSON ({e.msg}); use another --out or --overwrite") from None
+        if not isinstance(r, dict) or r.get("input") != prompts[i]:
+            raise UserError(f"{out}:{lineno}: its input differs from row {i + 1} of the data: not a run on this "
+                            "data; use another --out or --overwrite")
         if r.get("teacher") != teacher:
-            raise UserError(f"{out}:{i + 1}: written by teacher {r.get('teacher')!r}, not {teacher!r}; "
+            raise UserError(f"{out}:{lineno}: written by teacher {r.get('teacher')!r}, not {teacher!r}; "
                             "use another --out or --overwrite")
     return len(lines)
 
@@ -103,15 +109,16 @@ def main(args):
     print_config("teacher_generate", args)
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--batch_size and --max_new_tokens must be >= 1")
+    out = check_output_file(args.out, "--out")  # before anything loads
     # load
-    rows = read_records(args.data)
+    placed = read_records_placed(args.data)
+    rows = [r for _, r in placed]
     key = args.input_key if args.input_key != "auto" else ("input" if "input" in rows[0] else "prompt")
-    for i, r in enumerate(rows, 1):
+    for where, r in placed:
         if not isinstance(r.get(key), str) or not r[key].strip():
-            raise UserError(f"{args.data}: record {i}: field '{key}' must be a non-empty string")
+            raise UserError(f"{args.data}: {where}: field '{key}' must be a non-empty string")
     rows = rows[:args.limit] if args.limit > 0 else rows
     prompts = [r[key] for r in rows]
-    out = Path(args.out)
     if args.overwrite and out.exists():
         out.unlink()
     done = done_rows(out, prompts, args.teacher)
@@ -144,8 +151,7 @@ def main(args):
             cut += ended.count(False)
             empty += sum(not a for a in answers)
             for r, p, a in zip(rows[start:start + args.batch_size], batch, answers):
-                f.write(json.dumps({**r, "input": p, "teacher_output": a, "teacher": args.teacher},
-                                   ensure_ascii=False) + "\n")
+                f.write(jsonl_dumps({**r, "input": p, "teacher_output": a, "teacher": args.teacher}) + "\n")
             f.flush()
             os.fsync(f.fileno())
             bar.update(len(batch))

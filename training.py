@@ -9,8 +9,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import (UserError, encode_example, fsdp_enabled, is_main_process, note, print_config, world_size,
-                    write_run_json)
+from common import (UserError, adapter_digests, check_output_dir, commit_run_dir, encode_example, final_save_dir,
+                    fsdp_enabled, is_main_process, note, portable_base, print_config, world_size, write_run_json)
 
 
 def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: float = 2e-4, epochs: float = 1.0,
@@ -271,12 +271,31 @@ def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: 
         "speedups": list(speedups), **(extra_metrics or {}),
     }
     if trainer.is_world_process_zero():
-        trainer.save_model(args.save_dir)  # PEFT: the adapter only, never the base weights
-        tok.save_pretrained(args.save_dir)
-        write_run_json(args.save_dir, script=script, method=method, args=args, base_model=base_model, data=data,
-                       metrics=metrics, started=started, extra={"world_size": world_size(), **(extra or {})})
+        save_final(trainer, tok, args, base_model, lambda d, rec: write_run_json(
+            d, script=script, method=method, args=args, base_model=base_model, data=data, metrics=metrics,
+            started=started, extra={"world_size": world_size(), **rec, **(extra or {})}))
         print(json.dumps({"save_dir": args.save_dir, **{k: v for k, v in metrics.items() if k != "data_rows"}}))
     return metrics
+
+
+def save_final(trainer, tok, args, base_model: str | None, write_record) -> None:
+    """The final save, complete or absent: adapter and tokenizer go into a temporary folder inside --save_dir,
+    adapter_config.json names a base another machine can resolve (the hub id, or smollm2-135m; run.json keeps the
+    local path), run.json (written by write_record(folder, fields)) records the adapter weights' sha256, and
+    common.commit_run_dir moves it all into place with run.json last. The loader refuses a run dir whose run.json is
+    missing or does not match its weights."""
+    from peft import PeftConfig
+
+    tmp = final_save_dir(args.save_dir)
+    trainer.save_model(str(tmp))  # PEFT: the adapter only, never the base weights
+    tok.save_pretrained(str(tmp))
+    cfg = PeftConfig.from_pretrained(str(tmp))
+    local_base, portable = cfg.base_model_name_or_path, portable_base(base_model)
+    if portable and portable != local_base:
+        cfg.base_model_name_or_path = portable
+        cfg.save_pretrained(str(tmp))
+    write_record(tmp, {"base_model_path": local_base, "adapter_sha256": adapter_digests(tmp)})
+    commit_run_dir(tmp, Path(args.save_dir))
 
 
 def start(title: str, args) -> float:
@@ -287,5 +306,7 @@ def start(title: str, args) -> float:
     # fewer out-of-memory stops near the --max_memory_gb cap: segments grow instead of fragmenting (before CUDA init)
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     print_config(title, args)
+    check_output_dir(args.save_dir)  # before any data or model loads
+    resume_checkpoint(args)
     set_seed(args.seed)
     return time.time()

@@ -76,10 +76,10 @@ def test_generic_source_with_schema(tmp_path):
 
 
 @pytest.mark.parametrize("rows, extra, message", [
-    ([{"text": "x", "gold": {"name": 5}}], True, "record 1: gold does not match the schema"),
+    ([{"text": "x", "gold": {"name": 5}}], True, r"line 1 \(id 1\): field 'gold' does not match the schema"),
     ([{"text": "x", "gold": {"name": "a"}, "split": "test"}], True, "no records with split 'train'"),
     ([{"text": "x", "gold": {"name": "a"}}], False, "give the --schema"),
-    ([{"text": " ", "gold": {"name": "a"}}], True, "record 1: the document is empty"),
+    ([{"text": " ", "gold": {"name": "a"}}], True, "line 1: the document is empty"),
 ])
 def test_bad_sources(tmp_path, rows, extra, message):
     (tmp_path / "s.json").write_text(json.dumps({"type": "object", "properties": {"name": {"type": "string"}}}))
