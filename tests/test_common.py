@@ -1,9 +1,15 @@
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import common
 from common import UserError
+from conftest import ROOT
 
 
 def test_resolve_model_kinds(tmp_path, tiny_model_dir):
@@ -79,12 +85,166 @@ def test_tokens_aligned_and_completion_only_labels(tiny_model_dir):
     assert status == "truncated" and len(cut["input_ids"]) == prompt_len + 5
 
 
-def test_cpu_fallback_says_so_once(capsys):
-    assert common.use_4bit("auto", "cpu") is False
-    assert common.use_4bit("auto", "cpu") is False
-    assert capsys.readouterr().err.count("4-bit") <= 1
+def test_cpu_fallback_says_so_once_when_training(capsys, monkeypatch):
+    monkeypatch.setattr(common, "_notes_said", set())  # notes are once per process: start from none said
+    assert common.use_4bit("auto", "cpu", training=True) is False
+    assert common.use_4bit("auto", "cpu", training=True) is False
+    assert capsys.readouterr().err.count("4-bit QLoRA needs a CUDA GPU") == 1
     assert common.use_4bit("none", "cuda") is False
     assert common.use_4bit("auto", "cuda") is True
+
+
+def test_inference_on_cpu_says_nothing_about_qlora(tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(common, "_notes_said", set())
+    model, _, _ = common.load_model(str(tiny_model_dir), device="cpu")  # inference: nothing trains
+    assert "4-bit" not in capsys.readouterr().err
+    assert next(model.parameters()).dtype == common.compute_dtype("cpu")
+    common.load_model(str(tiny_model_dir), device="cpu", for_training=True)
+    assert capsys.readouterr().err.count("4-bit QLoRA needs a CUDA GPU") == 1
+
+
+def exits_2(fn, capsys) -> str:
+    """Run fn as a script's main runs (under user_errors): it must exit 2 with one line on stderr; returns it."""
+    with pytest.raises(SystemExit) as e:
+        with common.user_errors():
+            fn()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err and err[-1].startswith("error: ")
+    assert not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+SEPARATORS = "a\u2028b\u2029c\x85d"  # line separators for str.splitlines(), ordinary characters for JSON
+
+
+def test_jsonl_round_trips_unicode_line_separators(tmp_path):
+    rows = [{"input": SEPARATORS, "output": "Good"}, {"input": "plain", "output": "Bad"}]
+    p = tmp_path / "d.jsonl"
+    common.write_jsonl(p, rows)
+    assert common.read_records(p) == rows
+    assert len(p.read_text(encoding="utf-8").splitlines()) == 2  # escaped: even splitlines() readers see 2 lines
+    # a file with the characters raw (json.dumps(ensure_ascii=False), as other tools write) reads back too
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert common.read_records(p) == rows
+    assert common.record_places(p) == ["line 1", "line 2"]
+
+
+def test_errors_name_the_file_line_with_blank_lines_counted(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"input": "a", "output": "b"}\n\n{"input": "a\u2028x", "output": "b"}\n\n{"input": "c"}\n',
+                 encoding="utf-8")
+    with pytest.raises(UserError, match=r"d.jsonl: line 5: missing field 'output'"):
+        common.read_records(p, required=("input", "output"))
+    assert common.record_places(p) == ["line 1", "line 3", "line 5"]
+
+
+def test_non_utf8_jsonl_is_one_line(tmp_path, capsys):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"input": "a", "output": "b"}\n{"input": "caf\xe9", "output": "b"}\n')
+    line = exits_2(lambda: common.read_records(p), capsys)
+    assert "d.jsonl:2: not UTF-8 text (byte 0xe9 at column 15)" in line
+
+
+def test_write_outputs_all_or_none(tmp_path):
+    (tmp_path / "b.jsonl").mkdir()  # one output path blocked by a folder
+    with pytest.raises(UserError, match=r"b.jsonl is a folder"):
+        common.write_outputs({tmp_path / "a.jsonl": [{"x": 1}], tmp_path / "b.jsonl": [{"x": 2}],
+                              tmp_path / "c.json": {"y": 1}})
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["b.jsonl"]  # nothing else written, no temp files
+    counts = common.write_outputs({tmp_path / "a.jsonl": [{"x": 1}, {"x": 2}], tmp_path / "c.json": {"y": 1}})
+    assert counts == {str(tmp_path / "a.jsonl"): 2, str(tmp_path / "c.json"): 1}
+    assert json.loads((tmp_path / "c.json").read_text()) == {"y": 1}
+
+
+def test_output_checks(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        common.check_output_dir(tmp_path / "f")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        common.check_output_file(tmp_path / "f" / "out.jsonl")
+    assert common.check_output_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def read_only_dir(tmp_path):
+    """A folder this process cannot write in: a 0555 folder (not for root), else a read-only mount."""
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    if not os.access(d, os.W_OK):
+        return d
+    for cand in ("/proc/sys", "/sys/kernel"):
+        if os.path.isdir(cand) and not os.access(cand, os.W_OK):
+            return Path(cand)
+    pytest.skip("no read-only folder available to this user")
+
+
+def test_read_only_output_is_refused(tmp_path):
+    ro = read_only_dir(tmp_path)
+    with pytest.raises(UserError, match="cannot write in"):
+        common.check_output_dir(ro / "run")
+    with pytest.raises(UserError, match="cannot write in"):
+        common.check_output_file(ro / "out.jsonl")
+
+
+def test_path_shaped_model_that_does_not_exist_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for spec in ["runs/nope", "./nope", "../nope", str(tmp_path / "nope"), "a/b/c"]:
+        with pytest.raises(UserError, match=f"model '{re.escape(spec)}' does not exist"):
+            common.resolve_model(spec)
+    (tmp_path / "models").mkdir()  # a folder that exists here: models/x is a path, not a hub id
+    with pytest.raises(UserError, match="does not exist"):
+        common.resolve_model("models/x")
+    assert common.resolve_model("Qwen/Qwen2.5-3B-Instruct").base == "Qwen/Qwen2.5-3B-Instruct"
+
+
+def _run_load(spec, env):
+    code = f"import common\nwith common.user_errors():\n    common.load_model({spec!r})"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"HF_HUB_OFFLINE": "1"}, "is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
+    ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, "the Hugging Face hub cannot be reached"),
+])
+def test_hub_id_offline_fails_at_once_with_one_line(tmp_path, env, message):
+    """Offline (HF_HUB_OFFLINE, or no network: a closed port stands in for it) a hub id that is not cached is one
+    line and exit 2, never transformers' five retries."""
+    r = _run_load("nobody-here/no-such-model", {**env, "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()
+    assert err[-1].startswith("error: model 'nobody-here/no-such-model'") and message in err[-1]
+    assert "Retry" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_random_bytes_named_gguf_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DISTILL_SLM_CACHE", str(tmp_path / "cache"))
+    p = tmp_path / "model.gguf"
+    p.write_bytes(os.urandom(4096))
+    assert "model.gguf: not a GGUF file" in exits_2(lambda: common.resolve_model(str(p)), capsys)
+    p.write_bytes(b"GGUF" + os.urandom(4096))  # the magic, then garbage: the reader's own error, as one line
+    assert "model.gguf: cannot read this GGUF file" in exits_2(lambda: common.resolve_model(str(p)), capsys)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", r"adapter_config.json:1: invalid JSON"),
+    ('["a list"]', r"adapter_config.json: expected a JSON object, found a list"),
+    ('{"r": 16}', r"adapter_config.json: field 'base_model_name_or_path' names no base model"),
+])
+def test_garbage_adapter_config_without_run_json_is_one_line(tmp_path, capsys, content, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text(content)
+    assert re.search(message, exits_2(lambda: common.resolve_model(str(run)), capsys))
+
+
+def test_garbage_run_json_is_one_line(tmp_path, capsys, tiny_model_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model_dir)}))
+    (run / "run.json").write_bytes(b"\x00\xff garbage")
+    assert "run.json:1: not UTF-8 text" in exits_2(lambda: common.resolve_model(str(run)), capsys)
 
 
 def test_user_errors_exit_code(capsys):
