@@ -485,6 +485,16 @@ def final_save_dir(run_dir: str | os.PathLike) -> Path:
     return Path(tempfile.mkdtemp(prefix=FINAL_TMP_PREFIX, dir=run_dir))
 
 
+def local_model_path(name: str) -> str:
+    """Where a base's files are on this machine: a local folder as given, a hub id's snapshot in the HF cache."""
+    if not Path(name).exists() and is_hub_id(name):
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(name, "config.json")
+        if isinstance(cached, str):
+            return str(Path(cached).parent)
+    return name
+
+
 def portable_base(base_spec: str | None) -> str | None:
     """The name adapter_config.json records for the base: the hub id or smollm2-135m, which another machine can
     resolve; None (keep PEFT's local path) for a local folder."""

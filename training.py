@@ -10,7 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 from common import (UserError, adapter_digests, check_output_dir, commit_run_dir, encode_example, final_save_dir,
-                    fsdp_enabled, is_main_process, note, portable_base, print_config, world_size, write_run_json)
+                    fsdp_enabled, is_main_process, local_model_path, note, portable_base, print_config, world_size,
+                    write_run_json)
 
 
 def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: float = 2e-4, epochs: float = 1.0,
@@ -294,7 +295,7 @@ def save_final(trainer, tok, args, base_model: str | None, write_record) -> None
     if portable and portable != local_base:
         cfg.base_model_name_or_path = portable
         cfg.save_pretrained(str(tmp))
-    write_record(tmp, {"base_model_path": local_base, "adapter_sha256": adapter_digests(tmp)})
+    write_record(tmp, {"base_model_path": local_model_path(local_base), "adapter_sha256": adapter_digests(tmp)})
     commit_run_dir(tmp, Path(args.save_dir))
 
 
