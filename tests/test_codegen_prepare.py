@@ -121,3 +121,16 @@ def test_bad_input_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no rows in split 'train'"):
         codegen_prepare.main(codegen_prepare.parse_args(["--src", str(src), "--outdir", str(tmp_path)]))
     assert not (tmp_path / "codegen_sft.jsonl").exists()
+
+
+def test_blocked_output_fails_before_the_sandbox_runs(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / "codegen_kd.jsonl").mkdir(parents=True)
+
+    def no_run(*a, **kw):
+        raise AssertionError("the sandbox ran before the output paths were checked")
+
+    monkeypatch.setattr(codegen_prepare.sandbox, "run_programs", no_run)
+    with pytest.raises(UserError, match=r"codegen_kd.jsonl is a folder"):
+        codegen_prepare.main(codegen_prepare.parse_args(["--synthetic", "--n_synthetic", "4", "--outdir", str(out)]))
+    assert sorted(p.name for p in out.iterdir()) == ["codegen_kd.jsonl"]

@@ -108,3 +108,79 @@ def test_missing_file_exits_2(tmp_path):
                         str(tmp_path)], capture_output=True, text=True, cwd=creditmix_prepare.__file__.rsplit("/", 1)[0])
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: data file not found: {tmp_path / 'nope.json'}"
+
+
+def exits_2(fn, capsys) -> str:
+    from common import user_errors
+    with pytest.raises(SystemExit) as e:
+        with user_errors():
+            fn()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: ") and not any("Traceback" in x for x in err)
+    return err[-1]
+
+
+def seed_rows(n_per_class=6):
+    return [{"question": f"Age: {20 + i}, Occupation: Teacher", "answer": c}
+            for c in cm.LABELS for i in range(n_per_class)]
+
+
+def test_one_blocked_output_writes_nothing(tmp_path, capsys):
+    src = tmp_path / "seed.json"
+    src.write_text(json.dumps(seed_rows()))
+    out = tmp_path / "out"
+    (out / "creditmix_val.jsonl").mkdir(parents=True)  # a folder where a file goes
+    line = exits_2(lambda: run(["--src", str(src), "--outdir", str(out), "--val_per_class", "1"]), capsys)
+    assert f"{out / 'creditmix_val.jsonl'} is a folder" in line
+    assert sorted(p.name for p in out.iterdir()) == ["creditmix_val.jsonl"]  # no SFT/KD/DPO file, no temp file
+
+
+def test_unicode_line_separators_survive_prepare_and_training_reads(tmp_path, monkeypatch):
+    """U+2028/U+2029/U+0085 inside a customer's text: the prepared files read back in sft_train.py."""
+    import sft_train
+    rows = seed_rows()
+    rows[0]["question"] = "Occupation: Writer\u2028Editor\u2029x\x85y, Age: 40"
+    src = tmp_path / "seed.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    run(["--src", str(src), "--outdir", str(tmp_path), "--val_per_class", "1"])
+    texts = [r["input"] for name in ("sft", "val") for r in read(tmp_path / f"creditmix_{name}.jsonl")]
+    assert any("Writer\u2028Editor\u2029x\x85y" in t for t in texts)
+
+    class DataRead(Exception):
+        pass
+
+    def stop(*a, **kw):  # sft_train read and checked its data: stop before the model loads
+        raise DataRead()
+
+    monkeypatch.setattr(sft_train, "load_student", stop)
+    for name in ("sft", "val"):
+        with pytest.raises(DataRead):
+            sft_train.main(sft_train.parse_args(["--student", "smollm2-135m", "--data",
+                                                 str(tmp_path / f"creditmix_{name}.jsonl"),
+                                                 "--save_dir", str(tmp_path / "run")]))
+
+
+def test_errors_give_the_file_line_blank_lines_counted(tmp_path, capsys):
+    src = tmp_path / "seed.jsonl"
+    lines = [json.dumps(r) for r in seed_rows()]
+    lines[2] = json.dumps({"question": "Age: 1", "answer": "Excellent"})
+    src.write_text(lines[0] + "\n\n" + lines[1] + "\n\n" + "\n".join(lines[2:]) + "\n")  # the bad row: line 5
+    line = exits_2(lambda: run(["--src", str(src), "--outdir", str(tmp_path / "out")]), capsys)
+    assert "seed.jsonl: line 5: answer 'Excellent' is not one of Good, Standard, Bad" in line
+
+
+def test_non_utf8_csv_is_one_line(tmp_path, capsys):
+    src = tmp_path / "credit.csv"
+    header = ",".join(cm.README_FEATURES + ["Credit_Mix"])
+    src.write_bytes((header + "\n30,Teacher,1,2,3,x,Good\n").encode() + b"40,Caf\xe9,1,2,3,x,Bad\n")
+    line = exits_2(lambda: run(["--src", str(src), "--outdir", str(tmp_path / "out")]), capsys)
+    assert "credit.csv:3: not UTF-8 text (byte 0xe9 at column 7)" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_csv_errors_give_the_file_line(tmp_path, capsys):
+    src = tmp_path / "credit.csv"
+    header = ",".join(cm.README_FEATURES + ["Credit_Mix"])
+    src.write_text(header + '\n30,"Teacher\nand writer",1,2,3,x,Good\n40,Teacher,1,2,3,x,Fair\n')
+    line = exits_2(lambda: run(["--src", str(src), "--outdir", str(tmp_path / "out")]), capsys)
+    assert "credit.csv:4: Credit_Mix 'Fair'" in line  # the quoted field spans lines 2-3

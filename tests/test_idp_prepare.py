@@ -116,3 +116,18 @@ def test_funsd_pairs(tmp_path):
     assert written["funsd_idp_sft.jsonl"] == 149 and written["funsd_idp_test.jsonl"] == 50
     first = json.loads(_read(tmp_path / "funsd_idp_sft.jsonl")[0]["output"])
     assert set(first) == {"fields"} and all(set(p) == {"question", "answer"} for p in first["fields"])
+
+
+def test_one_blocked_output_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    (out / "idp_dpo.jsonl").mkdir(parents=True)
+    with pytest.raises(common.UserError, match=r"idp_dpo.jsonl is a folder"):
+        idp_prepare.main(idp_prepare.parse_args(["--synthetic", "--n", "4", "--n_test", "2", "--outdir", str(out)]))
+    assert sorted(p.name for p in out.iterdir()) == ["idp_dpo.jsonl"]
+
+
+def test_outdir_that_is_a_file_is_refused_before_reading(tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(common.UserError, match="--outdir .*out is a file, not a folder"):
+        idp_prepare.main(idp_prepare.parse_args(["--src", str(tmp_path / "missing.jsonl"), "--outdir",
+                                                 str(tmp_path / "out")]))

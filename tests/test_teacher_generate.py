@@ -89,3 +89,38 @@ def test_plan_then_code_trace(tiny_model_dir, tmp_path):
     gen(tmp_path, tiny_model_dir, data, "--plan_then_code", "--plan_tokens", "3")
     (row,) = read(tmp_path / "kd.jsonl")
     assert row["teacher_output"].startswith("Plan:\n") and row["input"] == row["prompt"]
+
+
+def test_resumes_its_own_output_with_unicode_line_separators(tiny_model_dir, tmp_path):
+    """A prompt (or answer) holding U+2028/U+2029/U+0085 is one line of --out: a rerun continues after it."""
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"input": f"Customer {i}:\u2028income\u2029{i}\x85x"}, ensure_ascii=False)
+                            + "\n" for i in range(4)), encoding="utf-8")
+    assert gen(tmp_path, tiny_model_dir, data, "--limit", "2")["generated"] == 2
+    out = tmp_path / "kd.jsonl"
+    summary = gen(tmp_path, tiny_model_dir, data)
+    assert (summary["kept"], summary["generated"]) == (2, 2)
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line]
+    assert [r["input"] for r in rows] == [f"Customer {i}:\u2028income\u2029{i}\x85x" for i in range(4)]
+    # a file written with the characters raw (json.dumps(ensure_ascii=False)) resumes too
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:3]), encoding="utf-8")
+    assert gen(tmp_path, tiny_model_dir, data)["kept"] == 3
+
+
+def test_out_that_is_a_folder_fails_before_the_model_loads(tmp_path, monkeypatch):
+    data = write_rows(tmp_path / "in.jsonl", 2)
+    (tmp_path / "kd.jsonl").mkdir()
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model loaded before --out was checked")
+
+    monkeypatch.setattr(tg, "load_model", no_load)
+    with pytest.raises(UserError, match=r"--out .*kd.jsonl is a folder"):
+        gen(tmp_path, "smollm2-135m", data)
+
+
+def test_data_errors_give_the_file_line(tmp_path):
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"input": "a"}) + "\n\n" + json.dumps({"input": " "}) + "\n")
+    with pytest.raises(UserError, match=r"in.jsonl: line 3: field 'input' must be a non-empty string"):
+        gen(tmp_path, "smollm2-135m", data)
