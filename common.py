@@ -310,7 +310,7 @@ def materialize_gguf(gguf: Path, out: Path) -> Path:
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except Exception as e:  # a damaged or unsupported file: the reader's own errors vary (ValueError, struct.error, ...)
+        except Exception as e:  # a damaged or unsupported file: the reader raises ValueError, struct.error, ...
             raise UserError(f"{gguf}: cannot read this GGUF file ({type(e).__name__}: "
                             f"{(str(e).splitlines() or [''])[0][:160]})") from None
         if hasattr(config, "quantization_config"):

@@ -25,7 +25,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from common import UserError, encode_example, load_student, lora_config, note, read_records, resolve_model, user_errors
+from common import (UserError, encode_example, load_student, lora_config, note, read_records_placed, resolve_model,
+                    user_errors)
 from dpo_trainer import build_trainer
 from training import add_training_args, gradient_checkpointing_on, log_callbacks, start, train_and_save
 
@@ -88,18 +89,11 @@ def check_args(args) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # data
 
-def record_places(path: str, n: int) -> list[str]:
-    """'line N' (JSONL, blank lines skipped as read_records does) or 'record N' (a JSON list) of each record."""
-    if Path(path).suffix == ".json":
-        return [f"record {i}" for i in range(1, n + 1)]
-    text = Path(path).read_text(encoding="utf-8")
-    return [f"line {i}" for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-
-
 def read_pairs(path: str, idp_mode: bool = False) -> list[dict]:
     """The preference rows, each checked: errors name the file and line (see the module docstring)."""
-    rows = read_records(path, required=FIELDS, nonempty=FIELDS)  # not an object / missing / empty: file:line
-    for where, r in zip(record_places(path, len(rows)), rows):
+    placed = read_records_placed(path, required=FIELDS, nonempty=FIELDS)  # not an object / missing / empty: file:line
+    rows = [r for _, r in placed]
+    for where, r in placed:
         if r["chosen"].strip() == r["rejected"].strip():
             raise UserError(f"{path}: {where}: 'chosen' and 'rejected' are the same text: such a pair teaches "
                             "nothing; fix or remove it")

@@ -20,7 +20,7 @@ import math
 import re
 from pathlib import Path
 
-from common import UserError, encode_example, note
+from common import UserError, encode_example, note, record_places
 
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
@@ -28,14 +28,6 @@ FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 
 # ----------------------------------------------------------------------------------------------------------------
 # targets
-
-def record_places(path) -> list[str]:
-    """'line N' (JSONL) or 'record N' (.json list) of each record read_records returns, for error messages."""
-    if Path(path).suffix == ".json":
-        return [f"record {i}" for i in range(1, len(json.loads(Path(path).read_text(encoding="utf-8"))) + 1)]
-    text = Path(path).read_text(encoding="utf-8")
-    return [f"line {n}" for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-
 
 def load_schema(path):
     if path is None:
