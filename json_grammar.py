@@ -93,8 +93,66 @@ def _nodes(schema, path=()):
             yield from _nodes(schema[k], path + (k,))
 
 
-def load_schema(path) -> dict:
-    """Read and check a JSON Schema file (UserError naming the file on any problem)."""
+# ----------------------------------------------------------------------------------------------------------------
+# bounds: every schema is checked against these before it compiles
+
+class SchemaRefused(UserError):
+    """A schema that is refused before (or while) it compiles. `status` says why, for an HTTP answer: 413 = over a
+    size/complexity limit (`limit` names the SchemaLimits field; the message says how to get under it), 422 =
+    invalid, unsatisfiable or unsupported, 503 = the compile worker cannot be started (retrying may help). A
+    UserError, so a script prints it as one line and exits 2."""
+
+    def __init__(self, message: str, status: int = 422, limit: str | None = None):
+        super().__init__(message)
+        self.status, self.limit = status, limit
+
+
+class CompileCancelled(Exception):
+    """GrammarCache.compile was cancelled (its `cancel` event was set): the worker was killed, nothing compiled."""
+
+
+@dataclass(frozen=True)
+class SchemaLimits:
+    """What a schema may cost. The structural limits are checked in milliseconds before anything compiles; the
+    compile itself runs in a worker process that is killed past compile_seconds or compile_memory_mb.
+    Measured (smollm2 tokenizer, 2 cores): one object with 1,000 optional properties compiles in ~1.4 s, with
+    2,000 in ~29 s (the cost grows faster than the count); data/idp_schema.json in ~0.02 s."""
+    max_depth: int = 32               # nesting of JSON objects/arrays in the schema document itself
+    max_nodes: int = 2000             # subschemas in total
+    max_properties: int = 256         # declared properties of one object schema
+    max_total_properties: int = 1000  # declared properties in the whole schema
+    max_enum_values: int = 1000       # enum values in the whole schema
+    compile_seconds: float = 30.0     # wall time of one compile (the worker is killed after it)
+    compile_memory_mb: int = 2048     # address space one compile may add to the worker (RLIMIT_AS)
+
+
+DEFAULT_LIMITS = SchemaLimits()
+
+
+def _too_big(where: str, what: str, n, limits: SchemaLimits, field: str, fix: str) -> SchemaRefused:
+    return SchemaRefused(f"{where}: {what} {n}, more than the limit of {getattr(limits, field)} ({field}): {fix}",
+                         413, field)
+
+
+def _json_depth(obj) -> int:
+    """Nesting depth of JSON objects/arrays (iterative: any depth is measured without recursion)."""
+    best, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            vals = o.values()
+        elif isinstance(o, list):
+            vals = o
+        else:
+            continue
+        best = max(best, d)
+        stack.extend((v, d + 1) for v in vals if isinstance(v, (dict, list)))
+    return best
+
+
+def load_schema(path, limits: SchemaLimits = DEFAULT_LIMITS) -> dict:
+    """Read and check a JSON Schema file (UserError naming the file on any problem; SchemaRefused for the
+    schema's content)."""
     from pathlib import Path
     p = Path(path)
     if not p.is_file():
@@ -102,71 +160,241 @@ def load_schema(path) -> dict:
     try:
         schema = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise UserError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+        raise SchemaRefused(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise SchemaRefused(f"{p}: the schema is nested too deep to read (the limit is {limits.max_depth} levels, "
+                            f"max_depth): flatten it (move shared parts into $defs)", 413, "max_depth") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read schema {p}: {e}") from None
-    check_schema(schema, where=str(p))
+    check_schema(schema, where=str(p), limits=limits)
     return schema
 
 
-def check_schema(schema, where: str = "schema") -> None:
-    """Refuse a schema that is not valid JSON Schema (naming the keyword and its path), whose root is not an object,
-    or that uses a keyword the grammar cannot enforce. Unknown keywords (vendor extensions, typos) get a NOTE."""
+def check_schema(schema, where: str = "schema", limits: SchemaLimits = DEFAULT_LIMITS) -> None:
+    """Refuse (SchemaRefused) a schema over a limit (413: depth, subschemas, properties, enum values), or one that
+    is not valid JSON Schema (naming the keyword and its path), whose root is not an object, that uses a keyword
+    the grammar cannot enforce, whose $ref the grammar and the validator could read differently (nested $id,
+    unresolvable pointer), or that has a subschema no finite JSON satisfies (a required $ref cycle) (422).
+    Unknown keywords (vendor extensions, typos) get a NOTE. Takes milliseconds; compiles nothing."""
     import jsonschema
     from jsonschema.exceptions import best_match
     from jsonschema.validators import validator_for
 
     if not isinstance(schema, dict):
-        raise UserError(f"{where}: a JSON Schema must be a JSON object")
+        raise SchemaRefused(f"{where}: a JSON Schema must be a JSON object")
+    depth = _json_depth(schema)  # first: the checks below recurse
+    if depth > limits.max_depth:
+        raise _too_big(where, "the schema is nested (JSON objects/arrays)", f"{depth} levels deep", limits,
+                       "max_depth", "flatten it (move shared parts into $defs and $ref them)")
+    _check_size(schema, where, limits)
     cls = validator_for(schema, default=jsonschema.Draft202012Validator)
     err = best_match(cls(cls.META_SCHEMA).iter_errors(schema))
     if err is not None:
         parts = list(err.path)
         kw = parts[-1] if parts and isinstance(parts[-1], str) else err.validator
         at = _pointer(parts[:-1] if parts and isinstance(parts[-1], str) else parts)
-        raise UserError(f"{where}: invalid JSON Schema: keyword '{kw}' at {at}: {err.message}")
+        raise SchemaRefused(f"{where}: invalid JSON Schema: keyword '{kw}' at {at}: {err.message}")
     types = schema.get("type")
     if types != "object" and types != ["object"]:
-        raise UserError(f"{where}: the root must be an object schema (\"type\": \"object\"): IDP extracts one "
-                        f"JSON object per document")
+        raise SchemaRefused(f"{where}: the root must be an object schema (\"type\": \"object\"): IDP extracts one "
+                            f"JSON object per document")
     for node, path in _nodes(schema):
         at = _pointer(path)
         for k, v in node.items():
             if k in UNSUPPORTED_KEYWORDS:
-                raise UserError(f"{where}: keyword '{k}' at {at} is not supported ({UNSUPPORTED_KEYWORDS[k]}); "
-                                f"supported: {', '.join(sorted(SUPPORTED_KEYWORDS))}")
+                raise SchemaRefused(f"{where}: keyword '{k}' at {at} is not supported ({UNSUPPORTED_KEYWORDS[k]}); "
+                                    f"supported: {', '.join(sorted(SUPPORTED_KEYWORDS))}")
             if k not in SUPPORTED_KEYWORDS and k not in ANNOTATIONS:
                 note(f"{where}: unknown keyword '{k}' at {at} is ignored")
         if node.get("format") is not None and node["format"] not in SUPPORTED_FORMATS:
-            raise UserError(f"{where}: format '{node['format']}' at {at} is not supported; supported formats: "
-                            f"{', '.join(sorted(SUPPORTED_FORMATS))}")
+            raise SchemaRefused(f"{where}: format '{node['format']}' at {at} is not supported; supported formats: "
+                                f"{', '.join(sorted(SUPPORTED_FORMATS))}")
         ref = node.get("$ref")
         if ref is not None and not (ref == "#" or ref.startswith("#/")):
-            raise UserError(f"{where}: $ref '{ref}' at {at} is not supported: only local references "
-                            f"(#/$defs/...) can be compiled; inline the referenced schema")
+            raise SchemaRefused(f"{where}: $ref '{ref}' at {at} is not supported: only local references "
+                                f"(#/$defs/...) can be compiled; inline the referenced schema")
         for k in ("unevaluatedProperties", "unevaluatedItems"):
             if k in node and node[k] is not False:
-                raise UserError(f"{where}: keyword '{k}' at {at} is supported only as false")
+                raise SchemaRefused(f"{where}: keyword '{k}' at {at} is supported only as false")
         if "multipleOf" in node and node.get("type") != "integer":
-            raise UserError(f"{where}: keyword 'multipleOf' at {at} is supported only with \"type\": \"integer\"")
+            raise SchemaRefused(f"{where}: keyword 'multipleOf' at {at} is supported only with \"type\": \"integer\"")
         if "pattern" in node and ("minLength" in node or "maxLength" in node):
-            raise UserError(f"{where}: keyword 'pattern' at {at} cannot be combined with minLength/maxLength "
-                            f"(xgrammar ignores the lengths); put the length into the pattern")
+            raise SchemaRefused(f"{where}: keyword 'pattern' at {at} cannot be combined with minLength/maxLength "
+                                f"(xgrammar ignores the lengths); put the length into the pattern")
         if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
-            raise UserError(f"{where}: keyword 'allOf' at {at} is supported with a single subschema only; "
-                            f"merge the subschemas")
+            raise SchemaRefused(f"{where}: keyword 'allOf' at {at} is supported with a single subschema only; "
+                                f"merge the subschemas")
         if isinstance(node.get("items"), list):
-            raise UserError(f"{where}: keyword 'items' at {at} is a list (draft-07 tuple): use prefixItems")
+            raise SchemaRefused(f"{where}: keyword 'items' at {at} is a list (draft-07 tuple): use prefixItems")
         if isinstance(node.get("oneOf"), list):
             kinds = [b.get("type") if isinstance(b, dict) else None for b in node["oneOf"]]
             if any(not isinstance(t, str) for t in kinds) or len(set(kinds)) != len(kinds):
-                raise UserError(f"{where}: keyword 'oneOf' at {at} is supported only when every branch has its own "
-                                f"single \"type\"; use anyOf")
+                raise SchemaRefused(f"{where}: keyword 'oneOf' at {at} is supported only when every branch has its own "
+                                    f"single \"type\"; use anyOf")
         missing = [r for r in node.get("required", []) if r not in node.get("properties", {})]
         if missing:
-            raise UserError(f"{where}: keyword 'required' at {at} names {missing}, not declared in properties "
-                            f"(the grammar would never generate them)")
+            raise SchemaRefused(f"{where}: keyword 'required' at {at} names {missing}, not declared in properties "
+                                f"(the grammar would never generate them)")
+        if "$id" in node and path:
+            raise SchemaRefused(f"{where}: keyword '$id' at {at} is not supported below the root: it changes what "
+                                f"a $ref inside it points to (the validator reads it, the grammar does not); "
+                                f"remove it")
+        if ref is not None and _deref(schema, ref) is None:
+            raise SchemaRefused(f"{where}: $ref '{ref}' at {at} points to nothing (or to a non-schema): use a "
+                                f"pointer such as #/$defs/name")
+    _check_finite(schema, where)
 
+
+
+def _check_size(schema: dict, where: str, limits: SchemaLimits) -> None:
+    """Counts that bound the grammar's size (and its compile time, which grows faster than the properties of one
+    object: see SchemaLimits). A part shared through $defs/$ref counts once."""
+    nodes = total = enums = 0
+    for node, path in _nodes(schema):
+        nodes += 1
+        props = node.get("properties")
+        n = len(props) if isinstance(props, dict) else 0
+        total += n
+        if n > limits.max_properties:
+            raise _too_big(where, f"the object at {_pointer(path)} declares", f"{n} properties", limits,
+                           "max_properties", "split it into nested objects of fewer properties")
+        if isinstance(node.get("enum"), list):
+            enums += len(node["enum"])
+    fix = "drop fields, or share repeated parts through $defs and $ref"
+    if nodes > limits.max_nodes:
+        raise _too_big(where, "the schema has", f"{nodes} subschemas", limits, "max_nodes", fix)
+    if total > limits.max_total_properties:
+        raise _too_big(where, "the schema declares", f"{total} properties in all", limits, "max_total_properties",
+                       fix)
+    if enums > limits.max_enum_values:
+        raise _too_big(where, "the schema's enums list", f"{enums} values in all", limits, "max_enum_values",
+                       "use a pattern (or a plain string) for long lists of values")
+
+
+def _deref(root: dict, ref: str):
+    """The subschema a local $ref ('#' or '#/json/pointer') points to, or None (nothing there, or not a schema)."""
+    if ref == "#":
+        return root
+    target = root
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(target, dict) and part in target:
+            target = target[part]
+        elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            target = target[int(part)]
+        else:
+            return None
+    return target if isinstance(target, (dict, bool)) else None
+
+
+def _parts(node, root):
+    """How a finite instance of `node` can exist: (must, alternatives, choices). It needs every subschema in
+    `must`, every subschema of one entry of `alternatives` (one per type the node allows; None = no type
+    restriction) and, when `choices` is not None, every subschema of one of them (anyOf/oneOf branches). What the
+    grammar always generates counts: required properties, prefixItems positions, items up to minItems."""
+    must = [_deref(root, node["$ref"])] if isinstance(node.get("$ref"), str) else []
+    if isinstance(node.get("allOf"), list):
+        must += node["allOf"]
+    if "enum" in node or "const" in node:
+        return must, None, None
+    types = node.get("type")
+    types = [types] if isinstance(types, str) else types
+    if types is None and ("properties" in node or "required" in node):
+        types = ["object"]
+    alts = None
+    if types is not None:
+        alts = []
+        for t in types:
+            if t == "object":
+                props = node.get("properties") or {}
+                alts.append([props[r] for r in node.get("required", []) if r in props])
+            elif t == "array":
+                prefix = node.get("prefixItems") or []
+                extra = [node["items"]] if node.get("minItems", 0) > len(prefix) and "items" in node else []
+                alts.append(list(prefix) + extra)
+            else:
+                alts.append([])
+    choices = None
+    for k in ("anyOf", "oneOf"):
+        if isinstance(node.get(k), list):
+            choices = [[b] for b in node[k]]
+    return must, alts, choices
+
+
+def _children(node, root):
+    """Every subschema the grammar can enter from `node` (the $ref target included)."""
+    out = []
+    for k in ("properties", "patternProperties"):
+        if isinstance(node.get(k), dict):
+            out += node[k].values()
+    for k in ("prefixItems", "anyOf", "oneOf", "allOf"):
+        if isinstance(node.get(k), list):
+            out += node[k]
+    for k in ("items", "additionalProperties"):
+        if isinstance(node.get(k), dict):
+            out.append(node[k])
+    if isinstance(node.get("$ref"), str):
+        out.append(_deref(root, node["$ref"]))
+    return [c for c in out if isinstance(c, (dict, bool))]
+
+
+def _check_finite(schema: dict, where: str) -> None:
+    """Refuse a schema in which some subschema the grammar can enter has no finite instance (a required property
+    or minItems that leads back through $ref to itself, or to `false`): the grammar would force an infinite
+    document, and xgrammar's search for the forced text (jump-forward) grows without bound."""
+    paths = {id(n): p for n, p in _nodes(schema)}
+    nodes = [n for n, _ in _nodes(schema)]
+    fin: dict[int, bool] = {}
+
+    def ok(sub) -> bool:
+        return sub is True or (isinstance(sub, dict) and fin.get(id(sub), False))
+
+    changed = True
+    while changed:  # least fixpoint: a node is finite once what it needs is known to be finite
+        changed = False
+        for n in nodes:
+            if fin.get(id(n)):
+                continue
+            must, alts, choices = _parts(n, schema)
+            if (all(ok(c) for c in must) and (alts is None or any(all(ok(c) for c in a) for a in alts))
+                    and (choices is None or any(all(ok(c) for c in a) for a in choices))):
+                fin[id(n)] = changed = True
+    seen, stack = set(), [schema]
+    while stack:  # every subschema reachable from the root must be finite
+        n = stack.pop()
+        if isinstance(n, bool) or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if not ok(n):
+            raise SchemaRefused(f"{where}: no finite JSON satisfies the subschema at {_pointer(paths.get(id(n), ()))}"
+                                f": {_infinite_chain(n, schema, paths, ok)}; make a property on this chain optional "
+                                f"(drop it from 'required'), allow null, or lower minItems")
+        stack.extend(_children(n, schema))
+
+
+def _infinite_chain(node, root, paths, ok) -> str:
+    """Why `node` has no finite instance, as the chain of subschemas it needs: 'needs A, which needs B, ...'."""
+    def name(n):
+        return "`false`" if n is False else _pointer(paths.get(id(n), ()))
+    out, seen = [], {id(node)}
+    while isinstance(node, dict):
+        must, alts, choices = _parts(node, root)
+        group = next((c for c in must if not ok(c)), None)
+        if group is None:
+            for options in (alts, choices):
+                bad = [next((c for c in a if not ok(c)), None) for a in options or []]
+                if options and all(b is not None for b in bad):
+                    group = bad[0]
+                    break
+        if group is None:
+            break
+        out.append(name(group))
+        if id(group) in seen:
+            out[-1] += " again"
+            break
+        seen.add(id(group))
+        node = group
+    return "it needs " + ", which needs ".join(out) if out else "nothing satisfies it"
 
 # xgrammar's own regexes for these formats accept strings that jsonschema's format checks refuse (year 0000,
 # 2025-02-31, an ipv4 octet 010), so the grammar gets exact patterns instead (leap years included).
