@@ -122,7 +122,7 @@ class SchemaLimits:
     max_properties: int = 256         # declared properties of one object schema
     max_total_properties: int = 1000  # declared properties in the whole schema
     max_enum_values: int = 1000       # enum values in the whole schema
-    compile_seconds: float = 30.0     # wall time of one compile (the worker is killed after it)
+    compile_seconds: float = 10.0     # wall time of one compile (the worker is killed after it)
     compile_memory_mb: int = 2048     # address space one compile may add to the worker (RLIMIT_AS)
     max_grammar_mb: int = 256         # size of the compiled grammar (what a cache of them keeps in memory)
 
@@ -682,6 +682,14 @@ class _CompileWorker:
             raise SchemaRefused(f"the grammar compile worker cannot be started: {e}", 503) from None
         self.info_key, self.ready, self.chunks = None, False, []
 
+    def restart(self) -> None:
+        """Kill the worker and start the next one now: it imports xgrammar while nothing waits for it."""
+        self.stop()
+        try:
+            self.start()
+        except SchemaRefused:
+            pass
+
     def stop(self) -> None:
         if self.proc is not None:
             if self.proc.poll() is None:
@@ -702,7 +710,7 @@ class _CompileWorker:
                 self.chunks = [rest] if rest else []
                 return line
             if cancel is not None and cancel.is_set():
-                self.stop()
+                self.restart()
                 raise CompileCancelled()
             left = deadline - time.monotonic()
             if left <= 0:
@@ -744,20 +752,20 @@ class _CompileWorker:
                 self.info_key = info_key
                 line = self._readline(time.monotonic() + limits.compile_seconds, cancel)
             if line == "timeout":
-                self.stop()
+                self.restart()
                 raise SchemaRefused(f"{where}: compiling the grammar takes more than {limits.compile_seconds:g} s "
                                     f"(compile_seconds): use fewer properties per object, shorter enums and "
                                     f"simpler patterns", 413, "compile_seconds")
             if line is None:
                 code = self.proc.wait() if self.proc else None
-                self.stop()
+                self.restart()
                 raise SchemaRefused(f"{where}: compiling the grammar needs more than {limits.compile_memory_mb} MiB "
                                     f"(compile_memory_mb; the compile worker ended with code {code}): use fewer "
                                     f"properties per object, shorter enums and simpler patterns", 413,
                                     "compile_memory_mb")
             rep = json.loads(line)
             if rep.get("kind") == "memory":
-                self.stop()
+                self.restart()
                 raise SchemaRefused(f"{where}: compiling the grammar needs more than {limits.compile_memory_mb} MiB "
                                     f"(compile_memory_mb): use fewer properties per object, shorter enums and "
                                     f"simpler patterns", 413, "compile_memory_mb")
