@@ -498,7 +498,11 @@ def check_output(text: str, validator) -> dict:
     except json.JSONDecodeError as e:
         return {"json": None, "json_valid": False, "schema_valid": False, "error": f"not JSON: {e.msg} at char {e.pos}"}
     from jsonschema.exceptions import best_match
-    err = best_match(validator.iter_errors(obj))
+    try:
+        err = best_match(validator.iter_errors(obj))
+    except Exception as e:  # a $ref jsonschema cannot resolve here (check_schema refuses the known cases)
+        return {"json": obj, "json_valid": True, "schema_valid": False,
+                "error": f"the validator failed on this schema: {type(e).__name__.lstrip('_')}: {str(e)[:300]}"}
     if err is not None:
         where = "/" + "/".join(map(str, err.path)) if err.path else "the root"
         return {"json": obj, "json_valid": True, "schema_valid": False,
@@ -551,9 +555,9 @@ class GrammarCache:
                 where: str = "schema", cancel=None) -> CompiledSchema:
         """Check, bound and compile a schema: check_schema (the structural limits, milliseconds), then xgrammar's
         compile and the smallest document (the closing string of the empty prefix) in the compile worker, under
-        limits.compile_seconds, compile_memory_mb and max_grammar_mb, then the compile here. Raises SchemaRefused (status 413/422/503, message
-        starting with `where`); CompileCancelled when `cancel` (a threading.Event) is set meanwhile, which also
-        kills the worker. Thread-safe."""
+        limits.compile_seconds, compile_memory_mb and max_grammar_mb, then the same compile here (proved bounded).
+        Raises SchemaRefused (status 413/422/503, the message starting with `where`); CompileCancelled when
+        `cancel` (a threading.Event) is set meanwhile, which also kills the worker. Thread-safe."""
         import xgrammar as xgr
         from dataclasses import astuple
         key = json.dumps([schema, max_items, astuple(limits), where], sort_keys=True)
@@ -655,8 +659,9 @@ class _CompileWorker:
     memory is killed without touching the caller: xgrammar's compile and its jump-forward search run in C++ and
     cannot be interrupted in-process. Requests and replies are JSON lines on the child's stdin/stdout. The
     worker proves that a compile finishes within the limits and finds the smallest document; the caller then
-    compiles again in-process (see GrammarCache.compile: faster than bringing the grammar back). Compiles are serialised (one at a time); a killed worker is started again on the next compile. The child
-    dies with its parent (PR_SET_PDEATHSIG)."""
+    compiles again in-process (see GrammarCache.compile: faster than bringing the grammar back). Compiles are
+    serialised (one at a time); a killed worker is replaced at once. The child dies with its parent (it watches
+    its parent pid) and has a CPU-time limit per compile as a backstop."""
 
     def __init__(self):
         import threading
