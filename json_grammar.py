@@ -575,8 +575,9 @@ class GrammarCache:
                                   where, cancel)
             start = rep["start_close"]
             if start is None:
-                raise SchemaRefused(f"{where}: cannot find a finite valid document for this schema (e.g. a pattern "
-                                    f"that needs non-ASCII characters): the token budget cannot be guaranteed")
+                raise SchemaRefused(f"{where}: cannot find a valid document of at most {CLOSING_CHARS} characters "
+                                    f"for this schema (minItems/minLength too large, or a pattern that needs "
+                                    f"non-ASCII characters): the token budget cannot be guaranteed")
             _check_smallest(schema, start, where)
             # Compiled again here: the worker's compile proved it finishes within the limits, and compiling takes
             # ~0.04 s for data/idp_schema.json where bringing the worker's grammar back takes ~0.6 s (its
@@ -893,10 +894,17 @@ def lex(state: tuple[bool, bool, int], text) -> tuple[bool, bool, int]:
     return in_str, esc, n
 
 
-def closing_string(matcher, state: tuple[bool, bool, int], limit: int = 4096) -> str | None:
+CLOSING_CHARS = 4096  # the longest closing string looked for (the smallest document included)
+
+
+def closing_string(matcher, state: tuple[bool, bool, int], limit: int = CLOSING_CHARS) -> str | None:
     """Text that completes the matcher's prefix into a whole document (the matcher itself is not changed): forced
     text first (xgrammar's jump-forward string), then the first acceptable entry of a preference list. Not always
-    the shortest completion, but deterministic and short; None if it gets longer than `limit` characters."""
+    the shortest completion, but deterministic and short; None if it gets longer than `limit` characters.
+    Bounded: each step adds at least one character. What is not bounded here is one find_jump_forward_string call
+    (xgrammar's C++) in a state that has no finite completion: it grows without end (22 GB in 86 s for a required
+    self-reference). check_schema refuses every schema in which such a state can be reached (_check_finite), and
+    the first closing string of a schema is computed in the compile worker, under its time and memory limits."""
     m = matcher.fork()
     out, n = [], 0
     while not m.is_completed():
