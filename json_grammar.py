@@ -727,6 +727,15 @@ class _CompileWorker:
                     return None
                 self.chunks.append(chunk)
 
+    def _send(self, req: dict, seconds: float, cancel):
+        """Send one request, return its reply line (None: the worker died; "timeout")."""
+        try:
+            self.proc.stdin.write(json.dumps(req).encode("utf-8") + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return None
+        return self._readline(time.monotonic() + seconds, cancel)
+
     def _wait_lock(self, cancel) -> None:
         while not self.lock.acquire(timeout=0.05):
             if cancel is not None and cancel.is_set():
@@ -746,17 +755,17 @@ class _CompileWorker:
                     raise SchemaRefused(f"the grammar compile worker did not start within {WORKER_START_SECONDS} s"
                                         f" ({'it exited' if line is None else 'timed out'}); retry", 503)
                 self.ready = True
-            req = {"schema": schema_json, "threads": threads, "memory_mb": limits.compile_memory_mb,
-                   "cpu_seconds": 2 * threads * limits.compile_seconds + 30,
-                   "info": None if self.info_key == info_key else info_json}
-            try:
-                self.proc.stdin.write(json.dumps(req).encode("utf-8") + b"\n")
-                self.proc.stdin.flush()
-            except (BrokenPipeError, OSError):
-                line = None
-            else:
+            if self.info_key != info_key:  # a new tokenizer: the worker builds its compiler (not a compile's time)
+                line = self._send({"info": info_json, "threads": threads}, WORKER_START_SECONDS, cancel)
+                if line is None or line == "timeout":
+                    self.restart()
+                    raise SchemaRefused(f"the grammar compile worker could not load the tokenizer within "
+                                        f"{WORKER_START_SECONDS} s ({'it exited' if line is None else 'timed out'});"
+                                        f" retry", 503)
                 self.info_key = info_key
-                line = self._readline(time.monotonic() + limits.compile_seconds, cancel)
+            line = self._send({"schema": schema_json, "memory_mb": limits.compile_memory_mb,
+                               "cpu_seconds": 2 * threads * limits.compile_seconds + 30},
+                              limits.compile_seconds, cancel)
             if line == "timeout":
                 self.restart()
                 raise SchemaRefused(f"{where}: compiling the grammar takes more than {limits.compile_seconds:g} s "
@@ -803,8 +812,8 @@ def stop_worker() -> None:
 
 
 def _worker_main() -> None:
-    """The compile worker's loop (started by _CompileWorker): a request line {"schema", "threads", "memory_mb",
-    "info" (a serialized TokenizerInfo when the tokenizer changes)} -> a reply line {"start_close", "seconds",
+    """The compile worker's loop (started by _CompileWorker): a request line {"info" (a serialized TokenizerInfo),
+    "threads"} -> {"ready": true}; {"schema", "memory_mb", "cpu_seconds"} -> {"start_close", "seconds",
     "grammar_bytes"} or {"kind": "compile" | "memory", "error"}. Each compile may add memory_mb to the address space
     (RLIMIT_AS, set before and lifted after it); after running out of memory the worker exits, fresh state next."""
     import resource
@@ -826,11 +835,14 @@ def _worker_main() -> None:
     for line in sys.stdin.buffer:
         req = json.loads(line)
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        if "info" in req:  # a new tokenizer
+            compiler = None
+            compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.deserialize_json(req["info"]),
+                                           max_threads=req["threads"], cache_enabled=False)
+            reply.write(b'{"ready": true}\n')
+            reply.flush()
+            continue
         try:
-            if req["info"] is not None:
-                compiler = None
-                info = xgr.TokenizerInfo.deserialize_json(req["info"])
-                compiler = xgr.GrammarCompiler(info, max_threads=req["threads"], cache_enabled=False)
             room = _vm_bytes() + (req["memory_mb"] << 20)
             if soft == resource.RLIM_INFINITY or room < soft:
                 resource.setrlimit(resource.RLIMIT_AS, (room, hard))
