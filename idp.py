@@ -227,15 +227,18 @@ def field_metrics(preds: list, golds: list[dict]) -> dict:
 
 def load_extractor(args, schema: dict):
     """infer_idp.py's and eval_idp.py's model: (model, tok, model spec, grammar cache, compiled grammar, prompt
-    token limit); no grammar with --unconstrained."""
+    token limit); no grammar with --unconstrained. A schema over json_grammar's limits (compile time and memory
+    included) is a SchemaRefused naming args.schema: one line, exit 2."""
     import common
     import json_grammar as jg
+    if not args.unconstrained:
+        jg.start_worker()  # the compile worker imports xgrammar while the model loads
     model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize,
                                        trust_remote_code=args.trust_remote_code)
     cache = grammar = None
     if not args.unconstrained:
         cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)
-        grammar = cache.compile(schema, args.max_items)
+        grammar = cache.compile(schema, args.max_items, where=str(args.schema))
     return model, tok, ms, cache, grammar, input_token_limit(model, tok, args.max_input_tokens, args.max_new_tokens)
 
 

@@ -7,6 +7,7 @@ import pytest
 import common
 import eval_idp
 import idp
+import json_grammar as jg
 
 SCHEMA = {"type": "object",
           "properties": {"company": {"type": "string"}, "total": {"type": "string"},
@@ -146,3 +147,14 @@ def test_missing_schema_is_a_user_error(tiny_model_dir, files, tmp_path):
     with pytest.raises(common.UserError, match="schema file not found"):
         eval_idp.main(eval_idp.parse_args(["--model_dir", str(tiny_model_dir), "--data", str(data),
                                            "--schema", str(tmp_path / "nope.json")]))
+
+
+def test_refused_schema_names_the_file_and_the_limit(tiny_model_dir, files, tmp_path):
+    _, data = files
+    p = tmp_path / "wide.json"
+    p.write_text(json.dumps({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(300)}}))
+    with pytest.raises(jg.SchemaRefused, match=r"wide.json: the object at the root declares 300 properties, more "
+                                               r"than the limit of 256 \(max_properties\)") as e:
+        eval_idp.main(eval_idp.parse_args(["--model_dir", str(tiny_model_dir), "--data", str(data),
+                                           "--schema", str(p)]))
+    assert e.value.status == 413

@@ -127,6 +127,15 @@ def test_budget_too_small_for_any_valid_json(tiny_model_dir, schema_file):
     ('{"type": "object", "properties": {"a": {"type": "string"}}, "if": {}}',
      "keyword 'if' at the root is not supported"),
     ('{"type": "object",', "schema.json:1: invalid JSON"),
+    ('{"type":"object","properties":{"child":{"$ref":"#"}},"required":["child"]}',
+     "schema.json: no finite JSON satisfies the subschema at the root"),
+    (json.dumps({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10_000)}}),
+     "schema.json: the object at the root declares 10000 properties, more than the limit of 256 (max_properties)"),
+    ('{"type": "object", "properties": {"a": ' * 100 + "{}" + "}}" * 100,
+     "schema.json: the schema is nested (JSON objects/arrays) 201 levels deep, more than the limit of 32 (max_depth)"),
+    ('{"type": "object", "$defs": {"n": {"type": "string"}}, "properties": {"a": {"$id": "https://x.org/a", '
+     '"type": "object", "properties": {"n": {"$ref": "#/$defs/n"}}}}}',
+     "schema.json: keyword '$id' at /properties/a is not supported below the root"),
 ])
 def test_bad_schema_exits_2_with_one_line(tmp_path, schema, message):
     p = tmp_path / "schema.json"
@@ -135,6 +144,7 @@ def test_bad_schema_exits_2_with_one_line(tmp_path, schema, message):
                         "--document", README_DOC], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and message in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_output_flags_go_together():

@@ -289,3 +289,126 @@ def test_string_values_stop_near_max_string_chars(tiny):
     assert max(len(s) for s in _strings(json.loads(bounded[0]))) <= 40  # 8 characters plus the last token
     assert max(len(s) for s in _strings(json.loads(unbounded[0]))) >= 60
     assert jg.check_output(bounded[0], jg.make_validator(ITEMS))["schema_valid"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bounds: hostile schemas are refused quickly with the status and the limit, never compiled without bounds
+
+REQUIRED_SELF = {"type": "object", "properties": {"child": {"$ref": "#"}}, "required": ["child"]}
+
+
+def _props(n: int) -> dict:
+    return {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(n)}}
+
+
+def _deep(levels: int) -> dict:
+    s = {"type": "string"}
+    for _ in range(levels):
+        s = {"type": "object", "properties": {"a": s}}
+    return s
+
+
+@pytest.mark.parametrize("schema, status, limit, message", [
+    (REQUIRED_SELF, 422, None, "no finite JSON satisfies the subschema at the root: it needs /properties/child, "
+                               "which needs the root again"),
+    ({"type": "object", "$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}},
+                                        "required": ["next"]}},
+      "properties": {"list": {"$ref": "#/$defs/n"}}}, 422, None, "no finite JSON satisfies the subschema at "
+                                                                  "/properties/list"),
+    ({"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"}, "minItems": 1}},
+      "required": ["kids"]}, 422, None, "which needs /properties/kids/items"),
+    (_props(10_000), 413, "max_properties", "the object at the root declares 10000 properties, more than the "
+                                            "limit of 256 (max_properties)"),
+    ({"type": "object", "properties": {f"o{j}": _props(200) for j in range(6)}}, 413, "max_total_properties",
+     "1206 properties in all, more than the limit of 1000"),
+    ({"type": "object", "properties": {"e": {"enum": list(range(5000))}}}, 413, "max_enum_values", "5000 values"),
+    (_deep(100), 413, "max_depth", "201 levels deep, more than the limit of 32 (max_depth)"),
+    ({"type": "object", "$defs": {"name": {"type": "string"}},
+      "properties": {"a": {"$id": "https://example.com/sub.json", "type": "object",
+                           "properties": {"n": {"$ref": "#/$defs/name"}}}}}, 422, None,
+     "keyword '$id' at /properties/a is not supported below the root"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}, 422, None,
+     "$ref '#/$defs/missing' at /properties/a points to nothing"),
+])
+def test_hostile_schemas_are_refused_with_status_and_limit(schema, status, limit, message):
+    with pytest.raises(jg.SchemaRefused) as e:
+        jg.check_schema(schema, "s.json")
+    assert (e.value.status, e.value.limit) == (status, limit)
+    assert str(e.value).startswith("s.json: ") and message in str(e.value)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"child": {"$ref": "#"}}},  # optional recursion: {} is finite
+    {"type": "object", "properties": {"c": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}}, "required": ["c"]},
+    {"type": "object", "properties": {"kids": {"type": "array", "items": {"$ref": "#"}}}, "required": ["kids"]},
+])
+def test_recursion_with_a_finite_way_out_compiles(tiny, schema):
+    _, _, cache = tiny
+    g = cache.compile(schema, 4)
+    assert not list(jg.make_validator(schema).iter_errors(json.loads(g.start_close)))
+
+
+def test_deep_schema_file_is_refused_not_a_recursion_error(tmp_path):
+    p = tmp_path / "deep.json"
+    p.write_text('{"type": "object", "properties": {"a": ' * 10_000 + "{}" + "}}" * 10_000)
+    with pytest.raises(jg.SchemaRefused, match=r"deep.json: .*limit is 32 levels, max_depth") as e:
+        jg.load_schema(p)
+    assert e.value.status == 413
+
+
+def test_compile_worker_bounds_what_the_checks_miss(tiny, monkeypatch):
+    """With the structural checks switched off, the required self-reference (xgrammar's jump-forward search grows
+    without bound) and a slow compile are stopped by the worker's memory and time limits; the next compile works."""
+    _, _, cache = tiny
+    monkeypatch.setattr(jg, "check_schema", lambda *a, **k: None)
+    with pytest.raises(jg.SchemaRefused, match=r"needs more than 256 MiB \(compile_memory_mb") as e:
+        cache.compile(REQUIRED_SELF, 4, limits=jg.SchemaLimits(compile_memory_mb=256))
+    assert (e.value.status, e.value.limit) == (413, "compile_memory_mb")
+    jg.start_worker()
+    worker = jg._WORKER.proc
+    with pytest.raises(jg.SchemaRefused, match=r"takes more than 0.5 s \(compile_seconds\)") as e:
+        cache.compile(_props(3000), 4, limits=jg.SchemaLimits(compile_seconds=0.5))
+    assert (e.value.status, e.value.limit) == (413, "compile_seconds")
+    assert worker.poll() is not None and jg._WORKER.proc is not worker  # killed, and the next one started
+    assert cache.compile(ENUMS, 4).start_close.startswith('{"currency":')
+
+
+def test_cancel_kills_the_compile(tiny, monkeypatch):
+    import asyncio
+    import threading
+    import time
+    _, _, cache = tiny
+    monkeypatch.setattr(jg, "check_schema", lambda *a, **k: None)
+    cache.compile(ENUMS, 5)  # the worker is up
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    t0, worker = time.monotonic(), jg._WORKER.proc
+    with pytest.raises(jg.CompileCancelled):
+        cache.compile(_props(3000), 5, cancel=cancel)
+    assert time.monotonic() - t0 < 5 and worker.poll() is not None
+
+    async def request_goes_away():
+        task = asyncio.create_task(cache.compile_async(_props(3001), 5))
+        await asyncio.sleep(0.5)
+        while not jg._WORKER.ready:  # the restarted worker is importing xgrammar: wait until it compiles
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)
+        proc = jg._WORKER.proc
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):  # the thread sees the event within 50 ms
+            if proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        return proc
+    assert asyncio.run(request_goes_away()).poll() is not None
+
+
+def test_refusals_are_cached(tiny, monkeypatch):
+    _, _, cache = tiny
+    with pytest.raises(jg.SchemaRefused):
+        cache.compile(REQUIRED_SELF, 6)
+    monkeypatch.setattr(jg, "check_schema", lambda *a, **k: pytest.fail("checked again"))
+    with pytest.raises(jg.SchemaRefused, match="no finite JSON"):
+        cache.compile(REQUIRED_SELF, 6)
