@@ -185,12 +185,15 @@ def wrong_label(label: str, rng: random.Random) -> str:
     return rng.choice([c for c in LABELS if c != label])
 
 
-def label_scores(model, tok, user_prompts: list[str], batch_size: int = 16, progress: bool = False):
-    """Raw label scores [N, 3] for CreditMix user prompts, each wrapped in the chat template."""
+def label_scores(model, tok, user_prompts: list[str], batch_size: int = 16, progress: bool = False,
+                 adapter_names: list[str] | None = None):
+    """Raw label scores [N, 3] for CreditMix user prompts, each wrapped in the chat template (adapter_names: see
+    scoring.raw_label_scores)."""
     from common import chat_prompt
     from scoring import raw_label_scores
     prompts = [chat_prompt(tok, u) for u in user_prompts]
-    return raw_label_scores(model, tok, prompts, LABELS, batch_size=batch_size, progress=progress)
+    return raw_label_scores(model, tok, prompts, LABELS, batch_size=batch_size, progress=progress,
+                            adapter_names=adapter_names)
 
 
 def null_scores(model, tok, batch_size: int = 16):

@@ -8,6 +8,7 @@ output layer in fp32 (bf16 logits would round near-tied labels into exact ties).
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -30,9 +31,11 @@ def _prompt_ids(tok, prompts: list[str]) -> list[list[int]]:
 
 @contextmanager
 def _head_inputs(model):
-    """Collect what the output layer sees during the forward passes inside the block (its input hidden states)."""
-    head, seen = model.get_output_embeddings(), []
-    hook = head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    """Collect what the output layer sees during the forward passes inside the block (its input hidden states), in
+    this thread only (the server runs other work on the same model from other threads)."""
+    head, seen, me = model.get_output_embeddings(), [], threading.get_ident()
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(args[0])
+                                      if threading.get_ident() == me else None)
     try:
         yield head, seen
     finally:
@@ -64,9 +67,10 @@ def _token_logprobs(head, hidden, targets):
 
 
 def raw_label_scores(model, tok, prompts: list[str], labels: list[str], batch_size: int = 16,
-                     progress: bool = False) -> np.ndarray:
+                     progress: bool = False, adapter_names: list[str] | None = None) -> np.ndarray:
     """[len(prompts), len(labels)] mean log-probability per label token of each label after each prompt (a full
-    chat prompt ending at the assistant position)."""
+    chat prompt ending at the assistant position). adapter_names: a PEFT model's adapter per prompt ("__base__" =
+    none), one mixed-adapter forward pass per batch."""
     import torch
     from tqdm.auto import tqdm
 
@@ -100,8 +104,9 @@ def raw_label_scores(model, tok, prompts: list[str], labels: list[str], batch_si
                 mask[b, n - len(ids[i]):] = 1
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             seen.clear()
+            names = {} if adapter_names is None else {"adapter_names": [adapter_names[i] for i in idx]}
             res = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                        use_cache=M > 1, logits_to_keep=1)
+                        use_cache=M > 1, logits_to_keep=1, **names)
             total = _token_logprobs(head, seen[0][:, -1], first.expand(B, K)).cpu()  # [B, K]
             if M > 1:
                 cache = res.past_key_values
@@ -109,8 +114,10 @@ def raw_label_scores(model, tok, prompts: list[str], labels: list[str], batch_si
                 c_ids = cont.repeat(B, 1)
                 full_mask = torch.cat([mask.repeat_interleave(K, 0), cont_mask.repeat(B, 1)], 1)
                 c_pos = mask.sum(1).repeat_interleave(K).unsqueeze(1) + torch.arange(c_ids.shape[1])
+                if names:  # each prompt's rows repeated once per label, as its cache was
+                    names = {"adapter_names": [a for a in names["adapter_names"] for _ in range(K)]}
                 model(input_ids=c_ids.to(device), attention_mask=full_mask.to(device),
-                      position_ids=c_pos.to(device), past_key_values=cache, use_cache=True)
+                      position_ids=c_pos.to(device), past_key_values=cache, use_cache=True, **names)
                 hid = seen[1].reshape(-1, seen[1].shape[-1])  # [B*K*(M-1), d]
                 lp = _token_logprobs(head, hid, cont_tgt.repeat(B, 1).reshape(-1, 1).to(device)).cpu()
                 lp = lp.reshape(B, K, -1) * cont_mask  # [B, K, M-1], zero past each label's end

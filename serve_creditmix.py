@@ -1,35 +1,43 @@
-"""Serve the CreditMix classifiers (and CodeGen / IDP models) over HTTP: FastAPI + uvicorn, one lazily loaded,
-cached model per endpoint, concurrent requests micro-batched into one forward pass.
+"""Serve the CreditMix classifiers (and CodeGen / IDP models) over HTTP: FastAPI + uvicorn; one copy of each
+distinct base model with the endpoints' LoRA adapters attached by name, loaded lazily; concurrent requests
+micro-batched, the four CreditMix endpoints of one base in one mixed-adapter forward pass; an OpenAI-compatible API.
 
     uvicorn serve_creditmix:app --host 0.0.0.0 --port 8000
     MODEL_BASE=smollm2-135m MODEL_SFT=runs/creditmix_sft HF_HUB_OFFLINE=1 uvicorn serve_creditmix:app --host 127.0.0.1 --port 8000
     python serve_creditmix.py --host 127.0.0.1 --port 8000        # the same app, started by uvicorn.run
 
 Endpoints: POST /infer/{base,sft,kd,dpo} {"features": "…"} -> the README's JSON (a list of strings -> a list of
-answers); POST /generate/codegen; POST /extract/idp; GET /health, /models, /metrics (Prometheus). Configuration is
-environment variables only (read once when the app is created; see ServeConfig.from_env and the README):
-MODEL_BASE / MODEL_SFT / MODEL_KD / MODEL_DPO / MODEL_CODEGEN / MODEL_IDP pick the model behind each endpoint (any
-spec common.resolve_model takes: hub id, folder, run dir, .gguf, smollm2-135m); MICRO_BATCHING, BATCH_WAIT_MS,
-MAX_BATCH tune batching; API_KEY turns on bearer-token auth for everything but /health.
+answers); POST /generate/codegen; POST /extract/idp; GET /v1/models, POST /v1/chat/completions (OpenAI API, model =
+an endpoint name); GET /health, /models, /metrics (Prometheus). docs/serving.md has the details. Configuration is
+environment variables only (read once when the app is created; see ServeConfig.from_env): MODEL_BASE / MODEL_SFT /
+MODEL_KD / MODEL_DPO / MODEL_CODEGEN / MODEL_IDP pick the model behind each endpoint (any spec common.resolve_model
+takes: hub id, folder, run dir, .gguf, smollm2-135m); MICRO_BATCHING, BATCH_WAIT_MS, MAX_BATCH tune batching;
+API_KEY turns on bearer-token auth for everything but /health; the MAX_* variables are the limits.
 
-How a request flows: validate (one clear 4xx message) -> the endpoint's model is loaded once (an asyncio lock per
-model; the load runs in a worker thread so the event loop keeps answering other endpoints and /health; a load
-failure is a 503 on that endpoint only, retried after LOAD_RETRY_S) -> the request's items join the endpoint's
-queue; a per-endpoint worker gathers items for up to BATCH_WAIT_MS (or MAX_BATCH items) and scores them as one batch
-on the single inference thread -> each request gets its slice. A client that disconnects while waiting has its
-future cancelled: its items are dropped from the batch if it has not started, and nothing waits on it.
+How a request flows: validate (one clear 4xx message) -> the endpoint's model is loaded once (serving.ModelSlots:
+its base once per distinct base model, its adapter attached by name; loads run one at a time on a loader thread;
+a load failure is a 503 on that endpoint only, retried after LOAD_RETRY_S) -> token limits, measured with the
+endpoint's tokenizer against the model's context (413) -> the items join the lane of their task and base
+(serving.Lane: its own inference thread, so one task's long work does not hold up another's) -> each request gets
+its slice. A client that disconnects has its items dropped, or its batch stopped within one forward pass if it was
+the batch's last client. SIGTERM stops running batches within a forward pass and answers the waiting requests 503.
+
+The task table (TASKS) says, per task, what a request is, what it answers, whether loading computes the multi-null
+prior, and how one batch runs; create_app wires its routes.
 """
 import argparse
 import asyncio
 import contextlib
-import hmac
+import json
 import logging
 import os
+import signal
+import sys
+import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Callable, Union
 
 from fastapi import FastAPI, Request
@@ -39,8 +47,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common import DEFAULT_STUDENT, UserError, user_errors
+from serving import ApiError, Cancelled, ClientGone, Gate, Lane, Metrics, ModelSlots, error_response, model_call, \
+    wait_unless_gone
 
-# a child of uvicorn's logger, so its lines appear in uvicorn's output with the same format and level
 log = logging.getLogger("uvicorn.error.serve_creditmix")
 
 # endpoint name -> (task, environment variable, default model). The CreditMix defaults are the README's; the
@@ -53,11 +62,13 @@ ENDPOINTS = {
     "codegen": ("codegen", "MODEL_CODEGEN", "runs/sft_code"),
     "idp": ("idp", "MODEL_IDP", "runs/sft_idp"),
 }
-ROUTES = {"creditmix": "/infer/{name}", "codegen": "/generate/codegen", "idp": "/extract/idp"}
 README_FEATURES = ("Age: 23.0, Occupation: Scientist, Annual Income: 19114.12, Outstanding Debt: 809.98, "
                    "Credit Utilization Ratio: 35.03, Payment Behaviour: Low_spent_Small_value_payments")
 JSON_TYPE = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
              bool: "a boolean", type(None): "null"}
+# infer_idp.py's defaults: strings closed at this many characters (by the decoder), maxItems for arrays
+IDP_MAX_STRING_CHARS, IDP_MAX_ARRAY_ITEMS = 256, 32
+GRAMMARS_KEPT = 64  # distinct request schemas compiled per model before the grammar cache is emptied
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,8 +83,12 @@ class ServeConfig:
     micro_batching: bool = True        # MICRO_BATCHING=0: one forward pass per request (the load test's baseline)
     batch_wait_ms: float = 5.0         # BATCH_WAIT_MS: how long a batch waits for more requests after its first
     max_batch: int = 16                # MAX_BATCH: items per gathered batch and per forward pass
-    max_queue: int = 1024              # MAX_QUEUE: items waiting per endpoint before new requests get a 503
-    max_chars: int = 4000              # MAX_FEATURES_CHARS: cap on one feature string / prompt / document
+    max_queue: int = 1024              # MAX_QUEUE: items waiting per lane before new requests get a 503
+    max_chars: int = 4000              # MAX_FEATURES_CHARS: cap on one feature string / prompt (characters)
+    max_input_tokens: int = 0          # MAX_INPUT_TOKENS: cap on one item's prompt in tokens (0 = the model's context)
+    max_request_tokens: int = 32768    # MAX_REQUEST_TOKENS: cap on the prompt tokens of one request (all its items)
+    max_batch_tokens: int = 16384      # MAX_BATCH_TOKENS: a gathered batch stops growing at this many prompt tokens
+    mixed_adapters: bool = True        # MIXED_ADAPTERS=0: one forward pass per adapter (the load test's baseline)
     max_items: int = 64                # MAX_ITEMS: cap on the strings in one request's list
     max_body_bytes: int = 1 << 20      # MAX_BODY_BYTES: request bodies above this get a 413
     max_new_tokens_cap: int = 512      # MAX_NEW_TOKENS: upper bound of a generation request's max_new_tokens
@@ -125,6 +140,10 @@ class ServeConfig:
             max_batch=num("MAX_BATCH", d.max_batch, int, 1),
             max_queue=num("MAX_QUEUE", d.max_queue, int, 1),
             max_chars=num("MAX_FEATURES_CHARS", d.max_chars, int, 1),
+            max_input_tokens=num("MAX_INPUT_TOKENS", d.max_input_tokens, int, 0),
+            max_request_tokens=num("MAX_REQUEST_TOKENS", d.max_request_tokens, int, 1),
+            max_batch_tokens=num("MAX_BATCH_TOKENS", d.max_batch_tokens, int, 1),
+            mixed_adapters=flag("MIXED_ADAPTERS", d.mixed_adapters),
             max_items=num("MAX_ITEMS", d.max_items, int, 1),
             max_body_bytes=num("MAX_BODY_BYTES", d.max_body_bytes, int, 1024),
             max_new_tokens_cap=num("MAX_NEW_TOKENS", d.max_new_tokens_cap, int, 1),
@@ -137,19 +156,7 @@ class ServeConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# errors
-
-class ApiError(Exception):
-    """An error answered as {"error": message} with this status (and optional headers)."""
-
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
-
-
-def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
+# request validation
 
 def validation_message(errors: list[dict]) -> str:
     """One readable line out of pydantic's error list (FastAPI's default is a nested list of dicts)."""
@@ -224,340 +231,94 @@ def check_texts(v: Any, name: str, cap: int, max_items: int) -> str | list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# models
-
-class Slot:
-    """One model spec: loaded once (under an asyncio lock, in a worker thread), then cached with its CreditMix
-    multi-null prior. A failed load is remembered and retried after cfg.load_retry_s."""
-
-    def __init__(self, spec: str, cfg: ServeConfig, metrics):
-        self.spec, self.cfg, self.metrics = spec, cfg, metrics
-        self.lock = asyncio.Lock()
-        self.state = "not loaded"   # not loaded | loading | loaded | error
-        self.model = self.tok = self.ms = self.prior = None
-        self.error: str | None = None
-        self.failed_at = 0.0
-        self.loads = 0              # completed loads (the tests check concurrent first requests give one)
-        self.grammars = None        # IDP: json_grammar.GrammarCache for this tokenizer, made on first use
-        self.load_seconds: float | None = None
-
-    async def ensure(self, where: str) -> "Slot":
-        if self.state == "loaded":
-            return self
-        if self.state == "error" and time.monotonic() - self.failed_at < self.cfg.load_retry_s:
-            raise self.unavailable(where)
-        async with self.lock:
-            if self.state == "loaded":
-                return self
-            if self.state == "error" and time.monotonic() - self.failed_at < self.cfg.load_retry_s:
-                raise self.unavailable(where)
-            self.state = "loading"
-            t0 = time.perf_counter()
-            try:
-                await asyncio.to_thread(self._load)
-            except Exception as e:  # any load failure is this endpoint's 503, never the server's crash
-                self.state, self.failed_at = "error", time.monotonic()
-                first = str(e).splitlines()[0][:300] if str(e) else ""
-                self.error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {first}"
-                if not isinstance(e, UserError):
-                    log.error("loading %s failed:\n%s", self.spec, traceback.format_exc())
-                self.metrics.load_failures.labels(self.spec).inc()
-                raise self.unavailable(where) from None
-            self.load_seconds = round(time.perf_counter() - t0, 3)
-            self.state, self.error = "loaded", None
-            self.loads += 1
-            self.metrics.loads.labels(self.spec).inc()
-            log.info("loaded %s in %.1fs", self.spec, self.load_seconds)
-            return self
-
-    def unavailable(self, where: str) -> ApiError:
-        retry = max(1, int(self.cfg.load_retry_s - (time.monotonic() - self.failed_at)))
-        return ApiError(503, f"{where}: model '{self.spec}' is unavailable: {self.error} (retried in {retry}s)",
-                        {"Retry-After": str(retry)})
-
-    def _load(self) -> None:
-        import creditmix as cm
-        from common import load_model
-        from scoring import prior_for
-
-        p = Path(self.spec)
-        looks_local = p.is_absolute() or self.spec.startswith(".") or Path(self.spec.split("/")[0]).is_dir()
-        if "/" in self.spec and looks_local and not p.exists():
-            # e.g. runs/creditmix_kd before KD was trained: say so instead of asking the hub for "runs/creditmix_kd"
-            raise UserError(f"{p.resolve()} does not exist (train that run first, or point the endpoint's "
-                            f"MODEL_* variable elsewhere)")
-        model, tok, ms = load_model(self.spec, quantize=self.cfg.quantize, trust_remote_code=self.cfg.trust_remote_code)
-        # the README's multi-null prior, computed once per model (4 content-free prompts, one small batch)
-        prior = prior_for("multi_null", None, cm.null_scores(model, tok))
-        self.model, self.tok, self.ms, self.prior = model, tok, ms, prior
-
-    def describe(self) -> dict:
-        d = {"model": self.spec, "state": self.state, "loads": self.loads, "load_seconds": self.load_seconds,
-             "error": self.error}
-        if self.ms is not None:
-            d.update(base_model=self.ms.base_spec, adapter=self.ms.adapter,
-                     device=str(next(self.model.parameters()).device))
-        return d
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# micro-batching
-
-class MicroBatcher:
-    """Gather the items of concurrent requests to one endpoint for up to `wait_s` (or `max_batch` items), run them
-    as one call of `run(items) -> results` on the inference thread, hand each request its slice. One worker task
-    per endpoint, so an endpoint's batches run one after another and grow under load."""
-
-    def __init__(self, run: Callable[[list], list], executor, max_batch: int, wait_s: float, max_queue: int,
-                 on_batch: Callable[[int], None]):
-        self.run, self.executor, self.max_batch, self.wait_s = run, executor, max_batch, wait_s
-        self.max_queue, self.on_batch = max_queue, on_batch
-        self.queue: asyncio.Queue | None = None
-        self.task: asyncio.Task | None = None
-        self.waiting = 0  # items queued, not yet taken into a batch
-
-    def submit(self, items: list) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        if self.waiting + len(items) > self.max_queue:
-            raise ApiError(503, f"server busy: {self.waiting} items are waiting on this endpoint (MAX_QUEUE="
-                                f"{self.max_queue}); retry shortly", {"Retry-After": "1"})
-        if self.task is None or self.task.done():
-            self.queue = asyncio.Queue()
-            self.task = loop.create_task(self._worker())
-        fut = loop.create_future()
-        self.queue.put_nowait((items, fut))
-        self.waiting += len(items)
-        return fut
-
-    async def _next(self, timeout: float | None):
-        item = await self.queue.get() if timeout is None else await _get_within(self.queue, timeout)
-        if item is not None:
-            self.waiting -= len(item[0])
-        return item
-
-    async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self._next(None)]
-            n, deadline = len(batch[0][0]), loop.time() + self.wait_s
-            while n < self.max_batch:
-                nxt = await self._next(max(0.0, deadline - loop.time()))
-                if nxt is None:
-                    break
-                batch.append(nxt)
-                n += len(nxt[0])
-            live = [(items, fut) for items, fut in batch if not fut.done()]  # cancelled: the client left
-            if not live:
-                continue
-            flat = [x for items, _ in live for x in items]
-            self.on_batch(len(flat))
-            try:
-                out = await loop.run_in_executor(self.executor, self.run, flat)
-            except Exception as e:
-                for _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            i = 0
-            for items, fut in live:
-                if not fut.done():
-                    fut.set_result(out[i:i + len(items)])
-                i += len(items)
-
-    async def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-
-
-async def _get_within(queue: asyncio.Queue, timeout: float):
-    """queue.get() or None after `timeout` s. Queue.get removes the item only after its wake-up, in the same step,
-    so a timeout never loses one."""
-    if not queue.empty():
-        return queue.get_nowait()
-    if timeout <= 0:
-        return None
-    try:
-        async with asyncio.timeout(timeout):
-            return await queue.get()
-    except TimeoutError:
-        return None
-
-
-class ClientGone(Exception):
-    pass
-
-
-async def _until_disconnect(request: Request) -> None:
-    # Once the body is read, uvicorn's receive() blocks until the client disconnects (or the response is sent).
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _wait_unless_disconnected(request: Request, fut: asyncio.Future):
-    """The result of `fut`, or ClientGone (with `fut` cancelled, so the batch skips it) if the client hangs up."""
-    watcher = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({fut, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        fut.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if fut in done:
-        return fut.result()
-    fut.cancel()
-    raise ClientGone
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# metrics
-
-class Metrics:
-    """Prometheus metrics in the app's own registry (several apps in one process, as in tests, do not clash)."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-        disable_created_metrics()  # no *_created series: they double the output and dashboards do not use them
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("serve_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                registry=r)
-        self.errors = Counter("serve_errors", "HTTP requests answered with status >= 400", ["endpoint", "status"],
-                              registry=r)
-        self.latency = Histogram("serve_request_latency_seconds", "request latency, receipt to response",
-                                 ["endpoint"], registry=r,
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
-        self.batch_size = Histogram("serve_batch_size", "items per scored batch (one forward pass when it is at "
-                                    "most MAX_BATCH)", ["endpoint"], registry=r,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-        self.items = Counter("serve_items", "feature strings / prompts / documents processed", ["endpoint"],
-                             registry=r)
-        self.disconnects = Counter("serve_client_disconnects", "requests whose client left before the answer",
-                                   ["endpoint"], registry=r)
-        self.loads = Counter("serve_model_loads", "completed model loads", ["model"], registry=r)
-        self.load_failures = Counter("serve_model_load_failures", "failed model loads", ["model"], registry=r)
-        self.loaded = Gauge("serve_models_loaded", "models in memory", registry=r)
-
-    def render(self) -> bytes:
-        from prometheus_client import generate_latest
-        return generate_latest(self.registry)
-
-
-class Gate:
-    """Pure ASGI middleware (not BaseHTTPMiddleware, which interferes with disconnect detection): request metrics,
-    bearer-token auth when API_KEY is set, and a cap on the request body (read here, then replayed to the app)."""
-
-    def __init__(self, app, cfg: ServeConfig, metrics: Metrics, known_paths: set[str]):
-        self.app, self.cfg, self.metrics, self.known = app, cfg, metrics, known_paths
-        self.expected = f"Bearer {cfg.api_key}".encode() if cfg.api_key else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        endpoint = path if path in self.known else "other"
-        t0, status = time.perf_counter(), [0]
-
-        async def send_counted(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self._handle(scope, receive, send_counted, path)
-        finally:
-            s = str(status[0] or 499)  # no response started: the client left first
-            self.metrics.requests.labels(endpoint, s).inc()
-            if int(s) >= 400:
-                self.metrics.errors.labels(endpoint, s).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-
-    async def _handle(self, scope, receive, send, path):
-        if self.expected is not None and path != "/health":
-            headers = dict(scope["headers"])
-            got = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.expected):
-                why = "missing" if not got else "invalid"
-                resp = error_response(401, f"{why} API key: send the header 'Authorization: Bearer <API_KEY>'",
-                                      {"WWW-Authenticate": "Bearer"})
-                return await resp(scope, receive, send)
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.cfg.max_body_bytes:
-                resp = error_response(413, f"request body over {self.cfg.max_body_bytes} bytes (MAX_BODY_BYTES)")
-                return await resp(scope, receive, send)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# task functions (run on the inference thread, one batch at a time)
-
-def score_creditmix(slot: Slot, features: list[str], batch_size: int) -> list[dict]:
-    """The README's response JSON for each feature string: raw label scores, minus the multi-null prior."""
-    import creditmix as cm
-    from scoring import response
-    raw = cm.label_scores(slot.model, slot.tok, [cm.prompt_for(f) for f in features], batch_size=batch_size)
-    return [response(slot.spec, cm.LABELS, r, slot.prior) for r in raw]
-
+# what each task does in one batch (on its lane's thread). An item is (endpoint path, Slot, payload).
 
 def _groups(items: list, key: Callable) -> dict:
-    """Indices of `items` grouped by key(item): one generate() call per group of identical settings."""
+    """Indices of `items` grouped by key(item): one model call per group of identical settings."""
     out: dict = {}
     for i, x in enumerate(items):
         out.setdefault(key(x), []).append(i)
     return out
 
 
-def run_codegen(slot: Slot, items: list[tuple], batch_size: int) -> list[dict]:
-    """items: (task, max_new_tokens, plan_then_code). Greedy answers through codegen.answer, code extracted."""
+def creditmix_prior(slot, tok):
+    """The README's multi-null prior of this endpoint's model (4 content-free prompts, one small batch), computed
+    on the endpoint's first CreditMix batch and kept: only CreditMix models pay for it."""
+    if slot.prior is None:
+        import creditmix as cm
+        from scoring import prior_for
+        with model_call([slot.row_name]):
+            slot.prior = prior_for("multi_null", None, cm.null_scores(slot.model, tok))
+    return slot.prior
+
+
+def run_creditmix(items: list, cfg: ServeConfig) -> list[dict]:
+    """The README's response JSON for each feature string: raw label scores, minus the multi-null prior. Items of
+    every adapter on one base go through one forward pass (PEFT mixed-adapter batch) unless MIXED_ADAPTERS=0."""
+    import creditmix as cm
+    from scoring import response
+    out: list = [None] * len(items)
+    lane = "creditmix"
+    by_tok = _groups(items, lambda x: id(x[1].tok))  # endpoints whose tokenizers agree share a batch
+    for idx in by_tok.values():
+        parts: dict = {}
+        for i in idx:  # MIXED_ADAPTERS=0: one call per adapter, the baseline loadtest.py compares against
+            parts.setdefault(None if cfg.mixed_adapters else items[i][1].row_name, []).append(i)
+        for part in parts.values():
+            slots = [items[i][1] for i in part]
+            tok = slots[0].lane_tokenizer(lane)
+            for s in dict.fromkeys(slots):
+                creditmix_prior(s, tok)
+            names = [s.row_name for s in slots] if slots[0].base.peft else None
+            raw = cm.label_scores(slots[0].model, tok, [cm.prompt_for(items[i][2]) for i in part],
+                                  batch_size=cfg.max_batch, adapter_names=names)
+            for i, s, r in zip(part, slots, raw):
+                out[i] = response(s.spec, cm.LABELS, r, s.prior)
+    return out
+
+
+def run_codegen(items: list, cfg: ServeConfig) -> list[dict]:
+    """payload: (task, max_new_tokens, plan_then_code). Greedy answers through codegen.answer, code extracted."""
     import codegen
     out: list = [None] * len(items)
-    for (n, plan), idx in _groups(items, lambda x: (x[1], x[2])).items():
-        answers = codegen.answer(slot.model, slot.tok, [items[i][0] for i in idx], plan_then_code=plan,
-                                 plan_tokens=min(256, n), max_new_tokens=n, batch_size=batch_size)
+    for (_, n, plan), idx in _groups(items, lambda x: (x[1].row_name, x[2][1], x[2][2])).items():
+        slot = items[idx[0]][1]
+        with model_call([slot.row_name]):
+            answers = codegen.answer(slot.model, slot.lane_tokenizer("codegen"), [items[i][2][0] for i in idx],
+                                     plan_then_code=plan, plan_tokens=min(256, n), max_new_tokens=n,
+                                     batch_size=cfg.max_batch)
         for i, a in zip(idx, answers):
             out[i] = {"model_name": slot.spec, "code": codegen.extract_code(a[0]["raw"]), "raw": a[0]["raw"],
                       "plan": a[0]["plan"]}
     return out
 
 
-def run_idp(slot: Slot, items: list[tuple], batch_size: int) -> list:
-    """items: (document, schema, compiled grammar, validator, max_new_tokens). Grammar-constrained greedy decoding
-    through json_grammar.generate (one call per schema and budget), each output parsed and validated."""
+def run_idp(items: list, cfg: ServeConfig) -> list:
+    """payload: (document, schema, compiled grammar, validator, max_new_tokens). Grammar-constrained greedy
+    decoding through json_grammar.generate (one call per schema and budget), each output parsed and validated."""
     import idp
     import json_grammar as jg
     out: list = [None] * len(items)
-    for (_, n), idx in _groups(items, lambda x: (id(x[2]), x[4])).items():
-        schema, compiled, validator = items[idx[0]][1], items[idx[0]][2], items[idx[0]][3]
-        limit = idp.input_token_limit(slot.model, slot.tok, 0, n)
+    for (name, _, n), idx in _groups(items, lambda x: (x[1].row_name, id(x[2][2]), x[2][4])).items():
+        slot = items[idx[0]][1]
+        tok = slot.lane_tokenizer("idp")
+        _, schema, compiled, validator, _ = items[idx[0]][2]
+        limit = idp.input_token_limit(slot.model, tok, 0, n)
         ok, prompts, cut = [], [], {}
         for i in idx:
             try:
-                prompt, cut[i] = idp.document_prompt(slot.tok, schema, items[i][0], limit, quiet=True)
+                prompt, cut[i] = idp.document_prompt(tok, schema, items[i][2][0], limit, quiet=True)
             except UserError as e:
-                out[i] = ApiError(422, str(e))
+                out[i] = ApiError(413, str(e))
                 continue
             ok.append(i)
             prompts.append(prompt)
         if not ok:
             continue
-        results, _ = jg.generate(slot.model, slot.tok, prompts, max_new_tokens=n, batch_size=batch_size,
-                                 grammar=compiled, cache=slot.grammars, max_string_chars=IDP_MAX_STRING_CHARS)
+        with model_call([name]):
+            results, _ = jg.generate(slot.model, tok, prompts, max_new_tokens=n, batch_size=cfg.max_batch,
+                                     grammar=compiled, cache=slot.extra["grammars"],
+                                     max_string_chars=IDP_MAX_STRING_CHARS)
         for i, r in zip(ok, results):
             c = jg.check_output(r["text"], validator)
             out[i] = {"model_name": slot.spec, "output": c["json"] if c["schema_valid"] else None,
@@ -567,24 +328,7 @@ def run_idp(slot: Slot, items: list[tuple], batch_size: int) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the app
-
-ERROR_BODY = {"content": {"application/json": {"schema": {
-    "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}
-
-
-# infer_idp.py's defaults: strings closed at this many characters (by the decoder), maxItems for arrays
-IDP_MAX_STRING_CHARS, IDP_MAX_ARRAY_ITEMS = 256, 32
-GRAMMARS_KEPT = 64  # distinct request schemas compiled per model before the grammar cache is emptied
-
-
-def _error_docs(*codes: int) -> dict:
-    why = {401: "missing or wrong API key (when API_KEY is set)", 404: "no such endpoint",
-           413: "request body too large", 415: "the body is not sent as application/json",
-           422: "invalid request: the message says what is wrong",
-           503: "the endpoint's model cannot be loaded, or the server is busy"}
-    return {c: {"description": why[c], **ERROR_BODY} for c in codes}
-
+# answers
 
 class CodeGenAnswer(BaseModel):
     model_name: str = Field(description="the model spec behind the endpoint (MODEL_CODEGEN)")
@@ -614,9 +358,64 @@ class CreditMixAnswer(BaseModel):
     top2_margin: float = Field(description="best minus second-best calibrated score (a confidence signal)")
 
 
+@dataclass(frozen=True)
+class Task:
+    """One row of the task table."""
+    route: str                                  # the native route ({name} = the endpoint name)
+    answer: type[BaseModel]                     # its response model (the README's JSON for CreditMix)
+    prior: bool                                 # what loading adds: the multi-null prior (label ranking only)
+    run: Callable[[list, ServeConfig], list]    # one batch of items -> one result (or ApiError) per item
+    summary: str
+
+
+TASKS = {
+    "creditmix": Task("/infer/{name}", CreditMixAnswer, True, run_creditmix,
+                      "CreditMix label (Good/Standard/Bad) by calibrated label ranking"),
+    "codegen": Task("/generate/codegen", CodeGenAnswer, False, run_codegen,
+                    "Python code for a task, greedy decoding capped at max_new_tokens"),
+    "idp": Task("/extract/idp", IdpAnswer, False, run_idp,
+                "one JSON object per document, grammar-constrained by a JSON Schema and validated"),
+}
+
+
+def route_of(name: str) -> str:
+    return TASKS[ENDPOINTS[name][0]].route.format(name=name)
+
+
+ERROR_BODY = {"content": {"application/json": {"schema": {
+    "type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}}}}
+
+
+def _error_docs(*codes: int) -> dict:
+    why = {401: "missing or wrong API key (when API_KEY is set)", 404: "no such endpoint",
+           413: "a size limit: the message names it and how to get under it",
+           415: "the body is not sent as application/json",
+           422: "invalid request: the message says what is wrong",
+           503: "the endpoint's model cannot be loaded, the server is busy or shutting down (retry)"}
+    return {c: {"description": why[c], **ERROR_BODY} for c in codes}
+
+
+def body_error(exc: Exception) -> str:
+    """Why FastAPI could not parse a request body (it answers all of these 'There was an error parsing the body')."""
+    cause = exc.__cause__
+    if isinstance(cause, RecursionError):
+        return (f"the JSON body is nested deeper than the parser allows (about {sys.getrecursionlimit()} levels): "
+                "send a flatter body")
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return (f"a number in the JSON body has more than {sys.get_int_max_str_digits()} digits (the parser's limit): "
+                "send it as a string or shorten it")
+    if isinstance(cause, UnicodeDecodeError):
+        return "invalid JSON in the request body (not UTF-8 text)"
+    return f"the request body cannot be parsed ({type(cause).__name__ if cause else 'unknown reason'})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the app
+
 def create_app(config: ServeConfig | None = None) -> FastAPI:
-    """Build the app. With no config, read the environment (ServeConfig.from_env); nothing heavy happens here:
-    models load on first use (or at startup for PRELOAD endpoints, in the background)."""
+    """Build the app: request models, the task table's routes, the OpenAI routes, the gate. With no config, read
+    the environment (ServeConfig.from_env). Nothing heavy happens here: models load on first use (or at startup
+    for PRELOAD endpoints, in the background, one at a time)."""
     if config is None:
         try:
             config = ServeConfig.from_env()
@@ -624,9 +423,10 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             raise SystemExit(f"error: {e}") from None
     cfg = config
     metrics = Metrics()
-    state: dict[str, Any] = {}  # built in the lifespan: executor, slots, batchers
+    state: dict[str, Any] = {}  # built in the lifespan: slots, lanes, stop flags
 
     Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_chars, pattern=NOT_BLANK)]
+    default_new = min(512, cfg.max_new_tokens_cap)
 
     class CreditMixRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"features": README_FEATURES}]})
@@ -638,128 +438,6 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         @classmethod
         def _features(cls, v):
             return check_texts(v, "features", cfg.max_chars, cfg.max_items)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        # One inference thread: batches (of all endpoints) run one at a time, each using all of torch's threads.
-        state["executor"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
-        slots: dict[str, Slot] = {}
-        for name, spec in cfg.models.items():  # endpoints naming the same model share one copy
-            slots.setdefault(spec, Slot(spec, cfg, metrics))
-        state["slots"] = {name: slots[spec] for name, spec in cfg.models.items()}
-        state["batchers"] = {}
-        log.info("serve_creditmix: %s; micro_batching=%s batch_wait_ms=%s max_batch=%s auth=%s",
-                 ", ".join(f"{n}={s}" for n, s in cfg.models.items()), cfg.micro_batching, cfg.batch_wait_ms,
-                 cfg.max_batch, "on" if cfg.api_key else "off")
-        preload = [asyncio.create_task(_preload(n)) for n in cfg.preload]
-        yield
-        for t in preload:
-            t.cancel()
-        for b in state["batchers"].values():
-            await b.close()
-        state["executor"].shutdown(wait=False, cancel_futures=True)
-
-    async def _preload(name: str):
-        with contextlib.suppress(ApiError):
-            await state["slots"][name].ensure(name)
-            metrics.loaded.set(sum(s.state == "loaded" for s in set(state["slots"].values())))
-
-    app = FastAPI(title="distill_slm serve_creditmix", version="1.0", lifespan=lifespan,
-                  description="CreditMix calibrated label ranking (base/sft/kd/dpo), CodeGen generation and IDP "
-                              "schema-constrained extraction over HTTP. See the README's serving section.")
-
-    # ------------------------------------------------------------------ errors: one JSON shape, {"error": "…"}
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        ctype = request.headers.get("content-type", "")
-        if request.method == "POST" and "json" not in ctype:  # FastAPI then sees no body at all
-            return error_response(415, f"send the body as JSON with the header 'Content-Type: application/json' "
-                                       f"(got {ctype or 'no Content-Type'})")
-        return error_response(422, validation_message(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 404:
-            msg = f"no such endpoint: {request.method} {request.url.path} (see GET /models for the endpoints)"
-        elif exc.status_code == 405:
-            msg = f"{request.method} is not allowed on {request.url.path}"
-        elif exc.status_code == 400 and "parsing the body" in str(exc.detail):  # FastAPI: bytes that are not UTF-8
-            return error_response(422, "invalid JSON in the request body (not UTF-8 text)")
-        else:
-            msg = str(exc.detail)
-        return error_response(exc.status_code, msg, getattr(exc, "headers", None))
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.headers)
-
-    @app.exception_handler(ClientGone)
-    async def _gone(request: Request, exc: ClientGone):
-        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception):
-        log.error("%s %s failed:\n%s", request.method, request.url.path, traceback.format_exc())
-        return error_response(500, f"internal error ({type(exc).__name__}); the server log has the details")
-
-    # ------------------------------------------------------------------ running one endpoint's work
-    def batcher_for(name: str, run: Callable[[list], list], max_batch: int | None = None) -> MicroBatcher:
-        if name not in state["batchers"]:
-            path = route_of(name)
-            state["batchers"][name] = MicroBatcher(
-                run, state["executor"], max_batch or cfg.max_batch, cfg.batch_wait_ms / 1000, cfg.max_queue,
-                on_batch=lambda n: metrics.batch_size.labels(path).observe(n))
-        return state["batchers"][name]
-
-    async def process(request: Request, name: str, items: list, run: Callable[[Slot, list], list],
-                      batched: bool = True):
-        """Load the endpoint's model (once), then run `run(slot, items)` on the inference thread, micro-batched
-        with other requests to the same endpoint when batching is on and `batched`."""
-        path = route_of(name)
-        slot = await state["slots"][name].ensure(path)
-        metrics.loaded.set(sum(s.state == "loaded" for s in set(state["slots"].values())))
-        if cfg.micro_batching and batched:
-            fut = batcher_for(name, lambda flat: run(slot, flat)).submit(items)
-        else:
-            metrics.batch_size.labels(path).observe(len(items))
-            fut = asyncio.get_running_loop().run_in_executor(state["executor"], run, slot, items)
-        try:
-            out = await _wait_unless_disconnected(request, fut)
-        except ClientGone:
-            metrics.disconnects.labels(path).inc()
-            raise
-        except UserError as e:  # input the model cannot take (a check deeper than the request's)
-            raise ApiError(422, str(e)) from None
-        for x in out:  # a per-item failure (e.g. an IDP document that cannot fit) answers that request
-            if isinstance(x, Exception):
-                raise x
-        metrics.items.labels(path).inc(len(items))
-        return out
-
-    def route_of(name: str) -> str:
-        return ROUTES[ENDPOINTS[name][0]].format(name=name)
-
-    # ------------------------------------------------------------------ CreditMix
-    def creditmix_route(name: str):
-        var = ENDPOINTS[name][1]
-
-        async def infer(request: Request, body: CreditMixRequest):
-            items = [body.features] if isinstance(body.features, str) else body.features
-            out = await process(request, name, items, lambda slot, xs: score_creditmix(slot, xs, cfg.max_batch))
-            return JSONResponse(out[0] if isinstance(body.features, str) else out)
-
-        infer.__name__ = f"infer_{name}"
-        app.post(f"/infer/{name}", tags=["creditmix"],
-                 summary=f"CreditMix label (Good/Standard/Bad) with the {name} model ({var})",
-                 response_model=Union[CreditMixAnswer, list[CreditMixAnswer]],
-                 responses=_error_docs(401, 413, 415, 422, 503))(infer)
-
-    for name, (task, _, _) in ENDPOINTS.items():
-        if task == "creditmix":
-            creditmix_route(name)
-
-    # ------------------------------------------------------------------ CodeGen
-    default_new = min(512, cfg.max_new_tokens_cap)
 
     class CodeGenRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
@@ -784,15 +462,6 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         def _plan(cls, v):
             return check_bool(v, "plan_then_code")
 
-    @app.post("/generate/codegen", tags=["codegen"], response_model=CodeGenAnswer,
-              summary="Python code for a task, greedy decoding capped at max_new_tokens (MODEL_CODEGEN)",
-              responses=_error_docs(401, 413, 415, 422, 503))
-    async def generate_codegen(request: Request, body: CodeGenRequest):
-        items = [(body.prompt, body.max_new_tokens, body.plan_then_code)]
-        out = await process(request, "codegen", items, lambda slot, xs: run_codegen(slot, xs, cfg.max_batch))
-        return JSONResponse(out[0])
-
-    # ------------------------------------------------------------------ IDP
     Doc = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_document_chars, pattern=NOT_BLANK)]
 
     class IdpRequest(BaseModel):
@@ -823,6 +492,223 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         def _budget(cls, v):
             return check_int(v, "max_new_tokens", 1, cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
 
+    class ChatRequest(BaseModel):
+        """The fields of OpenAI's chat completion request this server reads; the others are accepted and ignored
+        (sampling settings: every endpoint decodes greedily)."""
+        model_config = ConfigDict(extra="allow")
+        model: str = Field(description="an endpoint name: " + ", ".join(ENDPOINTS))
+        messages: list[dict] = Field(min_length=1, description="the last user message is the input: the features "
+                                     "(CreditMix), the coding task (codegen) or the document (idp)")
+        max_tokens: int | None = None
+        max_completion_tokens: int | None = None
+        response_format: dict | None = Field(None, description='{"type": "json_schema", "json_schema": {"name": '
+                                             '..., "schema": {...}}} on model idp: the reply is valid for it')
+        stream: bool = False
+        n: int = 1
+
+    # ------------------------------------------------------------------ lifespan: slots, lanes, signals
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        slots = ModelSlots(cfg.quantize, cfg.trust_remote_code, cfg.load_retry_s, metrics)
+        state["models"] = slots
+        state["slots"] = {name: slots.slot(spec) for name, spec in cfg.models.items()}
+        state["lanes"] = {}
+        state["stop"], state["stopping"] = threading.Event(), asyncio.Event()
+        restore = _chain_stop_signals(state)
+        log.info("serve_creditmix: %s; micro_batching=%s mixed_adapters=%s batch_wait_ms=%s max_batch=%s auth=%s",
+                 ", ".join(f"{n}={s}" for n, s in cfg.models.items()), cfg.micro_batching, cfg.mixed_adapters,
+                 cfg.batch_wait_ms, cfg.max_batch, "on" if cfg.api_key else "off")
+        preload = [asyncio.create_task(_preload(n)) for n in cfg.preload]  # the loader thread takes them in turn
+        yield
+        state["stop"].set()
+        state["stopping"].set()
+        for t in preload:
+            t.cancel()
+        for lane in state["lanes"].values():
+            await lane.close()
+        slots.close()
+        restore()
+
+    def _chain_stop_signals(st) -> Callable[[], None]:
+        """On SIGTERM / SIGINT, stop running batches (within one forward pass) and answer waiting requests 503
+        before uvicorn's own handler starts its graceful shutdown, which waits for every open request."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None  # e.g. under TestClient: no signals to chain
+        loop = asyncio.get_running_loop()
+        prev = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def on_signal(sig, frame):
+            st["stop"].set()
+            loop.call_soon_threadsafe(st["stopping"].set)
+            handler = prev.get(sig)
+            if callable(handler):
+                handler(sig, frame)
+            elif sig == signal.SIGINT:
+                raise KeyboardInterrupt
+
+        for s in prev:
+            signal.signal(s, on_signal)
+
+        def restore():
+            for s, h in prev.items():
+                if signal.getsignal(s) is on_signal:
+                    signal.signal(s, h)
+        return restore
+
+    async def _preload(name: str):
+        with contextlib.suppress(ApiError):
+            await ensure(name)
+
+    app = FastAPI(title="distill_slm serve_creditmix", version="1.1", lifespan=lifespan,
+                  description="CreditMix calibrated label ranking (base/sft/kd/dpo), CodeGen generation and IDP "
+                              "schema-constrained extraction over HTTP, and an OpenAI-compatible /v1 API. "
+                              "See docs/serving.md.")
+
+    # ------------------------------------------------------------------ errors: one JSON shape, {"error": "…"}
+    def err(request: Request, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        return error_response(status, message, headers, openai=request.url.path.startswith("/v1/"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        ctype = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in ctype:  # FastAPI then sees no body at all
+            return err(request, 415, f"send the body as JSON with the header 'Content-Type: application/json' "
+                                     f"(got {ctype or 'no Content-Type'})")
+        return err(request, 422, validation_message(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            msg = f"no such endpoint: {request.method} {request.url.path} (see GET /models for the endpoints)"
+        elif exc.status_code == 405:
+            msg = f"{request.method} is not allowed on {request.url.path}"
+        elif exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            return err(request, 422, body_error(exc))
+        else:
+            msg = str(exc.detail)
+        return err(request, exc.status_code, msg, getattr(exc, "headers", None))
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return err(request, exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        log.error("%s %s failed:\n%s", request.method, request.url.path, traceback.format_exc())
+        return err(request, 500, f"internal error ({type(exc).__name__}); the server log has the details")
+
+    # ------------------------------------------------------------------ loading, limits, lanes
+    async def ensure(name: str):
+        slot = await state["slots"][name].ensure(route_of(name))
+        metrics.loaded.set(state["models"].loaded_models())
+        return slot
+
+    def counter(slot):
+        return slot.lane_tokenizer("admit")  # used on the event loop only
+
+    def n_tokens(slot, texts: list[str]) -> list[int]:
+        tok = counter(slot)
+        return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+
+    def input_limit(slot, reserve: int) -> tuple[int, str]:
+        """(tokens one prompt may have, why): the model's context minus `reserve`, or MAX_INPUT_TOKENS."""
+        ctx = slot.context()
+        limit, why = ctx - reserve, f"the model's context of {ctx} tokens minus {reserve} for the answer"
+        if cfg.max_input_tokens and cfg.max_input_tokens < limit:
+            limit, why = cfg.max_input_tokens, f"MAX_INPUT_TOKENS={cfg.max_input_tokens}"
+        return limit, why
+
+    def check_queue(n: int):
+        if n > cfg.max_queue:  # it could never be admitted: retrying does not help
+            raise ApiError(413, f"the request holds {n} items; at most {cfg.max_queue} can wait on an endpoint "
+                                f"(MAX_QUEUE): send at most {cfg.max_queue} items per request")
+
+    def lane_for(task: str, slot) -> Lane:
+        key = f"{task}|{slot.base.key}"
+        if key not in state["lanes"]:
+            def on_batch(flat):
+                for path, n in _groups(flat, lambda x: x[0]).items():
+                    metrics.batch_size.labels(path).observe(len(n))
+            state["lanes"][key] = Lane(key, lambda items: TASKS[task].run(items, cfg), cfg.max_batch,
+                                       cfg.max_batch_tokens, cfg.batch_wait_ms / 1000, cfg.max_queue,
+                                       state["stop"], on_batch)
+        return state["lanes"][key]
+
+    async def process(request: Request, name: str, slot, payloads: list, tokens: int) -> list:
+        """Queue the request's items on its task's lane for this base; wait for their results."""
+        path, task = route_of(name), ENDPOINTS[name][0]
+        check_queue(len(payloads))
+        fut = lane_for(task, slot).submit([(path, slot, p) for p in payloads], tokens, batched=cfg.micro_batching)
+        try:
+            out = await wait_unless_gone(request, fut, state["stopping"])
+        except ClientGone:
+            metrics.disconnects.labels(path).inc()
+            raise
+        except Cancelled:
+            raise ApiError(503, "the server is shutting down; retry (on another instance)",
+                           {"Retry-After": "5"}) from None
+        except UserError as e:  # input the model cannot take (a check deeper than the request's)
+            raise ApiError(422, str(e)) from None
+        for x in out:  # a per-item failure (e.g. an IDP document that cannot fit) answers that request
+            if isinstance(x, Exception):
+                raise x
+        metrics.items.labels(path).inc(len(payloads))
+        return out
+
+    # ------------------------------------------------------------------ the three tasks, shared by both APIs
+    async def do_creditmix(request: Request, name: str, texts: list[str]) -> tuple[list[dict], int]:
+        import creditmix as cm
+        from scoring import label_token_ids
+        slot = await ensure(name)
+        tok = counter(slot)
+        if "label_tokens" not in slot.extra:
+            slot.extra["label_tokens"] = max(len(x) for x in label_token_ids(tok, cm.LABELS))
+        from common import chat_prompt
+        counts = n_tokens(slot, [chat_prompt(tok, cm.prompt_for(t)) for t in texts])
+        limit, why = input_limit(slot, slot.extra["label_tokens"])
+        where = "features" if len(texts) == 1 else "features[{}]"
+        for i, n in enumerate(counts):
+            if n > limit:
+                raise ApiError(413, f"{where.format(i)} is {n} tokens as a prompt for {slot.spec}; the limit is "
+                                    f"{limit} ({why}): shorten it")
+        total = sum(counts)
+        if total > cfg.max_request_tokens:
+            fit, run = 0, 0
+            for n in counts:
+                if run + n > cfg.max_request_tokens:
+                    break
+                fit, run = fit + 1, run + n
+            raise ApiError(413, f"the request's {len(texts)} prompts are {total} tokens in all; the cap is "
+                                f"{cfg.max_request_tokens} per request (MAX_REQUEST_TOKENS): send at most {max(fit, 1)} "
+                                f"items per request")
+        return await process(request, name, slot, texts, total), total
+
+    async def do_codegen(request: Request, prompt: str, n: int, plan: bool) -> tuple[dict, int]:
+        import codegen
+        from common import chat_prompt
+        slot = await ensure("codegen")
+        tok = counter(slot)
+        if plan:
+            plan_n = min(256, n)
+            p_plan, p_code = n_tokens(slot, [chat_prompt(tok, codegen.plan_request(prompt)),
+                                             chat_prompt(tok, codegen.code_from_plan_request(prompt, ""))])
+            need, reserve = max(p_plan + plan_n, p_code + plan_n + n), plan_n + n
+            p = p_code
+        else:
+            p = n_tokens(slot, [chat_prompt(tok, codegen.code_request(prompt))])[0]
+            need, reserve = p + n, n
+        limit, why = input_limit(slot, reserve)
+        if need - reserve > limit:
+            raise ApiError(413, f"prompt is {need - reserve} tokens as a prompt for {slot.spec}; the limit is "
+                                f"{limit} ({why}{', with the plan' if plan else ''}): shorten the prompt or lower "
+                                "max_new_tokens")
+        out = await process(request, "codegen", slot, [(prompt, n, plan)], need)
+        return out[0], p
+
     def default_schema() -> dict:
         import json_grammar as jg
         if "idp_schema" not in state:
@@ -833,13 +719,24 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
                                     "\"schema\" in the request or fix IDP_SCHEMA") from None
         return state["idp_schema"]
 
-    @app.post("/extract/idp", tags=["idp"], response_model=IdpAnswer,
-              summary="one JSON object per document, grammar-constrained by a JSON Schema and validated "
-                      "(MODEL_IDP)",
-              responses=_error_docs(401, 413, 415, 422, 503))
-    async def extract_idp(request: Request, body: IdpRequest):
+    async def compile_schema(request: Request, slot, schema: dict):
         import json_grammar as jg
-        schema = body.json_schema
+        if "grammars" not in slot.extra:
+            async with slot.lock:
+                if "grammars" not in slot.extra:
+                    slot.extra["grammars"] = await asyncio.to_thread(jg.GrammarCache, slot.tok,
+                                                                     vocab_size=slot.model.config.vocab_size)
+        grammars = slot.extra["grammars"]
+        if len(grammars._cache) >= GRAMMARS_KEPT:  # bound the memory many distinct request schemas take
+            grammars._cache.clear()
+        try:  # compiled off the inference thread (a new schema takes ~1-2 s), cached per schema
+            return await asyncio.to_thread(grammars.compile, schema, IDP_MAX_ARRAY_ITEMS)
+        except UserError as e:
+            raise ApiError(422, f"schema: {e}") from None
+
+    async def do_idp(request: Request, document: str, schema: dict | None, n: int) -> tuple[dict, int]:
+        import idp
+        import json_grammar as jg
         if schema is None:
             schema = default_schema()
         else:
@@ -847,24 +744,117 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
                 jg.check_schema(schema, "schema")
             except UserError as e:
                 raise ApiError(422, str(e)) from None
-        slot = await state["slots"]["idp"].ensure("/extract/idp")
-        if slot.grammars is None:
-            async with slot.lock:
-                if slot.grammars is None:
-                    slot.grammars = await asyncio.to_thread(jg.GrammarCache, slot.tok,
-                                                            vocab_size=slot.model.config.vocab_size)
-        if len(slot.grammars._cache) >= GRAMMARS_KEPT:  # bound the memory many distinct request schemas take
-            slot.grammars._cache.clear()
-        try:  # compiled off the inference thread (a new schema takes ~1-2 s), cached per schema
-            compiled = await asyncio.to_thread(slot.grammars.compile, schema, IDP_MAX_ARRAY_ITEMS)
-        except UserError as e:
-            raise ApiError(422, f"schema: {e}") from None
-        if compiled.min_tokens > body.max_new_tokens:
-            raise ApiError(422, f"max_new_tokens {body.max_new_tokens} is too small: the smallest valid JSON for "
-                                f"this schema needs {compiled.min_tokens} tokens")
-        items = [(body.document, schema, compiled, jg.make_validator(schema), body.max_new_tokens)]
-        out = await process(request, "idp", items, lambda slot, xs: run_idp(slot, xs, cfg.max_batch))
-        return JSONResponse(out[0])
+        slot = await ensure("idp")
+        ctx = slot.context()
+        if n >= ctx:
+            raise ApiError(413, f"max_new_tokens {n} does not fit the model's context of {ctx} tokens: lower it")
+        compiled = await compile_schema(request, slot, schema)
+        if compiled.min_tokens > n:
+            raise ApiError(422, f"max_new_tokens {n} is too small: the smallest valid JSON for this schema needs "
+                                f"{compiled.min_tokens} tokens")
+        limit = min(idp.input_token_limit(slot.model, counter(slot), cfg.max_input_tokens, n), ctx - n)
+        p = min(n_tokens(slot, [document])[0], limit)
+        out = await process(request, "idp", slot, [(document, schema, compiled, jg.make_validator(schema), n)],
+                            p + n)
+        return out[0], p
+
+    # ------------------------------------------------------------------ native routes, from the task table
+    def creditmix_route(name: str):
+        var = ENDPOINTS[name][1]
+
+        async def infer(request: Request, body: CreditMixRequest):
+            texts = [body.features] if isinstance(body.features, str) else body.features
+            out, _ = await do_creditmix(request, name, texts)
+            return JSONResponse(out[0] if isinstance(body.features, str) else out)
+
+        infer.__name__ = f"infer_{name}"
+        app.post(route_of(name), tags=["creditmix"], summary=f"{TASKS['creditmix'].summary} with the {name} model "
+                 f"({var})", response_model=Union[CreditMixAnswer, list[CreditMixAnswer]],
+                 responses=_error_docs(401, 413, 415, 422, 503))(infer)
+
+    for name, (task, _, _) in ENDPOINTS.items():
+        if task == "creditmix":
+            creditmix_route(name)
+
+    @app.post(route_of("codegen"), tags=["codegen"], response_model=CodeGenAnswer,
+              summary=f"{TASKS['codegen'].summary} (MODEL_CODEGEN)", responses=_error_docs(401, 413, 415, 422, 503))
+    async def generate_codegen(request: Request, body: CodeGenRequest):
+        out, _ = await do_codegen(request, body.prompt, body.max_new_tokens, body.plan_then_code)
+        return JSONResponse(out)
+
+    @app.post(route_of("idp"), tags=["idp"], response_model=IdpAnswer, summary=f"{TASKS['idp'].summary} (MODEL_IDP)",
+              responses=_error_docs(401, 413, 415, 422, 503))
+    async def extract_idp(request: Request, body: IdpRequest):
+        out, _ = await do_idp(request, body.document, body.json_schema, body.max_new_tokens)
+        return JSONResponse(out)
+
+    # ------------------------------------------------------------------ OpenAI-compatible routes
+    @app.get("/v1/models", tags=["openai"], summary="the endpoints as OpenAI models (id = endpoint name)",
+             responses=_error_docs(401))
+    async def openai_models():
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "distill_slm",
+                                            "task": task, "model": cfg.models[n]}
+                                           for n, (task, _, _) in ENDPOINTS.items()]}
+
+    @app.post("/v1/chat/completions", tags=["openai"], summary="OpenAI chat completion: model = an endpoint name; "
+              "CreditMix answers the label, codegen the code, idp a JSON object valid for response_format's schema",
+              responses=_error_docs(401, 413, 415, 422, 503))
+    async def openai_chat(request: Request, body: ChatRequest):
+        name = body.model
+        if name not in ENDPOINTS:
+            raise ApiError(404, f"model '{name}' does not exist; the models are the endpoints: "
+                                f"{', '.join(ENDPOINTS)} (GET /v1/models)")
+        if body.stream:
+            raise ApiError(422, "stream=true is not supported: send stream=false")
+        if body.n != 1:
+            raise ApiError(422, f"n={body.n}: every endpoint decodes greedily, so only n=1 is supported")
+        text = last_user_text(body.messages)
+        task = ENDPOINTS[name][0]
+        fmt = body.response_format or {"type": "text"}
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind not in ("text", "json_schema", "json_object"):
+            raise ApiError(422, f"response_format.type {kind!r}: use text, json_schema or json_object")
+        if kind != "text" and task != "idp":
+            raise ApiError(422, f"response_format {kind} is served by the constrained decoder of model 'idp' only")
+        budget = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if budget is not None:
+            try:
+                budget = check_int(budget, "max_tokens", 1, cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
+            except ValueError as e:
+                raise ApiError(422, str(e)) from None
+        n = budget or default_new
+        extra, finish = {}, "stop"
+        if task == "creditmix":
+            text = check_chat_text(text, cfg.max_chars)
+            answers, p = await do_creditmix(request, name, [text])
+            content, extra = answers[0]["prediction"], {"answer": answers[0]}
+        elif task == "codegen":
+            text = check_chat_text(text, cfg.max_chars)
+            a, p = await do_codegen(request, text, n, False)
+            content = a["raw"]
+        else:
+            text = check_chat_text(text, cfg.max_document_chars, "MAX_DOCUMENT_CHARS")
+            schema = None
+            if kind == "json_schema":
+                js = fmt.get("json_schema")
+                schema = js.get("schema") if isinstance(js, dict) else None
+                if not isinstance(schema, dict):
+                    raise ApiError(422, "response_format.json_schema.schema must be a JSON Schema object")
+            elif kind == "json_object":
+                schema = {"type": "object"}
+            a, p = await do_idp(request, text, schema, n)
+            if not a["valid"]:  # the grammar makes this unreachable for the schemas check_schema accepts
+                raise ApiError(500, f"the constrained output failed validation ({a['error']})")
+            content = json.dumps(a["output"], ensure_ascii=False)
+            finish = "length" if a["budget_closed"] else "stop"
+        slot = state["slots"][name]
+        done = n_tokens(slot, [content])[0]
+        if task == "codegen" and done >= n:
+            finish = "length"
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+                "model": name, "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                            "finish_reason": finish, "logprobs": None}],
+                "usage": {"prompt_tokens": p, "completion_tokens": done, "total_tokens": p + done}, **extra}
 
     # ------------------------------------------------------------------ service endpoints
     @app.get("/health", tags=["service"], summary="liveness: 200 while the server runs (no auth)")
@@ -877,10 +867,12 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         slots = state["slots"]
         return {"endpoints": {route_of(n): {"task": ENDPOINTS[n][0], "env": ENDPOINTS[n][1], **slots[n].describe()}
                               for n in ENDPOINTS},
-                "micro_batching": cfg.micro_batching, "batch_wait_ms": cfg.batch_wait_ms,
-                "max_batch": cfg.max_batch, "max_items": cfg.max_items, "max_chars": cfg.max_chars,
-                "max_new_tokens_cap": cfg.max_new_tokens_cap, "max_document_chars": cfg.max_document_chars,
-                "idp_schema": cfg.idp_schema}
+                "base_models": state["models"].loaded_models(),
+                "micro_batching": cfg.micro_batching, "mixed_adapters": cfg.mixed_adapters,
+                "batch_wait_ms": cfg.batch_wait_ms, "max_batch": cfg.max_batch, "max_items": cfg.max_items,
+                "max_chars": cfg.max_chars, "max_input_tokens": cfg.max_input_tokens,
+                "max_request_tokens": cfg.max_request_tokens, "max_new_tokens_cap": cfg.max_new_tokens_cap,
+                "max_document_chars": cfg.max_document_chars, "idp_schema": cfg.idp_schema}
 
     @app.get("/metrics", tags=["service"], summary="Prometheus metrics (text exposition format)",
              response_class=Response, responses={200: {"content": {"text/plain": {}}}, **_error_docs(401)})
@@ -903,10 +895,30 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             return app.openapi_schema
         app.openapi = openapi
 
-    known = {"/health", "/models", "/metrics", "/docs", "/openapi.json"} | {route_of(n) for n in ENDPOINTS}
-    app.add_middleware(Gate, cfg=cfg, metrics=metrics, known_paths=known)
+    known = {"/health", "/models", "/metrics", "/docs", "/openapi.json", "/v1/models", "/v1/chat/completions"} | \
+        {route_of(n) for n in ENDPOINTS}
+    app.add_middleware(Gate, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes, metrics=metrics,
+                       known_paths=known)
     app.state.config, app.state.serve = cfg, state
     return app
+
+
+def last_user_text(messages: list[dict]) -> Any:
+    """The content of the last user message: a string, or the text parts of a content list joined."""
+    for m in reversed(messages):
+        if isinstance(m, dict) and m.get("role") == "user":
+            c = m.get("content")
+            if isinstance(c, list):
+                c = "".join(p.get("text", "") for p in c if isinstance(p, dict) and p.get("type") == "text")
+            return c
+    raise ApiError(422, "messages holds no user message: the last user message is the input")
+
+
+def check_chat_text(v: Any, cap: int, cap_var: str = "MAX_FEATURES_CHARS") -> str:
+    try:
+        return check_text(v, "the last user message", cap, cap_var)
+    except ValueError as e:
+        raise ApiError(422, str(e)) from None
 
 
 app = create_app()
