@@ -633,9 +633,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             def on_batch(flat):
                 for path, n in _groups(flat, lambda x: x[0]).items():
                     metrics.batch_size.labels(path).observe(len(n))
-            state["lanes"][key] = Lane(key, lambda items: TASKS[task].run(items, cfg), cfg.max_batch,
+            state["lanes"][key] = Lane(key, task, lambda items: TASKS[task].run(items, cfg), cfg.max_batch,
                                        cfg.max_batch_tokens, cfg.batch_wait_ms / 1000, cfg.max_queue,
-                                       state["stop"], on_batch)
+                                       state["stop"], metrics, on_batch)
         return state["lanes"][key]
 
     async def process(request: Request, name: str, slot, payloads: list, tokens: int) -> list:

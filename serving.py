@@ -373,10 +373,12 @@ class Lane:
     run them as one call of `run(items, cancel) -> results` on this lane's own thread, hand each request its slice.
     A request's items stay together in one batch. A batch whose requests have all gone is cancelled mid-run."""
 
-    def __init__(self, name: str, run: Callable[[list], list], max_batch: int, max_tokens: int, wait_s: float,
-                 max_queue: int, stopping: threading.Event, on_batch: Callable[[list], None]):
-        self.name, self.run, self.max_batch, self.max_tokens, self.wait_s = name, run, max_batch, max_tokens, wait_s
-        self.max_queue, self.stopping, self.on_batch = max_queue, stopping, on_batch
+    def __init__(self, name: str, task: str, run: Callable[[list], list], max_batch: int, max_tokens: int,
+                 wait_s: float, max_queue: int, stopping: threading.Event, metrics: "Metrics",
+                 on_batch: Callable[[list], None]):
+        self.name, self.kind, self.run, self.max_batch, self.max_tokens = name, task, run, max_batch, max_tokens
+        self.wait_s, self.max_queue, self.stopping, self.metrics, self.on_batch = wait_s, max_queue, stopping, \
+            metrics, on_batch
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lane-{name}")
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
@@ -423,6 +425,7 @@ class Lane:
                 continue
             flat = [x for j in live for x in j.items]
             self.on_batch(flat)
+            self.metrics.lane_batch.labels(self.kind).observe(len(flat))
             cancel = threading.Event()
 
             def gone(_f, live=live, cancel=cancel):
@@ -434,6 +437,8 @@ class Lane:
             try:
                 out = await loop.run_in_executor(self.executor, self._call, flat, cancel)
             except Exception as e:
+                if isinstance(e, Cancelled):
+                    self.metrics.cancelled.labels(self.kind).inc()
                 for j in live:
                     if not j.fut.done():
                         j.fut.set_exception(e)
@@ -532,6 +537,11 @@ class Metrics:
         self.batch_size = Histogram("serve_batch_size", "items per scored batch (one forward pass when it is at "
                                     "most MAX_BATCH)", ["endpoint"], registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.lane_batch = Histogram("serve_lane_batch_size", "items per batch of a lane (one task on one base; "
+                                    "the CreditMix endpoints of one base share a lane)", ["lane_task"], registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.cancelled = Counter("serve_batches_cancelled", "batches stopped mid-run: every client left, or the "
+                                 "server is stopping", ["lane_task"], registry=r)
         self.items = Counter("serve_items", "feature strings / prompts / documents processed", ["endpoint"],
                              registry=r)
         self.disconnects = Counter("serve_client_disconnects", "requests whose client left before the answer",
