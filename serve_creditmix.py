@@ -395,6 +395,16 @@ def _error_docs(*codes: int) -> dict:
     return {c: {"description": why[c], **ERROR_BODY} for c in codes}
 
 
+def schema_error(e: UserError, prefixed: bool = False) -> ApiError:
+    """json_grammar's refusal as an answer: its status (413 over a size or compile limit, 422 invalid or
+    unsupported, 503 when its compile worker could not start) and its message, which names the limit."""
+    status = getattr(e, "status", 422)
+    msg = str(e)
+    if not prefixed and not msg.startswith("schema"):
+        msg = f"schema: {msg}"
+    return ApiError(status, msg, {"Retry-After": "5"} if status == 503 else None)
+
+
 def body_error(exc: Exception) -> str:
     """Why FastAPI could not parse a request body (it answers all of these 'There was an error parsing the body')."""
     cause = exc.__cause__
@@ -527,6 +537,8 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         for lane in state["lanes"].values():
             await lane.close()
         slots.close()
+        if "json_grammar" in sys.modules and hasattr(sys.modules["json_grammar"], "stop_worker"):
+            sys.modules["json_grammar"].stop_worker()  # the schema compile worker process
         restore()
 
     def _chain_stop_signals(st) -> Callable[[], None]:
@@ -729,10 +741,16 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         grammars = slot.extra["grammars"]
         if len(grammars._cache) >= GRAMMARS_KEPT:  # bound the memory many distinct request schemas take
             grammars._cache.clear()
-        try:  # compiled off the inference thread (a new schema takes ~1-2 s), cached per schema
-            return await asyncio.to_thread(grammars.compile, schema, IDP_MAX_ARRAY_ITEMS)
+        # compiled off the inference thread, cached per schema; json_grammar bounds the compile (size checks, then
+        # a worker process with a time and memory limit) and kills it when this task is cancelled: the client left
+        if hasattr(grammars, "compile_async"):
+            task = asyncio.ensure_future(grammars.compile_async(schema, IDP_MAX_ARRAY_ITEMS, where="schema"))
+        else:  # json_grammar without the compile worker
+            task = asyncio.ensure_future(asyncio.to_thread(grammars.compile, schema, IDP_MAX_ARRAY_ITEMS))
+        try:
+            return await wait_unless_gone(request, task, state["stopping"])
         except UserError as e:
-            raise ApiError(422, f"schema: {e}") from None
+            raise schema_error(e) from None
 
     async def do_idp(request: Request, document: str, schema: dict | None, n: int) -> tuple[dict, int]:
         import idp
@@ -743,7 +761,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             try:
                 jg.check_schema(schema, "schema")
             except UserError as e:
-                raise ApiError(422, str(e)) from None
+                raise schema_error(e, prefixed=True) from None
         slot = await ensure("idp")
         ctx = slot.context()
         if n >= ctx:

@@ -284,3 +284,19 @@ def test_sigterm_stops_the_server_during_a_generation(models, tmp_path):
         if c.proc.poll() is None:
             c.proc.kill()
         c.close()
+
+
+def test_schema_refusals_keep_their_status(server):
+    """json_grammar's bounded schema checks: a schema over a size limit is a 413 naming the limit, an invalid one a
+    422 (needs json_grammar.SchemaRefused, the schema bounds)."""
+    import json_grammar as jg
+    if not hasattr(jg, "SchemaRefused"):
+        pytest.skip("this json_grammar has no schema bounds (SchemaRefused)")
+    doc = "Invoice #INV1 from Bar LLC total USD 50."
+    n = jg.DEFAULT_LIMITS.max_properties + 1
+    wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(n)}}
+    r = server.post("/extract/idp", json={"document": doc, "schema": wide, "max_new_tokens": 16})
+    assert r.status_code == 413 and "properties" in r.json()["error"], r.text
+    loop = {"type": "object", "properties": {"child": {"$ref": "#"}}, "required": ["child"]}
+    r = server.post("/extract/idp", json={"document": doc, "schema": loop, "max_new_tokens": 16})
+    assert r.status_code in (413, 422) and "Traceback" not in r.text, r.text
