@@ -863,12 +863,14 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             a, p = await do_idp(request, text, schema, n)
             if not a["valid"]:  # the grammar makes this unreachable for the schemas check_schema accepts
                 raise ApiError(500, f"the constrained output failed validation ({a['error']})")
-            content = json.dumps(a["output"], ensure_ascii=False)
-            finish = "length" if a["budget_closed"] else "stop"
+            # "stop" even when the decoder closed the JSON early to fit max_tokens: the reply is a whole document
+            content, extra = json.dumps(a["output"], ensure_ascii=False, separators=(",", ":")), {"answer": a}
         slot = state["slots"][name]
-        done = n_tokens(slot, [content])[0]
-        if task == "codegen" and done >= n:
-            finish = "length"
+        done = a["new_tokens"] if task == "idp" else n_tokens(slot, [content])[0]
+        if task == "codegen":
+            extra = {"answer": a}
+            if done >= n:
+                finish = "length"
         return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
                 "model": name, "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                             "finish_reason": finish, "logprobs": None}],

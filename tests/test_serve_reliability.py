@@ -300,3 +300,84 @@ def test_schema_refusals_keep_their_status(server):
     loop = {"type": "object", "properties": {"child": {"$ref": "#"}}, "required": ["child"]}
     r = server.post("/extract/idp", json={"document": doc, "schema": loop, "max_new_tokens": 16})
     assert r.status_code in (413, 422) and "Traceback" not in r.text, r.text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the OpenAI-compatible API, through the official client
+
+@pytest.fixture(scope="module")
+def oai(server):
+    import openai
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def test_openai_models_are_the_endpoints(oai):
+    assert [m.id for m in oai.models.list()] == ["base", "sft", "kd", "dpo", "codegen", "idp"]
+
+
+def test_openai_chat_creditmix_answers_the_label(oai, server):
+    r = oai.chat.completions.create(model="kd", messages=[{"role": "user", "content": FEATURES}])
+    native = server.post("/infer/kd", json={"features": FEATURES}).json()
+    assert r.choices[0].message.content == native["prediction"]
+    assert r.choices[0].finish_reason == "stop" and r.model == "kd"
+    assert r.model_extra["answer"]["raw_scores"] == pytest.approx(native["raw_scores"], abs=2e-3)
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_openai_chat_codegen(oai):
+    r = oai.chat.completions.create(model="codegen", max_tokens=6,
+                                    messages=[{"role": "system", "content": "You write Python."},
+                                              {"role": "user", "content": "Sort a list."}])
+    assert isinstance(r.choices[0].message.content, str) and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 6
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"vendor": {"type": "string"}, "total": {"type": "number"}},
+     "required": ["vendor", "total"]},
+    {"type": "object", "properties": {"date": {"type": "string"}, "paid": {"type": "boolean"},
+                                      "items": {"type": "array", "items": {"type": "integer"}}},
+     "required": ["date", "paid", "items"]},
+    {"type": "object", "properties": {"kind": {"enum": ["invoice", "receipt"]}, "n": {"type": "integer"}},
+     "required": ["kind"]},
+]
+DOCS = ["Invoice #INV1 date 2025-10-01 from Bar LLC total USD 50.", "Receipt: 3 coffees, paid in cash, 2024-01-09."]
+
+
+def test_openai_json_schema_replies_are_always_schema_valid(oai):
+    import jsonschema
+    for schema in SCHEMAS:
+        for doc in DOCS:
+            r = oai.chat.completions.create(model="idp", max_tokens=40, messages=[{"role": "user", "content": doc}],
+                                            response_format={"type": "json_schema",
+                                                             "json_schema": {"name": "doc", "schema": schema}})
+            jsonschema.validate(json.loads(r.choices[0].message.content), schema)  # a random model: the grammar
+
+
+def test_openai_structured_output_parse_with_pydantic(oai):
+    from pydantic import BaseModel
+
+    class Invoice(BaseModel):
+        vendor: str
+        total: float
+
+    r = oai.chat.completions.parse(model="idp", max_tokens=40, response_format=Invoice,
+                                   messages=[{"role": "user", "content": DOCS[0]}])
+    assert isinstance(r.choices[0].message.parsed, Invoice)
+
+
+def test_openai_errors(oai, server):
+    import openai
+    with pytest.raises(openai.NotFoundError, match="GET /v1/models"):
+        oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.UnprocessableEntityError, match="stream"):
+        oai.chat.completions.create(model="base", stream=True, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.UnprocessableEntityError, match="idp"):
+        oai.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}],
+                                    response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}})
+    with pytest.raises(openai.APIStatusError) as e:
+        oai.chat.completions.create(model="base", messages=[{"role": "user", "content": "\U0001F600" * 1500}])
+    assert e.value.status_code == 413 and "tokens" in str(e.value)
+    wrong = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
