@@ -1,17 +1,24 @@
 """Load-test serve_creditmix.py on this machine: throughput and p50/p99 latency at 1, 8 and 32 concurrent clients,
-micro-batching on vs off, errors, and the server's RSS before and after 2,000 requests. Loopback only.
+micro-batching on vs off (or mixed-adapter batches vs one batch per adapter), errors, and the server's RSS. Loopback
+only.
 
     python loadtest.py                                          # starts uvicorn serving smollm2-135m, batching on then off
     python loadtest.py --server_threads 1 --requests 64 --rss_requests 300 --max_seconds 20   # a quick pass
+    python loadtest.py --make_adapters runs/bench_adapters --endpoints base,sft,kd,dpo --modes on,per_adapter \
+        --concurrency 32 --server_threads 2               # four endpoints of one base: mixed batches vs per adapter
     python loadtest.py --url http://127.0.0.1:8000 --endpoint sft --server_pid 12345   # a server you started yourself
 
-Without --url it starts `python -m uvicorn serve_creditmix:app --host 127.0.0.1` once per mode (MICRO_BATCHING=1,
-then 0) with MODEL_<ENDPOINT>=--model, waits for /health, loads the model with a warm-up request, then runs each
-concurrency level: --requests requests per level (or fewer if --max_seconds runs out first), each client sending its
-next request as soon as the last one is answered. Features cycle through --data. The mean batch size per level comes
-from the server's /metrics. RSS is read from /proc/<pid>/status around --rss_requests requests in the first mode.
-Bounded: at most modes x levels x --requests + --rss_requests requests, --max_seconds per level. The client shares
-the machine with the server (on a 2-core CPU it takes some of the server's time): compare modes, not machines.
+Without --url it starts `python -m uvicorn serve_creditmix:app --host 127.0.0.1` once per mode (on: micro-batching
+with mixed-adapter batches; per_adapter: micro-batching, one forward pass per adapter, MIXED_ADAPTERS=0; off: one
+forward pass per request) with MODEL_<ENDPOINT>=--model (and --adapters / --make_adapters for sft, kd, dpo), waits for
+/health, loads the first endpoint with a warm-up request, reads the RSS, warms the other endpoints, then runs each
+concurrency level: --requests requests per level (or fewer if --max_seconds runs out first), spread round-robin over
+--endpoints, each client sending its next request as soon as the last one is answered. Features cycle through --data.
+The mean gathered batch per level comes from the server's /metrics. RSS is read from /proc/<pid>/status: after the
+first endpoint's warm-up ("one endpoint"), after every endpoint's ("all endpoints") and around --rss_requests requests
+in the first mode. Bounded: at most modes x levels x --requests + --rss_requests requests, --max_seconds per level.
+The client shares the machine with the server (on a 2-core CPU it takes some of the server's time): compare modes,
+not machines.
 """
 import argparse
 import asyncio
@@ -29,6 +36,9 @@ from pathlib import Path
 from common import UserError, read_records, user_errors, write_json
 
 ROOT = Path(__file__).resolve().parent
+ENDPOINTS = ["base", "sft", "kd", "dpo"]
+MODES = {"on": {"MICRO_BATCHING": "1"}, "per_adapter": {"MICRO_BATCHING": "1", "MIXED_ADAPTERS": "0"},
+         "off": {"MICRO_BATCHING": "0"}}
 FALLBACK_FEATURES = [
     "Age: 23.0, Occupation: Scientist, Annual Income: 19114.12, Outstanding Debt: 809.98, "
     "Credit Utilization Ratio: 35.03, Payment Behaviour: Low_spent_Small_value_payments",
@@ -41,7 +51,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model
     p.add_argument("--model", default="smollm2-135m", help="model the started server serves on --endpoint")
-    p.add_argument("--endpoint", default="base", choices=["base", "sft", "kd", "dpo"], help="POST /infer/<endpoint>")
+    p.add_argument("--endpoint", default="base", choices=ENDPOINTS, help="POST /infer/<endpoint>")
+    p.add_argument("--endpoints", default=None,
+                   help="comma-separated endpoints to spread the clients over (overrides --endpoint), e.g. "
+                        "base,sft,kd,dpo")
+    p.add_argument("--adapters", default=None,
+                   help="for the started server: models of other endpoints, e.g. sft=runs/creditmix_sft,kd=runs/x")
+    p.add_argument("--make_adapters", default=None,
+                   help="for the started server: save fresh LoRA runs (random, r=16, all projections) on --model "
+                        "for sft, kd and dpo under this folder (kept and reused), and serve them")
     # data
     p.add_argument("--data", default="data/creditmix_val.jsonl",
                    help="JSONL with a 'features' field to cycle through (two built-in rows if absent)")
@@ -52,7 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--api_key", default=os.environ.get("API_KEY"), help="bearer key if the server needs one "
                    "(default: $API_KEY)")
     p.add_argument("--modes", default="on,off",
-                   help="without --url: micro-batching modes to start servers for, in order (on, off or both)")
+                   help="without --url: server modes, in order: on (micro-batching, mixed-adapter batches), "
+                        "per_adapter (micro-batching, one forward pass per adapter), off (no micro-batching)")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated numbers of concurrent clients")
     p.add_argument("--requests", type=int, default=200, help="requests per concurrency level (upper bound)")
     p.add_argument("--max_seconds", type=float, default=60, help="time limit per level, seconds")
@@ -72,8 +91,14 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if any(m not in ("on", "off") for m in args.modes):
-        p.error("--modes: use on, off or on,off")
+    if any(m not in MODES for m in args.modes):
+        p.error(f"--modes: use some of {', '.join(MODES)}")
+    args.endpoints = [e.strip() for e in (args.endpoints or args.endpoint).split(",") if e.strip()]
+    if any(e not in ENDPOINTS for e in args.endpoints):
+        p.error(f"--endpoints: choose from {', '.join(ENDPOINTS)}")
+    args.adapters = dict(kv.split("=", 1) for kv in args.adapters.split(",")) if args.adapters else {}
+    if any(k not in ENDPOINTS for k in args.adapters):
+        p.error(f"--adapters: endpoint names are {', '.join(ENDPOINTS)}")
     if any(c < 1 for c in args.concurrency) or args.requests < 1 or args.max_seconds <= 0:
         p.error("--concurrency, --requests and --max_seconds must be positive")
     return args
@@ -115,11 +140,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def make_adapters(base: str, folder: str) -> dict[str, str]:
+    """Fresh LoRA runs on `base` for sft, kd and dpo (random A and B, so each changes the answers), saved once."""
+    import torch
+    from peft import get_peft_model
+
+    from common import load_model, lora_config
+    out = {}
+    for seed, name in enumerate(["sft", "kd", "dpo"]):
+        d = Path(folder) / name
+        out[name] = str(d)
+        if (d / "adapter_config.json").is_file():
+            continue
+        torch.manual_seed(seed)
+        model, _, _ = load_model(base, quantize="none")
+        cfg = lora_config(model)
+        cfg.init_lora_weights = False
+        get_peft_model(model, cfg).save_pretrained(d)
+        write_json(d / "run.json", {"base_model": base, "note": "random LoRA made by loadtest.py --make_adapters"})
+    return out
+
+
 def start_server(args, mode: str, log_path: Path):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), f"MODEL_{args.endpoint.upper()}": args.model,
-           "MICRO_BATCHING": "1" if mode == "on" else "0", "BATCH_WAIT_MS": str(args.batch_wait_ms),
-           "MAX_BATCH": str(args.max_batch)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MODEL_BASE": args.model, **MODES[mode],
+           "BATCH_WAIT_MS": str(args.batch_wait_ms), "MAX_BATCH": str(args.max_batch)}
+    env.update({f"MODEL_{e.upper()}": args.model for e in args.endpoints})
+    env.update({f"MODEL_{e.upper()}": m for e, m in args.adapters.items()})
     if args.server_threads:
         env["OMP_NUM_THREADS"] = str(args.server_threads)
     log = open(log_path, "w")
@@ -154,24 +201,25 @@ async def wait_ready(client, url: str, proc, deadline: float, log_path: Path) ->
         await asyncio.sleep(0.25)
 
 
-async def batch_stats(client, url: str, path: str) -> tuple[float, float]:
-    """(batches, items) so far on `path`, from the server's Prometheus /metrics."""
+async def batch_stats(client, url: str) -> tuple[float, float]:
+    """(gathered batches, items) so far on the CreditMix lanes, from the server's Prometheus /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
     r = await client.get(f"{url}/metrics")
     count = total = 0.0
     if r.status_code == 200:
         for fam in text_string_to_metric_families(r.text):
             for s in fam.samples:
-                if s.labels.get("endpoint") == path and s.name == "serve_batch_size_count":
-                    count = s.value
-                elif s.labels.get("endpoint") == path and s.name == "serve_batch_size_sum":
-                    total = s.value
+                if s.labels.get("lane_task") == "creditmix" and s.name == "serve_lane_batch_size_count":
+                    count += s.value
+                elif s.labels.get("lane_task") == "creditmix" and s.name == "serve_lane_batch_size_sum":
+                    total += s.value
     return count, total
 
 
-async def run_level(client, url: str, path: str, features: list[str], clients: int, n: int, max_seconds: float,
-                    timeout: float) -> dict:
-    """`clients` workers send up to `n` requests in all (none started after max_seconds); latency per request."""
+async def run_level(client, url: str, paths: list[str], features: list[str], clients: int, n: int,
+                    max_seconds: float, timeout: float) -> dict:
+    """`clients` workers send up to `n` requests in all (none started after max_seconds), round-robin over
+    `paths`; latency per request."""
     import httpx
     import numpy as np
     latencies, errors, sent = [], {}, 0
@@ -184,7 +232,8 @@ async def run_level(client, url: str, path: str, features: list[str], clients: i
             sent += 1
             t0 = time.perf_counter()
             try:
-                r = await client.post(url + path, json={"features": features[i % len(features)]}, timeout=timeout)
+                r = await client.post(url + paths[i % len(paths)], json={"features": features[i % len(features)]},
+                                      timeout=timeout)
                 ok = r.status_code == 200 and "prediction" in r.json()
                 why = None if ok else f"HTTP {r.status_code}"
             except (httpx.HTTPError, ValueError) as e:
@@ -194,11 +243,11 @@ async def run_level(client, url: str, path: str, features: list[str], clients: i
             else:
                 latencies.append(time.perf_counter() - t0)
 
-    b0 = await batch_stats(client, url, path)
+    b0 = await batch_stats(client, url)
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
     wall = time.perf_counter() - t0
-    b1 = await batch_stats(client, url, path)
+    b1 = await batch_stats(client, url)
     lat = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     batches, items = b1[0] - b0[0], b1[1] - b0[1]
     return {"clients": clients, "requests": sent, "ok": len(latencies), "errors": sum(errors.values()),
@@ -209,7 +258,7 @@ async def run_level(client, url: str, path: str, features: list[str], clients: i
 
 async def run_mode(args, mode: str | None, features: list[str], measure_rss: bool) -> dict:
     import httpx
-    path = f"/infer/{args.endpoint}"
+    paths = [f"/infer/{e}" for e in args.endpoints]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     proc, log_path = None, Path(tempfile.mkstemp(prefix="loadtest-server-", suffix=".log")[1])
     if args.url:
@@ -218,23 +267,29 @@ async def run_mode(args, mode: str | None, features: list[str], measure_rss: boo
         proc, url = start_server(args, mode, log_path)
         pid = proc.pid
     limits = httpx.Limits(max_connections=max(args.concurrency + [args.rss_concurrency]), max_keepalive_connections=64)
-    out = {"mode": mode or "as running", "levels": []}
+    out = {"mode": mode or "as running", "endpoints": ",".join(args.endpoints), "levels": []}
     try:
         async with httpx.AsyncClient(headers=headers, limits=limits, timeout=args.timeout) as client:
             await wait_ready(client, url, proc, time.monotonic() + args.startup_timeout, log_path)
-            t0 = time.perf_counter()
-            r = await client.post(url + path, json={"features": features[0]}, timeout=args.startup_timeout)
-            if r.status_code != 200:
-                raise UserError(f"warm-up request to {path} failed: HTTP {r.status_code} {r.text[:300]}")
-            out["first_request_s"] = round(time.perf_counter() - t0, 2)  # includes the model load
+            for k, path in enumerate(paths):  # loads each endpoint's model; RSS with one, then all in use
+                t0 = time.perf_counter()
+                r = await client.post(url + path, json={"features": features[0]}, timeout=args.startup_timeout)
+                if r.status_code != 200:
+                    raise UserError(f"warm-up request to {path} failed: HTTP {r.status_code} {r.text[:300]}")
+                if k == 0:
+                    out["first_request_s"] = round(time.perf_counter() - t0, 2)  # includes the model load
+                    await run_level(client, url, [path], features, 4, 16, args.max_seconds, args.timeout)
+                    out["rss_one_endpoint_mib"] = rss_mib(pid)
+            await run_level(client, url, paths, features, 4, 4 * len(paths), args.max_seconds, args.timeout)
+            out["rss_all_endpoints_mib"] = rss_mib(pid)
             for c in args.concurrency:
-                res = await run_level(client, url, path, features, c, args.requests, args.max_seconds, args.timeout)
+                res = await run_level(client, url, paths, features, c, args.requests, args.max_seconds, args.timeout)
                 out["levels"].append(res)
                 print(f"  {out['mode']:>3} x{c:<3} {res['ok']} ok, {res['errors']} errors, {res['req_per_s']} req/s",
                       file=sys.stderr, flush=True)
             if measure_rss and args.rss_requests:
                 before = rss_mib(pid)
-                res = await run_level(client, url, path, features, args.rss_concurrency, args.rss_requests,
+                res = await run_level(client, url, paths, features, args.rss_concurrency, args.rss_requests,
                                       args.rss_max_seconds, args.timeout)
                 after = rss_mib(pid)
                 out["rss"] = {"requests": res["requests"], "errors": res["errors"], "before_mib": before,
@@ -257,16 +312,22 @@ def load_features(path: str) -> list[str]:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| batching | clients | requests | errors | req/s | p50 ms | p99 ms | mean batch |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| batching | endpoints | clients | requests | errors | req/s | p50 ms | p99 ms | mean batch |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m in results:
         for r in m["levels"]:
-            lines.append(f"| {m['mode']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['req_per_s']} | "
-                         f"{r['p50_ms']} | {r['p99_ms']} | {r['mean_batch'] if r['mean_batch'] else '-'} |")
+            lines.append(f"| {m['mode']} | {m['endpoints']} | {r['clients']} | {r['requests']} | {r['errors']} | "
+                         f"{r['req_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
+                         f"{r['mean_batch'] if r['mean_batch'] else '-'} |")
+    fmt = lambda v: f"{v:.1f} MiB" if v is not None else "n/a"  # noqa: E731
+    for m in results:
+        if m.get("rss_one_endpoint_mib") is not None:
+            one, all_ = m["rss_one_endpoint_mib"], m["rss_all_endpoints_mib"]
+            lines.append(f"\nserver RSS (batching {m['mode']}): {fmt(one)} with {m['endpoints'].split(',')[0]} in use, "
+                         f"{fmt(all_)} with all of {m['endpoints']} in use (+{all_ - one:.1f} MiB)")
     for m in results:
         if "rss" in m:
             s = m["rss"]
-            fmt = lambda v: f"{v:.1f} MiB" if v is not None else "n/a"  # noqa: E731
             lines.append(f"\nserver RSS (batching {m['mode']}): {fmt(s['before_mib'])} before, {fmt(s['after_mib'])} "
                          f"after {s['requests']} requests ({s['errors']} errors, {s['req_per_s']} req/s); growth "
                          f"{s['growth_mib'] if s['growth_mib'] is not None else 'n/a'} MiB")
@@ -279,7 +340,9 @@ def main(args):
         args.url = require_loopback(args.url)
     features = load_features(args.data)
     modes = [None] if args.url else args.modes
-    print(f"loadtest: {args.url or 'uvicorn serve_creditmix:app on 127.0.0.1'}, /infer/{args.endpoint} "
+    if args.make_adapters and not args.url:
+        args.adapters = {**make_adapters(args.model, args.make_adapters), **args.adapters}
+    print(f"loadtest: {args.url or 'uvicorn serve_creditmix:app on 127.0.0.1'}, /infer/{{{','.join(args.endpoints)}}} "
           f"({args.model if not args.url else 'as configured'}), clients {args.concurrency}, <= {args.requests} "
           f"requests or {args.max_seconds:g}s per level, modes {modes}", file=sys.stderr)
     # run

@@ -1,0 +1,149 @@
+"""The server's four CreditMix endpoints of one base (base, sft, kd, dpo) loaded at once the way serve_creditmix.py
+loads them (serving.ModelSlots: one 4-bit base, three LoRA adapters attached by name), under a GPU memory cap:
+peak memory after the loads and while scoring mixed-adapter batches, and label-scoring throughput of one mixed batch
+against one batch per adapter. Random weights (speed and memory do not depend on their values).
+
+    . gpu/setup.sh && python3 gpu/serve_memory.py --config qwen2.5-3b --cap_gb 8 --tokenizer .carry/tok
+    python gpu/serve_memory.py --config tiny --batch 8 --repeats 1        # CPU smoke run
+    OMP_NUM_THREADS=2 python gpu/serve_memory.py --config smollm2-135m --batch 16 --repeats 3   # the CPU comparison
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# bench.py's CONFIGS (Qwen2.5-3B-Instruct's and SmolLM2-135M's config.json; a tiny one for CPU smoke runs).
+CONFIGS = {
+    "qwen2.5-3b": dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, rope_theta=1e6,
+                       max_position_embeddings=32768, tie_word_embeddings=True, rms_norm_eps=1e-6),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                         rope_theta=1e5, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2),
+    "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, max_position_embeddings=32768,
+                 tie_word_embeddings=True),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model
+    p.add_argument("--config", default="qwen2.5-3b", choices=list(CONFIGS), help="architecture of the base")
+    p.add_argument("--tokenizer", default="smollm2-135m",
+                   help="tokenizer files (a folder) or a model spec whose tokenizer to use")
+    p.add_argument("--work", default="/tmp/serve_memory", help="folder for the random base and its adapters")
+    # run
+    p.add_argument("--cap_gb", type=float, default=8, help="GPU memory cap of this process, GiB (0 = none)")
+    p.add_argument("--batch", type=int, default=32, help="prompts per scored batch (spread over the 4 endpoints)")
+    p.add_argument("--repeats", type=int, default=5, help="timed batches per mode")
+    # output
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def build(args) -> dict[str, str]:
+    """A random base (bf16, saved once) and three random LoRA runs on it (r=16, all projections)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import common
+    base = Path(args.work) / args.config
+    if not (base / "config.json").is_file():
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**CONFIGS[args.config]), dtype=torch.bfloat16)
+        model.save_pretrained(base)
+        src = Path(args.tokenizer)
+        tok = AutoTokenizer.from_pretrained(src) if (src / "tokenizer.json").is_file() else \
+            common.load_tokenizer(common.resolve_model(args.tokenizer))
+        tok.save_pretrained(base)
+    specs = {"base": str(base)}
+    for seed, name in enumerate(["sft", "kd", "dpo"]):
+        d = Path(args.work) / f"{args.config}_{name}"
+        if not (d / "adapter_config.json").is_file():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+            cfg = common.lora_config(model)
+            cfg.init_lora_weights = False
+            get_peft_model(model, cfg).save_pretrained(d)
+            (d / "run.json").write_text(json.dumps({"base_model": str(base)}))
+            del model
+        specs[name] = str(d)
+    return specs
+
+
+def gib(x: int) -> float:
+    return round(x / 2**30, 3)
+
+
+def main(args):
+    import torch
+
+    import creditmix as cm
+    import serving
+    # load
+    cuda = torch.cuda.is_available()
+    if cuda and args.cap_gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 2**30 / total))
+    specs = build(args)
+    slots = serving.ModelSlots("auto", False, 30, serving.Metrics())
+    endpoints = {}
+    rows = []
+    for name, spec in specs.items():
+        s = slots.slot(spec)
+        slots.load(s)
+        endpoints[name] = s
+        mem = gib(torch.cuda.max_memory_allocated()) if cuda else None
+        rows.append({"stage": f"loaded {name}", "peak_gib": mem})
+        print(f"loaded {name}: peak {mem} GiB", flush=True)
+    tok = endpoints["base"].tok
+    names = list(endpoints)
+    prompts = [cm.prompt_for(f"Age: {20 + i}, Occupation: Scientist, Annual Income: {19000 + 37 * i}, "
+                             "Outstanding Debt: 809.98, Credit Utilization Ratio: 35.03") for i in range(args.batch)]
+    rows_adapter = [endpoints[names[i % 4]].row_name for i in range(args.batch)]
+
+    # run
+    def mixed():
+        cm.label_scores(endpoints["base"].model, tok, prompts, batch_size=args.batch, adapter_names=rows_adapter)
+
+    def per_adapter():
+        for k in range(4):
+            idx = [i for i in range(args.batch) if i % 4 == k]
+            cm.label_scores(endpoints["base"].model, tok, [prompts[i] for i in idx], batch_size=args.batch,
+                            adapter_names=[rows_adapter[i] for i in idx])
+
+    results = {}
+    for label, fn in (("mixed", mixed), ("per_adapter", per_adapter)):
+        fn()  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.repeats):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / args.repeats
+        results[label] = dt
+        mem = gib(torch.cuda.max_memory_allocated()) if cuda else None
+        rows.append({"stage": f"scoring {label} x{args.batch}", "peak_gib": mem, "seconds_per_batch": round(dt, 4),
+                     "prompts_per_s": round(args.batch / dt, 1)})
+    # save
+    print(f"\n{args.config}, {'4-bit on ' + torch.cuda.get_device_name() if cuda else 'CPU'}, cap {args.cap_gb} GiB")
+    print("| stage | peak GPU GiB | s per batch | prompts/s |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['stage']} | {r['peak_gib']} | {r.get('seconds_per_batch', '')} | {r.get('prompts_per_s', '')} |")
+    print(f"mixed-adapter batch vs one batch per adapter: {results['per_adapter'] / results['mixed']:.2f}x")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main(parse_args())
