@@ -615,7 +615,16 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
     # ------------------------------------------------------------------ loading, limits, lanes
     async def ensure(name: str):
-        slot = await state["slots"][name].ensure(route_of(name))
+        slot = state["slots"][name]
+        if slot.state != "loaded":  # a load cannot be interrupted: on shutdown, answer instead of waiting for it
+            load = asyncio.ensure_future(slot.ensure(route_of(name)))
+            stop = asyncio.ensure_future(state["stopping"].wait())
+            await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not load.done():
+                load.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+                raise ApiError(503, "the server is shutting down; retry (on another instance)", {"Retry-After": "5"})
+            load.result()
         metrics.loaded.set(state["models"].loaded_models())
         return slot
 

@@ -235,7 +235,7 @@ class Slot:
             self._lane_toks[lane] = copy.deepcopy(self.tok)
         return self._lane_toks[lane]
 
-    async def ensure(self, where: str, stopping: asyncio.Event | None = None) -> "Slot":
+    async def ensure(self, where: str) -> "Slot":
         if self.state == "loaded":
             return self
         cfg = self.slots

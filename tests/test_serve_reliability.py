@@ -381,3 +381,11 @@ def test_openai_errors(oai, server):
     wrong = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()
+
+
+def test_importing_the_server_loads_nothing_heavy():
+    code = ("import sys, serve_creditmix, serving; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'xgrammar', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
