@@ -25,6 +25,7 @@ PRIVATE = {
     "transformers.Trainer.current_gradient_accumulation_steps": "transformers",
     "trl.SFTTrainer._metrics": "trl",
     "trl.SFTTrainer._total_train_tokens": "trl",
+    "peft.tuners.lora.LoraModel._enable_peft_forward_hooks": "peft",
 }
 
 
@@ -87,3 +88,19 @@ class PretokenizedDPOTrainer(DPOTrainer):
             raise ValueError(f"build_trainer needs a dataset from encode_pairs (missing {sorted(missing)})")
         return dataset
 
+
+
+def adapter_names_per_thread(model, on_call, row_hook) -> None:
+    """PEFT's mixed-adapter batches (`adapter_names`) made safe for several threads running one model (the server's
+    lanes): PEFT's LoraModel._enable_peft_forward_hooks registers a pre-forward hook on every LoRA layer for the
+    length of a call, and meanwhile those hooks apply to every thread's forward passes. On this model, replace it by
+    `on_call` (a context manager given the call's kwargs, which keeps the names per thread), and give each LoRA layer
+    one permanent pre-forward hook `row_hook(module, args, kwargs)` that passes the calling thread's names as the
+    layer's `adapter_names` forward argument. Idempotent; call again after attaching an adapter (new LoRA layers).
+    Stands in for: PEFT has no per-thread way to choose adapters per call."""
+    from peft.tuners.lora import LoraLayer
+    model.base_model._enable_peft_forward_hooks = on_call
+    for m in model.modules():
+        if isinstance(m, LoraLayer) and not getattr(m, "_rows_hook", False):
+            m.register_forward_pre_hook(row_hook, with_kwargs=True)
+            m._rows_hook = True

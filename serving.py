@@ -108,9 +108,8 @@ def _lora_rows_hook(module, args, kwargs):
 
 @contextlib.contextmanager
 def _names_to_thread(*args, **kwargs):
-    """Replaces PEFT's LoraModel._enable_peft_forward_hooks on the served model: PEFT registers module hooks for
-    the duration of a call (shared by every thread that runs the model then); here `adapter_names` goes to this
-    thread's context instead, which the permanent per-layer hook reads."""
+    """What a PEFT model call does with `adapter_names` on the served model (compat.adapter_names_per_thread): they
+    go to this thread's context, which the permanent per-layer hook reads."""
     names = kwargs.pop("adapter_names", None)
     if names is None:
         yield
@@ -121,25 +120,16 @@ def _names_to_thread(*args, **kwargs):
 
 def install_hooks(model) -> None:
     """Once per model and again after each adapter attach (new LoRA layers): the cancel check on the input
-    embeddings (called once per forward pass) and the per-thread adapter choice on every LoRA layer.
-    This touches PEFT internals (LoraLayer's `adapter_names` forward kwarg, LoraModel._enable_peft_forward_hooks),
-    which is why it lives here in one place."""
+    embeddings (called once per forward pass) and the per-thread adapter choice on every LoRA layer (through
+    compat.py: it replaces a private PEFT method)."""
     emb = model.get_input_embeddings()
     if not getattr(emb, "_serve_cancel_hook", False):
         emb.register_forward_pre_hook(_check_cancel)
         emb._serve_cancel_hook = True
-    try:
-        from peft import PeftModel
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return
-    if not isinstance(model, PeftModel):
-        return
-    model.base_model._enable_peft_forward_hooks = _names_to_thread
-    for m in model.modules():
-        if isinstance(m, LoraLayer) and not getattr(m, "_serve_rows_hook", False):
-            m.register_forward_pre_hook(_lora_rows_hook, with_kwargs=True)
-            m._serve_rows_hook = True
+    from peft import PeftModel
+    if isinstance(model, PeftModel):
+        import compat
+        compat.adapter_names_per_thread(model, _names_to_thread, _lora_rows_hook)
 
 
 class RWLock:

@@ -3,7 +3,7 @@ loads them (serving.ModelSlots: one 4-bit base, three LoRA adapters attached by 
 peak memory after the loads and while scoring mixed-adapter batches, and label-scoring throughput of one mixed batch
 against one batch per adapter. Random weights (speed and memory do not depend on their values).
 
-    . gpu/setup.sh && python3 gpu/serve_memory.py --config qwen2.5-3b --cap_gb 8 --tokenizer .carry/tok
+    python gpu/serve_memory.py --config qwen2.5-3b --cap_gb 8        # a CUDA machine (bash gpu/serve_bench.sh)
     python gpu/serve_memory.py --config tiny --batch 8 --repeats 1        # CPU smoke run
     OMP_NUM_THREADS=2 python gpu/serve_memory.py --config smollm2-135m --batch 16 --repeats 3   # the CPU comparison
 """
