@@ -523,7 +523,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         state["models"] = slots
         state["slots"] = {name: slots.slot(spec) for name, spec in cfg.models.items()}
         state["lanes"] = {}
-        state["stop"], state["stopping"] = threading.Event(), asyncio.Event()
+        state["stop"], state["stopping"], state["count_lock"] = threading.Event(), asyncio.Event(), asyncio.Lock()
         restore = _chain_stop_signals(state)
         log.info("serve_creditmix: %s; micro_batching=%s mixed_adapters=%s batch_wait_ms=%s max_batch=%s auth=%s",
                  ", ".join(f"{n}={s}" for n, s in cfg.models.items()), cfg.micro_batching, cfg.mixed_adapters,
@@ -629,11 +629,14 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         return slot
 
     def counter(slot):
-        return slot.lane_tokenizer("admit")  # used on the event loop only
+        return slot.lane_tokenizer("admit")  # the admission checks' own copy, used by one task at a time
 
-    def n_tokens(slot, texts: list[str]) -> list[int]:
+    async def n_tokens(slot, texts: list[str]) -> list[int]:
+        """Token counts with the endpoint's tokenizer, off the event loop (a 1 MiB body takes a while)."""
         tok = counter(slot)
-        return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+        async with state["count_lock"]:
+            ids = await asyncio.to_thread(lambda: tok(texts, add_special_tokens=False)["input_ids"])
+        return [len(x) for x in ids]
 
     def input_limit(slot, reserve: int) -> tuple[int, str]:
         """(tokens one prompt may have, why): the model's context minus `reserve`, or MAX_INPUT_TOKENS."""
@@ -687,9 +690,10 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         slot = await ensure(name)
         tok = counter(slot)
         if "label_tokens" not in slot.extra:
-            slot.extra["label_tokens"] = max(len(x) for x in label_token_ids(tok, cm.LABELS))
+            async with state["count_lock"]:
+                slot.extra["label_tokens"] = max(len(x) for x in label_token_ids(tok, cm.LABELS))
         from common import chat_prompt
-        counts = n_tokens(slot, [chat_prompt(tok, cm.prompt_for(t)) for t in texts])
+        counts = await n_tokens(slot, [chat_prompt(tok, cm.prompt_for(t)) for t in texts])
         limit, why = input_limit(slot, slot.extra["label_tokens"])
         where = "features" if len(texts) == 1 else "features[{}]"
         for i, n in enumerate(counts):
@@ -715,12 +719,12 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
         tok = counter(slot)
         if plan:
             plan_n = min(256, n)
-            p_plan, p_code = n_tokens(slot, [chat_prompt(tok, codegen.plan_request(prompt)),
+            p_plan, p_code = await n_tokens(slot, [chat_prompt(tok, codegen.plan_request(prompt)),
                                              chat_prompt(tok, codegen.code_from_plan_request(prompt, ""))])
             need, reserve = max(p_plan + plan_n, p_code + plan_n + n), plan_n + n
             p = p_code
         else:
-            p = n_tokens(slot, [chat_prompt(tok, codegen.code_request(prompt))])[0]
+            p = (await n_tokens(slot, [chat_prompt(tok, codegen.code_request(prompt))]))[0]
             need, reserve = p + n, n
         limit, why = input_limit(slot, reserve)
         if need - reserve > limit:
@@ -780,7 +784,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             raise ApiError(422, f"max_new_tokens {n} is too small: the smallest valid JSON for this schema needs "
                                 f"{compiled.min_tokens} tokens")
         limit = min(idp.input_token_limit(slot.model, counter(slot), cfg.max_input_tokens, n), ctx - n)
-        p = min(n_tokens(slot, [document])[0], limit)
+        p = min((await n_tokens(slot, [document]))[0], limit)
         out = await process(request, "idp", slot, [(document, schema, compiled, jg.make_validator(schema), n)],
                             p + n)
         return out[0], p
@@ -875,7 +879,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             # "stop" even when the decoder closed the JSON early to fit max_tokens: the reply is a whole document
             content, extra = json.dumps(a["output"], ensure_ascii=False, separators=(",", ":")), {"answer": a}
         slot = state["slots"][name]
-        done = a["new_tokens"] if task == "idp" else n_tokens(slot, [content])[0]
+        done = a["new_tokens"] if task == "idp" else (await n_tokens(slot, [content]))[0]
         if task == "codegen":
             extra = {"answer": a}
             if done >= n:
