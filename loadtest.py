@@ -47,8 +47,12 @@ FALLBACK_FEATURES = [
 ]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default in --help."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # model
     p.add_argument("--model", default="smollm2-135m", help="model the started server serves on --endpoint")
     p.add_argument("--endpoint", default="base", choices=ENDPOINTS, help="POST /infer/<endpoint>")
@@ -67,8 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--url", default=None,
                    help="target this running server instead of starting one (loopback addresses only)")
     p.add_argument("--server_pid", type=int, default=None, help="with --url: the server's pid, for its RSS")
-    p.add_argument("--api_key", default=os.environ.get("API_KEY"), help="bearer key if the server needs one "
-                   "(default: $API_KEY)")
+    p.add_argument("--api_key", default=None, help="bearer key if the server needs one (None: $API_KEY)")
     p.add_argument("--modes", default="on,off",
                    help="without --url: server modes, in order: on (micro-batching, mixed-adapter batches), "
                         "per_adapter (micro-batching, one forward pass per adapter), off (no micro-batching)")
@@ -89,6 +92,7 @@ def parse_args(argv=None):
     # output
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
+    args.api_key = args.api_key or os.environ.get("API_KEY")  # resolved here: --help never prints the key
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in MODES for m in args.modes):

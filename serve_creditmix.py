@@ -960,8 +960,12 @@ app = create_app()
 # ----------------------------------------------------------------------------------------------------------------
 # python serve_creditmix.py: the same app under uvicorn.run
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default in --help."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # run
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind: 127.0.0.1 = this machine only; 0.0.0.0 = every network interface")

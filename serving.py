@@ -377,8 +377,8 @@ class Lane:
     def submit(self, items: list, tokens: int, batched: bool = True) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         if self.waiting + len(items) > self.max_queue:
-            raise ApiError(503, f"server busy: {self.waiting} items are waiting on this endpoint (MAX_QUEUE="
-                                f"{self.max_queue}); retry shortly", {"Retry-After": "1"})
+            raise ApiError(503, f"server busy: {self.waiting} items are waiting for this model's {self.kind} batches "
+                                f"(MAX_QUEUE={self.max_queue}); retry shortly", {"Retry-After": "1"})
         if self.task is None or self.task.done():
             self.queue = asyncio.Queue()
             self.task = loop.create_task(self._worker())

@@ -31,8 +31,12 @@ CONFIGS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default in --help."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # model
     p.add_argument("--config", default="qwen2.5-3b", choices=list(CONFIGS), help="architecture of the base")
     p.add_argument("--tokenizer", default="smollm2-135m",
