@@ -358,10 +358,115 @@ class CreditMixAnswer(BaseModel):
     top2_margin: float = Field(description="best minus second-best calibrated score (a confidence signal)")
 
 
+def default_new_tokens(cfg: ServeConfig) -> int:
+    return min(512, cfg.max_new_tokens_cap)
+
+
+def creditmix_request(cfg: ServeConfig) -> type[BaseModel]:
+    """The CreditMix request model under this configuration's caps (they show in the OpenAPI schema)."""
+    Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_chars, pattern=NOT_BLANK)]
+
+    class CreditMixRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"features": README_FEATURES}]})
+        features: Union[Text, Annotated[list[Text], Field(min_length=1, max_length=cfg.max_items)]] = Field(
+            description=f"one customer's features, or a list of them (at most {cfg.max_items}, each at most "
+                        f"{cfg.max_chars} characters); a list gets a list of answers in the same order")
+
+        @field_validator("features", mode="before")
+        @classmethod
+        def _features(cls, v):
+            return check_texts(v, "features", cfg.max_chars, cfg.max_items)
+
+    return CreditMixRequest
+
+
+def codegen_request(cfg: ServeConfig) -> type[BaseModel]:
+    """The CodeGen request model under this configuration's caps."""
+    Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_chars, pattern=NOT_BLANK)]
+    default_new = default_new_tokens(cfg)
+
+    class CodeGenRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+            {"prompt": "Write a function that sorts a list.", "max_new_tokens": 256, "plan_then_code": False}]})
+        prompt: Text = Field(description=f"the coding task (at most {cfg.max_chars} characters)")
+        max_new_tokens: Annotated[int, Field(ge=1, le=cfg.max_new_tokens_cap)] = Field(
+            default_new, description=f"token budget of the answer (and of the plan), at most {cfg.max_new_tokens_cap}")
+        plan_then_code: bool = Field(False, description="write a short plan first, then code that follows it")
+
+        @field_validator("prompt", mode="before")
+        @classmethod
+        def _prompt(cls, v):
+            return check_text(v, "prompt", cfg.max_chars)
+
+        @field_validator("max_new_tokens", mode="before")
+        @classmethod
+        def _budget(cls, v):
+            return check_int(v, "max_new_tokens", 1, cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
+
+        @field_validator("plan_then_code", mode="before")
+        @classmethod
+        def _plan(cls, v):
+            return check_bool(v, "plan_then_code")
+
+    return CodeGenRequest
+
+
+def idp_request(cfg: ServeConfig) -> type[BaseModel]:
+    """The IDP request model under this configuration's caps."""
+    Doc = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_document_chars, pattern=NOT_BLANK)]
+    default_new = default_new_tokens(cfg)
+
+    class IdpRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+            {"document": "Invoice #INV1 date 2025-10-01 from Bar LLC total USD 50.", "max_new_tokens": 256}]})
+        document: Doc = Field(description=f"the document text (at most {cfg.max_document_chars} characters)")
+        json_schema: dict | None = Field(None, alias="schema", description=(
+            f"the JSON Schema the output must conform to (root type object); default: the server's IDP_SCHEMA "
+            f"file ({cfg.idp_schema})"))
+        max_new_tokens: Annotated[int, Field(ge=1, le=cfg.max_new_tokens_cap)] = Field(
+            default_new, description=f"token budget of the reply, at most {cfg.max_new_tokens_cap}; the JSON is "
+                                     "always closed within it")
+
+        @field_validator("document", mode="before")
+        @classmethod
+        def _document(cls, v):
+            return check_text(v, "document", cfg.max_document_chars, "MAX_DOCUMENT_CHARS")
+
+        @field_validator("json_schema", mode="before")
+        @classmethod
+        def _schema(cls, v):
+            if v is not None and not isinstance(v, dict):
+                raise ValueError(f"schema must be a JSON object, got {JSON_TYPE.get(type(v), type(v).__name__)}")
+            return v
+
+        @field_validator("max_new_tokens", mode="before")
+        @classmethod
+        def _budget(cls, v):
+            return check_int(v, "max_new_tokens", 1, cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
+
+    return IdpRequest
+
+
+class ChatRequest(BaseModel):
+    """The fields of OpenAI's chat completion request this server reads; the others are accepted and ignored
+    (sampling settings: every endpoint decodes greedily)."""
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(description="an endpoint name: " + ", ".join(ENDPOINTS))
+    messages: list[dict] = Field(min_length=1, description="the last user message is the input: the features "
+                                 "(CreditMix), the coding task (codegen) or the document (idp)")
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    response_format: dict | None = Field(None, description='{"type": "json_schema", "json_schema": {"name": '
+                                         '..., "schema": {...}}} on model idp: the reply is valid for it')
+    stream: bool = False
+    n: int = 1
+
+
 @dataclass(frozen=True)
 class Task:
     """One row of the task table."""
     route: str                                  # the native route ({name} = the endpoint name)
+    request: Callable[[ServeConfig], type[BaseModel]]  # its request model under a configuration's caps
     answer: type[BaseModel]                     # its response model (the README's JSON for CreditMix)
     prior: bool                                 # what loading adds: the multi-null prior (label ranking only)
     run: Callable[[list, ServeConfig], list]    # one batch of items -> one result (or ApiError) per item
@@ -369,11 +474,11 @@ class Task:
 
 
 TASKS = {
-    "creditmix": Task("/infer/{name}", CreditMixAnswer, True, run_creditmix,
+    "creditmix": Task("/infer/{name}", creditmix_request, CreditMixAnswer, True, run_creditmix,
                       "CreditMix label (Good/Standard/Bad) by calibrated label ranking"),
-    "codegen": Task("/generate/codegen", CodeGenAnswer, False, run_codegen,
+    "codegen": Task("/generate/codegen", codegen_request, CodeGenAnswer, False, run_codegen,
                     "Python code for a task, greedy decoding capped at max_new_tokens"),
-    "idp": Task("/extract/idp", IdpAnswer, False, run_idp,
+    "idp": Task("/extract/idp", idp_request, IdpAnswer, False, run_idp,
                 "one JSON object per document, grammar-constrained by a JSON Schema and validated"),
 }
 
@@ -435,86 +540,8 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     metrics = Metrics()
     state: dict[str, Any] = {}  # built in the lifespan: slots, lanes, stop flags
 
-    Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_chars, pattern=NOT_BLANK)]
-    default_new = min(512, cfg.max_new_tokens_cap)
-
-    class CreditMixRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"features": README_FEATURES}]})
-        features: Union[Text, Annotated[list[Text], Field(min_length=1, max_length=cfg.max_items)]] = Field(
-            description=f"one customer's features, or a list of them (at most {cfg.max_items}, each at most "
-                        f"{cfg.max_chars} characters); a list gets a list of answers in the same order")
-
-        @field_validator("features", mode="before")
-        @classmethod
-        def _features(cls, v):
-            return check_texts(v, "features", cfg.max_chars, cfg.max_items)
-
-    class CodeGenRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-            {"prompt": "Write a function that sorts a list.", "max_new_tokens": 256, "plan_then_code": False}]})
-        prompt: Text = Field(description=f"the coding task (at most {cfg.max_chars} characters)")
-        max_new_tokens: Annotated[int, Field(ge=1, le=cfg.max_new_tokens_cap)] = Field(
-            default_new, description=f"token budget of the answer (and of the plan), at most {cfg.max_new_tokens_cap}")
-        plan_then_code: bool = Field(False, description="write a short plan first, then code that follows it")
-
-        @field_validator("prompt", mode="before")
-        @classmethod
-        def _prompt(cls, v):
-            return check_text(v, "prompt", cfg.max_chars)
-
-        @field_validator("max_new_tokens", mode="before")
-        @classmethod
-        def _budget(cls, v):
-            return check_int(v, "max_new_tokens", 1, cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
-
-        @field_validator("plan_then_code", mode="before")
-        @classmethod
-        def _plan(cls, v):
-            return check_bool(v, "plan_then_code")
-
-    Doc = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_document_chars, pattern=NOT_BLANK)]
-
-    class IdpRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-            {"document": "Invoice #INV1 date 2025-10-01 from Bar LLC total USD 50.", "max_new_tokens": 256}]})
-        document: Doc = Field(description=f"the document text (at most {cfg.max_document_chars} characters)")
-        json_schema: dict | None = Field(None, alias="schema", description=(
-            f"the JSON Schema the output must conform to (root type object); default: the server's IDP_SCHEMA "
-            f"file ({cfg.idp_schema})"))
-        max_new_tokens: Annotated[int, Field(ge=1, le=cfg.max_new_tokens_cap)] = Field(
-            default_new, description=f"token budget of the reply, at most {cfg.max_new_tokens_cap}; the JSON is "
-                                     "always closed within it")
-
-        @field_validator("document", mode="before")
-        @classmethod
-        def _document(cls, v):
-            return check_text(v, "document", cfg.max_document_chars, "MAX_DOCUMENT_CHARS")
-
-        @field_validator("json_schema", mode="before")
-        @classmethod
-        def _schema(cls, v):
-            if v is not None and not isinstance(v, dict):
-                raise ValueError(f"schema must be a JSON object, got {JSON_TYPE.get(type(v), type(v).__name__)}")
-            return v
-
-        @field_validator("max_new_tokens", mode="before")
-        @classmethod
-        def _budget(cls, v):
-            return check_int(v, "max_new_tokens", 1, cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
-
-    class ChatRequest(BaseModel):
-        """The fields of OpenAI's chat completion request this server reads; the others are accepted and ignored
-        (sampling settings: every endpoint decodes greedily)."""
-        model_config = ConfigDict(extra="allow")
-        model: str = Field(description="an endpoint name: " + ", ".join(ENDPOINTS))
-        messages: list[dict] = Field(min_length=1, description="the last user message is the input: the features "
-                                     "(CreditMix), the coding task (codegen) or the document (idp)")
-        max_tokens: int | None = None
-        max_completion_tokens: int | None = None
-        response_format: dict | None = Field(None, description='{"type": "json_schema", "json_schema": {"name": '
-                                             '..., "schema": {...}}} on model idp: the reply is valid for it')
-        stream: bool = False
-        n: int = 1
+    default_new = default_new_tokens(cfg)
+    CreditMixRequest, CodeGenRequest, IdpRequest = (TASKS[t].request(cfg) for t in ("creditmix", "codegen", "idp"))
 
     # ------------------------------------------------------------------ lifespan: slots, lanes, signals
     @contextlib.asynccontextmanager
