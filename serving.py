@@ -180,10 +180,20 @@ class Base:
     adapters: dict[str, str] = field(default_factory=dict)   # adapter run dir -> PEFT adapter name
     tokenizers: dict[tuple, Any] = field(default_factory=dict)  # fingerprint -> the tokenizer endpoints share
     lock: RWLock = field(default_factory=RWLock)
+    lane_toks: dict[tuple, Any] = field(default_factory=dict)  # (id of a shared tokenizer, lane) -> its copy
 
     @property
     def peft(self) -> bool:
         return bool(self.adapters)
+
+    def lane_tokenizer(self, tok, lane: str):
+        """A copy of a tokenizer per lane thread: a fast tokenizer called with padding from two threads at once
+        fails ("Already borrowed"), and generation code sets padding_side on it. Endpoints that share a tokenizer
+        share its copies."""
+        key = (id(tok), lane)
+        if key not in self.lane_toks:
+            self.lane_toks[key] = copy.deepcopy(tok)
+        return self.lane_toks[key]
 
 
 def tokenizer_fingerprint(tok) -> tuple:
@@ -208,7 +218,6 @@ class Slot:
         self.loads = 0
         self.load_seconds: float | None = None
         self.extra: dict[str, Any] = {}  # per-task caches (e.g. IDP grammars), made on first use
-        self._lane_toks: dict[str, Any] = {}
 
     @property
     def model(self):
@@ -219,11 +228,7 @@ class Slot:
         return self.adapter or BASE
 
     def lane_tokenizer(self, lane: str):
-        """A copy of the tokenizer per lane thread: a fast tokenizer called with padding from two threads at once
-        fails ("Already borrowed"), and generation code sets padding_side on it."""
-        if lane not in self._lane_toks:
-            self._lane_toks[lane] = copy.deepcopy(self.tok)
-        return self._lane_toks[lane]
+        return self.base.lane_tokenizer(self.tok, lane)
 
     async def ensure(self, where: str) -> "Slot":
         if self.state == "loaded":
