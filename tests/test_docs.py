@@ -91,7 +91,7 @@ def fenced_blocks(path: Path):
     lines = path.read_text(encoding="utf-8").splitlines()
     i = 0
     while i < len(lines):
-        m = re.match(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)", lines[i])
+        m = re.match(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)[^`]*$", lines[i])
         if not m:
             i += 1
             continue
