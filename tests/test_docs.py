@@ -43,7 +43,8 @@ ALWAYS_OK = {"cd", "export", "printf", "echo", "cat", "ls", "jq", "head", "tail"
              "true", "wc", "tee", "sort", "grep"}
 PYTHONS = {"python", "python3", ".venv/bin/python"}
 # flags whose value is a path the command reads / writes (Namespace attribute names)
-INPUTS = ("data", "src", "schema", "schemas", "document_file", "input", "samples", "eval_kl", "predictions")
+INPUTS = ("data", "src", "schema", "schemas", "document_file", "input", "samples", "eval_kl", "predictions",
+          "teacher_cache")
 MODELS = ("student", "teacher", "model_dir", "ref_model_dir")
 OUTPUTS = ("save_dir", "outdir", "out", "output", "save_samples")
 EMBEDDED = "smollm2-135m"
