@@ -15,7 +15,7 @@ How a page is checked (write pages this way):
   git or written by an earlier command of the same page or of README.md (read first; `make demo` writes
   runs/demo/...); a hub model id needs `# needs hub:`.
 - README.md's unmarked commands run for real, in order, in a copy of the tracked files, as two-step variants
-  (TWO_STEP appends e.g. --max_steps 2), after `make demo` with DEMO_STEPS=2.
+  (TWO_STEP appends e.g. --max_steps 2), after `make demo` with DEMO_STEPS=2 and its evaluations on 2 rows per class.
 """
 import argparse
 import fnmatch
@@ -579,7 +579,8 @@ def test_readme_commands_run_as_two_step_variants(tmp_path):
         assert r.returncode == 0, f"{what}\nexit {r.returncode}\n{(r.stdout + r.stderr)[-3000:]}"
         return r.stdout
 
-    demo = run(["make", "-o", ".venv/.installed", "demo", f"PY={sys.executable}", "DEMO_STEPS=2"], "make demo")
+    demo = run(["make", "-o", ".venv/.installed", "demo", f"PY={sys.executable}", "DEMO_STEPS=2",
+                "DEMO_EVAL_ARGS=--limit 2"], "make demo")
     printed = demo_printed_commands(demo)
     assert len(printed) >= 3, demo[-2000:]
     for c in printed:   # what the demo suggests reads paths it wrote
