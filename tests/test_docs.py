@@ -87,6 +87,20 @@ def split_comment(line: str) -> tuple[str, str]:
     return line.rstrip(), ""
 
 
+def open_quote(text: str) -> bool:
+    """Whether text ends inside a quoted string (so the shell reads the next line as part of the command)."""
+    quote = None
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or text[i - 1].isspace()):
+            return False  # the rest is a comment
+    return quote is not None
+
+
 def fenced_blocks(path: Path):
     """(language, first body line number, body lines) of every fenced block."""
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -134,6 +148,9 @@ def page_commands(path: Path) -> tuple[list[Command], list[str]]:
                 continue
             if line.endswith("\\"):
                 pending, first = pending + line[:-1] + " ", first or n
+                continue
+            if open_quote(pending + line):  # a quoted string spans lines: the command goes on
+                pending, first = pending + line + "\n", first or n
                 continue
             code, comment = split_comment(pending + line)
             cmds.append(Command(name, first or n, code, {**block_needs, **marker(comment, n)}))
@@ -601,3 +618,17 @@ def test_readme_commands_run_as_two_step_variants(tmp_path):
             run([sys.executable, words[1], *words[2:], *TWO_STEP.get(words[1], [])], c.where(), extra_env)
         else:
             run(["bash", "-c", c.text], c.where(), extra_env)
+
+
+def test_a_quoted_string_spanning_lines_is_one_command():
+    """A JSON body over several lines inside '...' is one command, its marker applies to all of it."""
+    page = ROOT / "tests" / "_docs_probe_quotes.md"
+    page.write_text("```bash\n# needs server: a running server\ncurl -s http://localhost:8000/x -d '{\"a\": 1,\n"
+                    "  \"b\": \"#2\"}'\necho done\n```\n", encoding="utf-8")
+    try:
+        cmds, problems = page_commands(page)
+    finally:
+        page.unlink()
+    assert not problems
+    assert [c.text.split()[0] for c in cmds] == ["curl", "echo"], cmds
+    assert '"b": "#2"}\'' in cmds[0].text and cmds[0].needs == {"server": "a running server"}
