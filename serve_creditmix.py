@@ -242,18 +242,23 @@ def _groups(items: list, key: Callable) -> dict:
 
 
 def creditmix_prior(slot, tok):
-    """The README's multi-null prior of this endpoint's model (4 content-free prompts, one small batch), computed
-    on the endpoint's first CreditMix batch and kept: only CreditMix models pay for it."""
+    """The endpoint's calibration, as infer_creditmix.py --calibration auto: the prior and temperature
+    eval_creditmix.py picked for this model on a validation split (recorded beside the run), else the README's
+    multi-null prior (4 content-free prompts, one small batch). Computed on the endpoint's first CreditMix batch and
+    kept: only CreditMix models pay for it."""
     if slot.prior is None:
         import creditmix as cm
-        from scoring import prior_for
+        from common import eval_run_dir
+        from scoring import read_calibration, served_prior
+        recorded = read_calibration(eval_run_dir(slot.spec, create=False))
         with model_call([slot.row_name]):
-            slot.prior = prior_for("multi_null", None, cm.null_scores(slot.model, tok))
+            slot.prior, temperature, used = served_prior("auto", recorded, None, lambda: cm.null_scores(slot.model, tok))
+        slot.extra.update(temperature=temperature, calibration=used)
     return slot.prior
 
 
 def run_creditmix(items: list, cfg: ServeConfig) -> list[dict]:
-    """The README's response JSON for each feature string: raw label scores, minus the multi-null prior. Items of
+    """The README's response JSON for each feature string: raw label scores, minus the endpoint's prior. Items of
     every adapter on one base go through one forward pass (PEFT mixed-adapter batch) unless MIXED_ADAPTERS=0."""
     import creditmix as cm
     from scoring import response
@@ -273,7 +278,7 @@ def run_creditmix(items: list, cfg: ServeConfig) -> list[dict]:
             raw = cm.label_scores(slots[0].model, tok, [cm.prompt_for(items[i][2]) for i in part],
                                   batch_size=cfg.max_batch, adapter_names=names)
             for i, s, r in zip(part, slots, raw):
-                out[i] = response(s.spec, cm.LABELS, r, s.prior)
+                out[i] = response(s.spec, cm.LABELS, r, s.prior, temperature=s.extra["temperature"])
     return out
 
 
@@ -348,13 +353,15 @@ class IdpAnswer(BaseModel):
 
 
 class CreditMixAnswer(BaseModel):
-    """The README's response: calibrated scores = raw_scores - prior; probabilities = softmax(scores)."""
+    """The README's response: calibrated scores = raw_scores - prior; probabilities = softmax(scores / T)."""
     model_name: str = Field(description="the model spec behind the endpoint (MODEL_*)")
     prediction: str = Field(description="the label with the highest calibrated score")
     scores: dict[str, float] = Field(description="calibrated scores: raw_scores - prior")
     raw_scores: dict[str, float] = Field(description="mean log-probability per label token after the prompt")
-    prior: dict[str, float] = Field(description="multi-null prior: mean raw score over content-free prompts")
-    probabilities: dict[str, float] = Field(description="softmax over the calibrated scores")
+    prior: dict[str, float] = Field(description="the calibration's prior: the one eval_creditmix.py picked for this "
+                                    "model, else multi-null (mean raw score over content-free prompts)")
+    probabilities: dict[str, float] = Field(description="softmax over the calibrated scores divided by the "
+                                            "temperature eval_creditmix.py fitted (1 when none was recorded)")
     top2_margin: float = Field(description="best minus second-best calibrated score (a confidence signal)")
 
 

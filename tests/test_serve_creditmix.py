@@ -34,6 +34,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CALIBRATION = {"calibration": "batch", "prior": [-1.5, -2.0, -2.5], "temperature": 2.0, "picked_by": "test",
+               "data": {"path": "val.jsonl"}}
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
@@ -41,12 +45,16 @@ def server(tiny_model_dir, tmp_path_factory):
     unfinished = d / "unfinished_run"  # a run dir whose training never saved an adapter
     unfinished.mkdir()
     (unfinished / "run.json").write_text("{}")
+    # what eval_creditmix.py would have recorded for the dpo endpoint's model (a plain folder: runs/base-<name>)
+    (d / "runs" / "base-tiny-dpo").mkdir(parents=True)
+    (d / "runs" / "base-tiny-dpo" / "creditmix_calibration.json").write_text(json.dumps(CALIBRATION))
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "API_KEY": KEY, "OMP_NUM_THREADS": "1",
            "MODEL_BASE": str(tiny_model_dir), "MODEL_SFT": str(unfinished), "MODEL_KD": str(d / "missing_run"),
            "MODEL_DPO": str(dpo), "MODEL_CODEGEN": str(tiny_model_dir), "MODEL_IDP": str(tiny_model_dir),
            "MAX_NEW_TOKENS": "32", "BATCH_WAIT_MS": "100", "MAX_BATCH": "8", "MAX_ITEMS": "4",
-           "MAX_FEATURES_CHARS": "300", "MAX_BODY_BYTES": "4096", "LOAD_RETRY_S": "600"}
+           "MAX_FEATURES_CHARS": "300", "MAX_BODY_BYTES": "4096", "LOAD_RETRY_S": "600",
+           "DISTILL_SLM_RUNS": str(d / "runs")}
     log = open(d / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serve_creditmix:app", "--host", "127.0.0.1",
                              "--port", str(port), "--no-access-log"], cwd=ROOT, env=env, stdout=log,
@@ -143,6 +151,16 @@ def test_concurrent_first_requests_load_the_model_once(server):
     # the model stays cached: more requests, still one load
     assert infer(server, "dpo").status_code == 200
     assert server.get("/models").json()["endpoints"]["/infer/dpo"]["loads"] == 1
+
+
+def test_an_endpoint_serves_the_calibration_eval_creditmix_recorded(server):
+    """As infer_creditmix.py --calibration auto: the recorded prior, and probabilities at the fitted temperature."""
+    r = infer(server, "dpo")
+    assert r.status_code == 200, r.text
+    a = r.json()
+    assert [a["prior"][c] for c in LABELS] == pytest.approx(CALIBRATION["prior"], abs=1e-4)
+    z = np.array([a["scores"][c] for c in LABELS]) / CALIBRATION["temperature"]
+    np.testing.assert_allclose([a["probabilities"][c] for c in LABELS], np.exp(z) / np.exp(z).sum(), atol=1e-3)
 
 
 def test_concurrent_requests_are_micro_batched(server):
