@@ -105,3 +105,53 @@ def test_tiled_mlp_backward_reuses_the_forward_dropout_masks():
     xi = x.clone().requires_grad_(True)
     (torch.cat([mlp(t) for t in xi.reshape(-1, 64).split(8)]).reshape(3, 10, 64) * w).sum().backward()
     assert not torch.allclose(xi.grad, g0[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the decoder layers is CUDA-only here")
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_compiled_layers_give_the_plain_loss_and_lora_gradients_on_cuda(four_bit):
+    """What the default speed-up changes on a GPU: the policy loss and LoRA gradients (SFT, KD's student) and the
+    reference pass with the adapter disabled (DPO) equal the eager path's within bf16 rounding."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    if four_bit:
+        pytest.importorskip("bitsandbytes")
+        import tempfile
+        d = tempfile.mkdtemp()
+        model.save_pretrained(d)
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        model = LlamaForCausalLM.from_pretrained(d, quantization_config=q, dtype=torch.bfloat16, device_map={"": 0})
+    model = model.cuda()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)  # a trained adapter, so that disabling it changes the output
+    ids = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda")
+
+    def step():
+        model.train()
+        torch.manual_seed(1)  # the same dropout masks both ways
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad(), model.disable_adapter(), torch.autocast("cuda", dtype=torch.bfloat16):
+            ref = model(input_ids=ids, labels=ids).loss
+        return float(loss), float(ref), grads
+
+    eager = step()
+    assert speedups.apply(model, ("compile",)) == ("compile",)
+    compiled = step()
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-2) and compiled[1] == pytest.approx(eager[1], rel=1e-2)
+    assert compiled[0] != pytest.approx(compiled[1], rel=1e-3)  # the adapter is on in one pass and off in the other
+    assert eager[2].keys() == compiled[2].keys() and len(eager[2]) == 4 * 7 * 2
+    for n, g in eager[2].items():
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), compiled[2][n].flatten(), dim=0)
+        assert cos > 0.99, (n, float(cos))
