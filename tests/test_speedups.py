@@ -108,10 +108,12 @@ def test_tiled_mlp_backward_reuses_the_forward_dropout_masks():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of the decoder layers is CUDA-only here")
-@pytest.mark.parametrize("four_bit,dropout", [(False, 0.0), (True, 0.0), (False, 0.05)])
-def test_compiled_layers_give_the_plain_loss_and_lora_gradients_on_cuda(four_bit, dropout):
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_compiled_layers_give_the_plain_loss_and_lora_gradients_on_cuda(four_bit, dropout=0.0):
     """What the default speed-up changes on a GPU: the policy loss and LoRA gradients (SFT, KD's student) and the
-    reference pass with the adapter disabled (DPO) equal the eager path's within bf16 rounding."""
+    reference pass with the adapter disabled (DPO) equal the eager path's within bf16 rounding (H200, 2026-12-01:
+    both pass). LoRA dropout is 0 here because compiled dropout draws its masks from Inductor's own random stream:
+    with 0.05 the losses still agreed within 1% but the gradients, from other masks, only to cosine 0.93."""
     from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
