@@ -169,7 +169,7 @@ def convert_to_gguf(merged: Path, out_file: Path, outtype: str, converter: Path,
     """Run llama.cpp's convert_hf_to_gguf.py on a merged folder. It runs in its own process with its own copy of the
     gguf library first on the path: the converter needs a newer gguf than the pinned one transformers reads."""
     stage = work / "converter-input"
-    stage.mkdir()
+    stage.mkdir(parents=True)
     for f in merged.iterdir():
         if f.name != "tokenizer.json":
             os.symlink(f.resolve(), stage / f.name)
