@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (UserError, align_special_tokens, bnb_config, git_commit, library_versions, load_tokenizer, note,
-                    print_config, resolve_model, user_errors, write_json)
+from common import (UserError, align_special_tokens, bnb_config, check_output_dir, check_output_file, git_commit,
+                    library_versions, load_tokenizer, note, print_config, resolve_model, user_errors, write_json)
 
 # --outtype values of llama.cpp's converter, and the one 4-bit type requantised here (see requantize_gguf)
 CONVERTER_TYPES = ["f16", "bf16", "f32", "q8_0"]
@@ -286,6 +286,10 @@ def check_out(out: Path, to: str, overwrite: bool) -> None:
         raise UserError(f"--out {out} already exists: choose another path or pass --overwrite")
     if out.exists() and (out.is_dir() != (to != "gguf")):
         raise UserError(f"--out {out} exists and is a {'folder' if out.is_dir() else 'file'}: remove it first")
+    if to == "gguf":
+        check_output_file(out, "--out")  # writable: refused before anything loads
+    else:
+        check_output_dir(out, "--out")
 
 
 def put_in_place(built: Path, out: Path, work: Path) -> None:
