@@ -1,8 +1,8 @@
-# Device check for export.py (issue 18): the merged model's CreditMix score against the 4-bit run's. Trains a CreditMix
+# export.py on a GPU: the merged model's CreditMix score against the 4-bit run's (docs/export.md). Trains a CreditMix
 # SFT of the embedded SmolLM2-135M with QLoRA (4-bit NF4 base), evaluates the run (4-bit base + adapter), exports it
 # merged onto the dequantised NF4 weights (export.py's default) and onto the original weights (--base_weights
 # original), and evaluates both merged folders as plain bf16 models (--quantize none).
-#   run: . gpu/setup.sh && bash gpu/export_check.sh      (carry .whl, .carry/p1, .carry/p2, as for gpu/real_a.sh)
+#   P=<dir holding data_cm6 from creditmix_prepare.py> bash gpu/export_check.sh      (any CUDA machine)
 # CPU dry run: M=<tiny model dir> ST=2 LIMIT=4 P=<dir with make_carry's prepared data> OUT=/tmp/out bash gpu/export_check.sh
 set -u
 M=${M:-smollm2-135m}; P=${P:-/tmp/carry/prep}; R=${R:-runs}; ST=${ST:--1}; LIMIT=${LIMIT:-}; OUT=${OUT:-/tmp/out}
