@@ -22,7 +22,10 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 # --report_to: what transformers' own integrations log to; tensorboard writes <save_dir>/logs, offline.
 REPORTERS = ("none", "tensorboard", "trackio", "mlflow", "wandb")
-PIP_NAMES = {"tensorboard": "tensorboard", "trackio": "trackio", "mlflow": "mlflow-skinny", "wandb": "wandb"}
+# mlflow-skinny is the client; its local store (./mlflow.db, used when MLFLOW_TRACKING_URI is unset) needs
+# sqlalchemy and alembic (measured: mlflow-skinny 3.17 alone fails at the first log with KeyError 'sqlite').
+PIP_NAMES = {"tensorboard": "tensorboard", "trackio": "trackio", "mlflow": "mlflow-skinny sqlalchemy alembic",
+             "wandb": "wandb"}
 
 
 def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: float = 2e-4, epochs: float = 1.0,
@@ -114,6 +117,12 @@ def check_training_args(args) -> None:
         if r != "none" and not available[r]():
             raise UserError(f"--report_to {r}: the {r} package is not installed (pip install {PIP_NAMES[r]}, or "
                             "--report_to tensorboard / none)")
+    import importlib.util
+    import os
+    if "mlflow" in args.report_to and not os.environ.get("MLFLOW_TRACKING_URI") and not (
+            importlib.util.find_spec("sqlalchemy") and importlib.util.find_spec("alembic")):
+        raise UserError("--report_to mlflow: without MLFLOW_TRACKING_URI (a server) MLflow logs into ./mlflow.db, "
+                        "which needs sqlalchemy and alembic: pip install sqlalchemy alembic")
 
 
 def held_out(args, rows: list, read) -> tuple[list, list | None]:

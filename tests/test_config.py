@@ -183,7 +183,8 @@ def test_bad_training_flags(flags, message):
         training.check_training_args(args)
 
 
-@pytest.mark.parametrize("tracker, pip", [("trackio", "trackio"), ("mlflow", "mlflow-skinny"), ("wandb", "wandb")])
+@pytest.mark.parametrize("tracker, pip", [("trackio", "trackio"), ("mlflow", "mlflow-skinny sqlalchemy alembic"),
+                                         ("wandb", "wandb")])
 def test_a_tracker_that_is_not_installed_is_one_line(monkeypatch, tracker, pip):
     import sft_train
     from transformers.integrations import integration_utils as iu
@@ -192,6 +193,22 @@ def test_a_tracker_that_is_not_installed_is_one_line(monkeypatch, tracker, pip):
     with pytest.raises(UserError, match=rf"--report_to {tracker}: the {tracker} package is not installed "
                                         rf"\(pip install {pip}"):
         training.check_training_args(args)
+
+
+def test_mlflow_without_a_server_needs_its_local_store(monkeypatch):
+    import importlib.util
+
+    import sft_train
+    from transformers.integrations import integration_utils as iu
+    monkeypatch.setattr(iu, "is_mlflow_available", lambda: True)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
+    args = sft_train.parse_args(["--data", "d", "--save_dir", "r", "--report_to", "mlflow"])
+    with pytest.raises(UserError, match=r"--report_to mlflow: without MLFLOW_TRACKING_URI .* pip install sqlalchemy"):
+        training.check_training_args(args)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    training.check_training_args(args)  # a server: the client is enough
 
 
 def test_report_to_none_writes_no_event_files(tmp_path, tiny_model_dir, creditmix_dir):
