@@ -2,7 +2,7 @@
 
     python kd_train.py --student smollm2-135m --data data/creditmix_kd.jsonl --idp_mode --save_dir runs/creditmix_kd --epochs 2
     python kd_train.py --student Qwen/Qwen2.5-3B-Instruct --data data/creditmix_kd.jsonl --idp_mode --save_dir runs/creditmix_kd --epochs 5 --max_steps 7115
-    python kd_train.py --config recipes/quick/creditmix_kd.yaml --val_frac 0.1 --eval_steps 1 --save_steps 1
+    python kd_train.py --config recipes/quick/creditmix_kd.yaml --val_frac 0.01 --eval_steps 1   # + held-out loss each step
     python kd_train.py --student smollm2-135m --teacher runs/creditmix_sft --data data/creditmix_kd.jsonl --idp_mode --kd_loss forward_kl --alpha 0.5 --eval_kl data/creditmix_val.jsonl --save_dir runs/creditmix_kd_logit
     python kd_train.py --student smollm2-135m --teacher_cache runs/cache_creditmix_sft --data data/creditmix_kd.jsonl --idp_mode --save_dir runs/creditmix_kd_cached
 
