@@ -33,9 +33,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="also write the metrics to this JSON file")
     ap.add_argument("--predictions", help="write per-document outputs to this JSONL (id, output, valid, error, gold)")
     args = cli.parse(ap, argv)
-    for k in ("max_new_tokens", "batch_size"):
-        if getattr(args, k) < 1:
-            ap.error(f"--{k} must be >= 1")
+    idp.check_decoding_args(ap, args)
     if args.limit < 0:
         ap.error("--limit must be >= 0")
     return args

@@ -33,9 +33,7 @@ def parse_args(argv=None):
         ap.error("--input needs --output")
     if args.output and not args.input:
         ap.error("--output goes with --input (a single document is printed on stdout)")
-    for k in ("max_new_tokens", "batch_size"):
-        if getattr(args, k) < 1:
-            ap.error(f"--{k} must be >= 1")
+    idp.check_decoding_args(ap, args)
     return args
 
 
