@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import cli
+
 CONFIGS = {
     # Qwen2.5-3B(-Instruct) architecture (its config.json): 36 layers, GQA 16/2, tied embeddings.
     "qwen2.5-3b": dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
@@ -48,12 +50,8 @@ CONFIGS = {
 }
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default in --help."""
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = cli.parser(__doc__)
     # model
     p.add_argument("--config", default="qwen2.5-3b", help=f"architecture: {', '.join(CONFIGS)} or a config.json")
     p.add_argument("--model_cache", default=os.path.join(tempfile.gettempdir(), "distill_slm_bench"),

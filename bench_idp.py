@@ -10,12 +10,12 @@ Prints a table; --out writes the numbers as JSON, each run's included.
 
 Documents: --data, else the SROIE test split in ../shared/data/idp/ when present, else data/idp_test.jsonl.
 """
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import cli
 import common
 import idp
 import json_grammar as jg
@@ -25,12 +25,9 @@ SROIE = ROOT.parent / "shared" / "data" / "idp" / "sroie.jsonl"
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__.split("\n\n")[0])
     # model
-    ap.add_argument("--model_dir", default="smollm2-135m", help="model to decode with (any --model_dir form)")
-    ap.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"],
-                    help="auto: 4-bit NF4 on CUDA, plain weights on CPU")
+    cli.add_model_args(ap, default="smollm2-135m")
     # data
     ap.add_argument("--schemas", nargs="+", default=None,
                     help="schemas to compile (default: data/idp_schema.json, plus data/sroie_schema.json if present)")
@@ -61,7 +58,7 @@ def default_data(args):
 
 def main(args):
     # load
-    common.print_config("bench_idp", args)
+    cli.print_config("bench_idp", args)
     schema_paths = args.schemas or [str(p) for p in (ROOT / "data" / "idp_schema.json",
                                                      ROOT / "data" / "sroie_schema.json") if p.is_file()]
     schemas = {Path(p).name: jg.load_schema(p) for p in schema_paths}
@@ -72,7 +69,8 @@ def main(args):
     docs = [r.get("document", r.get("text")) for r in rows][:args.n_docs]
     if not docs:
         raise common.UserError(f"{data}: no documents")
-    model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize)
+    model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize,
+                                       trust_remote_code=args.trust_remote_code)
     limit = idp.input_token_limit(model, tok, 0, args.max_new_tokens)
 
     # run: compile times (a fresh compiler per schema: nothing cached), then the same schema again (cached)

@@ -1,14 +1,28 @@
-"""Trainer callbacks the trainers attach: a time limit, the KD record and the DPO reward summary.
+"""Trainer callbacks the trainers attach: metrics.jsonl, a time limit, the KD record and the DPO reward summary.
 
 Imports transformers at import time: import it inside functions.
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from transformers import TrainerCallback
 
 from common import world_size
+
+
+class MetricsJsonl(TrainerCallback):
+    """<save_dir>/metrics.jsonl: one line per log (training and evaluation), appended across resumes."""
+
+    def __init__(self, save_dir: str):
+        self.path = Path(save_dir) / "metrics.jsonl"
+
+    def on_log(self, targs, state, control, logs=None, **kw):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
 
 
 class TimeLimit(TrainerCallback):

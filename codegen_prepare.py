@@ -16,7 +16,6 @@ rejected mutants are both printed by ast.unparse so they differ only in the bug,
 Only MBPP's train split (tasks 511-974; --split prompt adds tasks 1-10) is used: never the test split.
 --synthetic writes a small generated sample instead (made-up tasks from templates, marked "source": "synthetic").
 """
-import argparse
 import ast
 import random
 import re
@@ -25,18 +24,19 @@ from pathlib import Path
 
 import codegen
 import sandbox
-from common import UserError, check_output_file, print_config, read_records, sha256_file, user_errors, write_outputs
+import cli
+from common import UserError, check_output_file, read_records, sha256_file, user_errors, write_outputs
 
 SYNTHETIC_SOURCE = "synthetic (codegen_prepare.py --synthetic): made-up tasks, not MBPP"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     # model
     p.add_argument("--teacher", default=None,
                    help="optional model whose sampled answers become KD targets (when they pass) and DPO rejected "
-                        "answers (when they fail): run dir, folder, hub id, .gguf or smollm2-135m")
-    p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"], help="auto: 4-bit on CUDA")
+                        f"answers (when they fail): {cli.MODEL_SPEC}")
+    cli.add_load_args(p)
     p.add_argument("--teacher_samples", type=int, default=4, help="answers sampled per task from --teacher")
     p.add_argument("--temperature", type=float, default=0.8, help="teacher sampling temperature")
     p.add_argument("--max_new_tokens", type=int, default=512, help="teacher answer token limit")
@@ -223,7 +223,7 @@ OUTPUTS = ["codegen_sft.jsonl", "codegen_kd.jsonl", "codegen_dpo.jsonl", "codege
 
 
 def main(args):
-    print_config("codegen_prepare", args)
+    cli.print_config("codegen_prepare", args)
     out = Path(args.outdir)
     for name in OUTPUTS:  # before the teacher loads and the sandbox runs
         check_output_file(out / name)
@@ -237,7 +237,7 @@ def main(args):
 
         from common import load_model
         set_seed(args.seed)
-        model, tok, _ = load_model(args.teacher, quantize=args.quantize)
+        model, tok, _ = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
         answers = codegen.answer(model, tok, [p.task for p in problems], max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=0.95, num_samples=args.teacher_samples,
                                  batch_size=args.batch_size, desc="teacher")

@@ -817,6 +817,8 @@ def write_run_json(save_dir, *, script: str, method: str, args, base_model: str 
         "wall_time_s": round(time.time() - started, 1), "peak_mem_gib": peak_memory_gib(),
         "metrics": metrics, **(extra or {}),
     }
+    if getattr(args, "sources", {}).get("file"):  # --config (cli.parse): the file and which keys came from where
+        rec["config"] = args.sources
     write_json(Path(save_dir) / "run.json", rec)
     return rec
 
@@ -827,21 +829,6 @@ def guess_task(path) -> str | None:
         if task in name:
             return task
     return None
-
-
-def add_model_args(p, default: str | None = DEFAULT_STUDENT, required: bool = False, note_: str = "") -> None:
-    """The model flags of every inference/evaluation script: --model_dir, --quantize, --trust_remote_code."""
-    p.add_argument("--model_dir", default=None if required else default, required=required,
-                   help="run dir (adapter + its base), model folder, hub id, .gguf or smollm2-135m" + note_)
-    p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"],
-                   help="auto: 4-bit NF4 on CUDA, unquantised on CPU; none: never quantise")
-    p.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
-
-
-def print_config(title: str, args) -> None:
-    """Print the resolved configuration at start, one flag a line."""
-    items = vars(args) if not isinstance(args, dict) else args
-    print(f"{title}: " + ", ".join(f"{k}={v}" for k, v in items.items()), file=sys.stderr, flush=True)
 
 
 def eval_run_dir(spec: str, create: bool = True) -> Path:
@@ -869,5 +856,6 @@ def save_eval(spec: str, task: str, dataset, args, metrics: dict, script: str) -
         out, i = run / "evals" / f"{task}__{stem}__{stamp}-{i}.json", i + 1
     write_json(out, {"task": task, "script": script, "date": _dt.datetime.now().isoformat(timespec="seconds"),
                      "model_dir": spec, "dataset": data_record(dataset) if dataset else None,
-                     "args": vars(args) if not isinstance(args, dict) else args, "metrics": metrics})
+                     "args": vars(args) if not isinstance(args, dict) else args, "metrics": metrics,
+                     **({"config": args.sources} if getattr(args, "sources", {}).get("file") else {})})
     return out

@@ -13,7 +13,6 @@ rest is still written; the exit code is 2 only when no run could be compared.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import math
@@ -22,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cli
 from common import UserError, atomic_open, guess_task, user_errors, write_json
 from scoring import CALIBRATIONS
 
@@ -52,8 +52,7 @@ DASH = "–"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__.split("\n\n")[0])
     # data
     p.add_argument("runs", nargs="+", help="run directories (each holds run.json) or folders of run directories; "
                    "shell globs such as runs/creditmix_* expand to several")

@@ -41,6 +41,19 @@ PLAUSIBLE = {"Age": (14, 100), "Num_of_Loan": (0, 20), "Num_Bank_Accounts": (0, 
 UNKNOWN = "unknown"
 
 
+def add_split_args(p) -> None:
+    """The flags that fix the held-out split: creditmix_prepare.py makes it, eval_creditmix.py rebuilds it from the
+    same raw source with the same values."""
+    p.add_argument("--features", default="readme",
+                   help="Kaggle columns for the prompt: 'readme' (the README's six), 'rich' (twenty) or a "
+                        "comma-separated list; ignored for the seed format")
+    p.add_argument("--val_per_class", type=int, default=None,
+                   help="validation rows per class (default: the whole balanced holdout if the source has one, "
+                        "else --val_frac of the smallest class)")
+    p.add_argument("--val_frac", type=float, default=0.1, help="validation share of the smallest class")
+    p.add_argument("--seed", type=int, default=42, help="seed of the split and of DPO's rejected labels")
+
+
 def prompt_for(features: str) -> str:
     return TEMPLATE.format(features=features)
 

@@ -11,27 +11,20 @@ Writes creditmix_{sft,kd,dpo}.jsonl (balanced: per-class cap = smallest class), 
 prompt shared with training) and creditmix_prepare.json (what was done). eval_creditmix.py rebuilds the same
 validation split from the same --src, --features and --seed.
 """
-import argparse
 import random
 from collections import Counter
 from pathlib import Path
 
 import creditmix as cm
+import cli
 from common import check_output_file, sha256_file, user_errors, write_outputs
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     # data
     p.add_argument("--src", required=True, help="seed JSON/JSONL, Kaggle CSV, or creditmix_labeled.jsonl")
-    p.add_argument("--features", default="readme",
-                   help="Kaggle columns for the prompt: 'readme' (the README's six), 'rich' (twenty) or a "
-                        "comma-separated list; ignored for the seed format")
-    p.add_argument("--val_per_class", type=int, default=None,
-                   help="validation rows per class (default: the whole balanced holdout if the source has one, "
-                        "else --val_frac of the smallest class)")
-    p.add_argument("--val_frac", type=float, default=0.1, help="validation share of the smallest class")
-    p.add_argument("--seed", type=int, default=42, help="seed of the split and of DPO's rejected labels")
+    cm.add_split_args(p)
     # output
     p.add_argument("--outdir", default="data", help="folder for the creditmix_*.jsonl files")
     return p.parse_args(argv)

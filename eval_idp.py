@@ -7,20 +7,19 @@ normalisation), micro/macro field F1; grammar-constrained by default, --unconstr
 
 Every evaluation is also filed under <run>/evals/ (runs/base-<name>/evals/ for a plain model).
 """
-import argparse
 import sys
 import time
 
+import cli
 import common
 import idp
 import json_grammar as jg
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__.split("\n\n")[0])
     # model
-    common.add_model_args(ap, required=True)
+    cli.add_model_args(ap, required=True)
     # data
     ap.add_argument("--data", required=True,
                     help="JSONL of {document|text, gold} (idp_prepare.py's *_test.jsonl, sroie.jsonl) or SFT/KD rows "
@@ -33,10 +32,8 @@ def parse_args(argv=None):
     # output
     ap.add_argument("--out", help="also write the metrics to this JSON file")
     ap.add_argument("--predictions", help="write per-document outputs to this JSONL (id, output, valid, error, gold)")
-    args = ap.parse_args(argv)
-    for k in ("max_new_tokens", "batch_size"):
-        if getattr(args, k) < 1:
-            ap.error(f"--{k} must be >= 1")
+    args = cli.parse(ap, argv)
+    idp.check_decoding_args(ap, args)
     if args.limit < 0:
         ap.error("--limit must be >= 0")
     return args
@@ -58,7 +55,7 @@ def print_table(m: dict) -> None:
 def main(args):
     # load
     started = time.time()
-    common.print_config("eval_idp", args)
+    cli.print_config("eval_idp", args)
     schema = jg.load_schema(args.schema)
     records = idp.read_eval_records(args.data, split=args.split, limit=args.limit or None)
     model, tok, ms, cache, grammar, limit = idp.load_extractor(args, schema)

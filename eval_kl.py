@@ -6,20 +6,19 @@ tokens of a file (teacher-forced), as a token mean and on each row's first answe
 
 Filed like every evaluation under the student's run dir: evals/<task>__<data-stem>__<date>.json (metrics: kl, ...).
 """
-import argparse
 import json
 
-from common import UserError, load_model, print_config, read_records, save_eval, user_errors
+import cli
+from common import UserError, load_model, read_records, save_eval, user_errors
 from kd_losses import KD_LOSSES, canonical_rows, target_key
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     g = p.add_argument_group("model")
-    g.add_argument("--teacher", required=True, help="hub id, folder, run dir (adapter) or smollm2-135m")
+    g.add_argument("--teacher", required=True, help=cli.MODEL_SPEC)
     g.add_argument("--student", required=True, help="the model compared with the teacher (same tokenizer)")
-    g.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"], help="auto: 4-bit on CUDA")
-    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    cli.add_load_args(g)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help='JSONL of {"input", "teacher_output" or "output"}')
     g.add_argument("--idp_mode", action="store_true", help="JSON answers in canonical form, as kd_train.py trains")
@@ -33,14 +32,14 @@ def parse_args(argv=None):
     g.add_argument("--batch_size", type=int, default=8, help="rows per forward pass")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="also write the metrics JSON here")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def main(args):
     from common import write_json
     from kd_losses import check_vocab, heldout_kl
 
-    print_config("eval_kl", args)
+    cli.print_config("eval_kl", args)
     # load
     rows = read_records(args.data, required=("input",), nonempty=("input",))
     key = target_key(rows, args.data)

@@ -31,6 +31,13 @@ def add_decoding_args(ap, batch_help: str = "documents generated together") -> N
                     help="plain greedy decoding without the grammar (output still validated), for comparison")
 
 
+def check_decoding_args(ap, args) -> None:
+    """The decoding flags' bounds (argparse's own error: usage and exit 2)."""
+    for k in ("max_new_tokens", "batch_size"):
+        if getattr(args, k) < 1:
+            ap.error(f"--{k} must be >= 1")
+
+
 def schema_text(schema: dict) -> str:
     """The schema as the prompt shows it: compact, keys in the file's order (that order is the output's order)."""
     return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))

@@ -12,12 +12,12 @@ every target is json_grammar.canonical_json (compact, the schema's key order: th
 A KD `teacher_output` is the gold JSON until you have a teacher's. A DPO `rejected` is the gold made wrong: a value
 taken from another document, a required field dropped, the JSON cut off, or the JSON wrapped in chatter.
 """
-import argparse
 import calendar
 import datetime as dt
 import random
 from pathlib import Path
 
+import cli
 import common
 import idp
 import json_grammar as jg
@@ -77,8 +77,7 @@ INVOICE_SCHEMA = {
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__.split("\n\n")[0])
     # data
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--src", help="sroie.jsonl, funsd.jsonl (../shared/data/idp/) or a {document|text, gold} JSONL")

@@ -10,18 +10,16 @@ The code block is extracted from the answer (prose around it is dropped); the pl
 go to stderr, the code to stdout. Greedy by default; --temperature > 0 samples (--num_samples answers, batched).
 --test runs each answer with your asserts in the sandbox (sandbox.py) and says whether it passed.
 """
-import argparse
 import sys
 
 import codegen
 import sandbox
-from common import UserError, add_model_args, load_model, print_config, user_errors, write_json
-
-
+import cli
+from common import UserError, load_model, user_errors, write_json
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     # model
-    add_model_args(p)
+    cli.add_model_args(p)
     # data
     p.add_argument("--prompt", required=True, help='the task, e.g. "Write a function that sorts a list."')
     p.add_argument("--test", action="append", default=[],
@@ -33,7 +31,7 @@ def parse_args(argv=None):
     # output
     p.add_argument("--raw", action="store_true", help="also print each whole answer (to stderr)")
     p.add_argument("--out", default=None, help="write the answers (plan, raw answer, code, test result) as JSON")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def main(args):
@@ -43,7 +41,7 @@ def main(args):
         raise UserError("--num_samples must be at least 1")
     if args.num_samples > 1 and args.temperature <= 0:
         raise UserError("--num_samples > 1 with greedy decoding gives identical answers: set --temperature > 0")
-    print_config("infer_codegen", args)
+    cli.print_config("infer_codegen", args)
     # load
     from transformers import set_seed
     set_seed(args.seed)

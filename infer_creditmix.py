@@ -7,18 +7,18 @@ Each label is scored by its length-normalised log-likelihood at the assistant po
 default the calibration eval_creditmix.py picked for this model, else multi-null: the mean score over content-free
 prompts); the highest calibrated score wins. Probabilities are softmax(calibrated scores / temperature).
 """
-import argparse
 import json
 
 import creditmix as cm
-from common import UserError, add_model_args, eval_run_dir, load_model, note, user_errors
+import cli
+from common import UserError, eval_run_dir, load_model, note, user_errors
 from scoring import CALIBRATIONS, read_calibration, response, served_prior
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     # model
-    add_model_args(p)
+    cli.add_model_args(p)
     # data
     p.add_argument("--features", action="append", required=True,
                    help='customer features, e.g. "Age: 23.0, Occupation: Scientist, …"; repeat for several')
@@ -29,7 +29,7 @@ def parse_args(argv=None):
                         "(content-free prompts, the README's), batch (mean over the given inputs; needs several), "
                         "none (raw scores)")
     p.add_argument("--batch_size", type=int, default=16, help="prompts per forward pass")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def main(args):

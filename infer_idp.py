@@ -5,20 +5,19 @@ every output parses and validates (token budget included). Prints strict JSON on
     python infer_idp.py --model_dir smollm2-135m --schema data/idp_schema.json --document "Invoice #INV1 date 2025-10-01 from Bar LLC total USD 50."
     python infer_idp.py --model_dir smollm2-135m --schema data/idp_schema.json --input data/idp_test.jsonl --output preds.jsonl
 """
-import argparse
 import sys
 import time
 
+import cli
 import common
 import idp
 import json_grammar as jg
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__.split("\n\n")[0])
     # model
-    common.add_model_args(ap, required=True)
+    cli.add_model_args(ap, required=True)
     # data
     ap.add_argument("--schema", required=True, help="JSON Schema file the output must conform to")
     src = ap.add_mutually_exclusive_group(required=True)
@@ -29,14 +28,12 @@ def parse_args(argv=None):
     idp.add_decoding_args(ap, batch_help="documents generated together (--input)")
     # output
     ap.add_argument("--output", help="JSONL written for --input: {id, output, valid, error, budget_closed}")
-    args = ap.parse_args(argv)
+    args = cli.parse(ap, argv)
     if args.input and not args.output:
         ap.error("--input needs --output")
     if args.output and not args.input:
         ap.error("--output goes with --input (a single document is printed on stdout)")
-    for k in ("max_new_tokens", "batch_size"):
-        if getattr(args, k) < 1:
-            ap.error(f"--{k} must be >= 1")
+    idp.check_decoding_args(ap, args)
     return args
 
 
@@ -57,7 +54,7 @@ def read_documents(args) -> list[dict]:
 def main(args):
     # load
     started = time.time()
-    common.print_config("infer_idp", args)
+    cli.print_config("infer_idp", args)
     schema = jg.load_schema(args.schema)
     docs = read_documents(args)
     model, tok, ms, cache, grammar, limit = idp.load_extractor(args, schema)

@@ -29,6 +29,19 @@ FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 # ----------------------------------------------------------------------------------------------------------------
 # targets
 
+def add_kd_data_args(g) -> None:
+    """--data, --idp_mode and --schema: how kd_train.py reads and encodes its KD file, and so how teacher_cache.py
+    must read the same file for its cached targets to line up."""
+    g.add_argument("--data", required=True, help='JSONL of {"input": prompt, "teacher_output": answer}')
+    g.add_argument("--idp_mode", action="store_true",
+                   help="structured answers (IDP JSON, CreditMix labels): each target trained whole (rows that "
+                        "--max_len would cut are skipped and counted), JSON targets must parse and are trained in one "
+                        "canonical form, a bare label such as Good is taken as it is")
+    g.add_argument("--schema", default=None,
+                   help="with --idp_mode: JSON Schema whose property order the canonical JSON follows (the order "
+                        "infer_idp.py generates); default: each target keeps its own key order")
+
+
 def load_schema(path):
     if path is None:
         return None

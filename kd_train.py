@@ -2,6 +2,7 @@
 
     python kd_train.py --student smollm2-135m --data data/creditmix_kd.jsonl --idp_mode --save_dir runs/creditmix_kd --epochs 2
     python kd_train.py --student Qwen/Qwen2.5-3B-Instruct --data data/creditmix_kd.jsonl --idp_mode --save_dir runs/creditmix_kd --epochs 5 --max_steps 7115
+    python kd_train.py --config recipes/quick/creditmix_kd.yaml --val_frac 0.01 --eval_steps 1   # + held-out loss each step
     python kd_train.py --student smollm2-135m --teacher runs/creditmix_sft --data data/creditmix_kd.jsonl --idp_mode --kd_loss forward_kl --alpha 0.5 --eval_kl data/creditmix_val.jsonl --save_dir runs/creditmix_kd_logit
     python kd_train.py --student smollm2-135m --teacher_cache runs/cache_creditmix_sft --data data/creditmix_kd.jsonl --idp_mode --save_dir runs/creditmix_kd_cached
 
@@ -17,25 +18,18 @@ Three modes, one trainer (TRL's SFTTrainer, subclassed as TRL's GKDTrainer does)
   student (--max_new_tokens) and scored by the teacher; those batches train the divergence alone (no reference answer
   to take a CE against: a CE on the student's own samples would reinforce its mistakes).
 """
-import argparse
 import json
 
+import cli
 from common import UserError, load_model, load_student, note, read_records, sha256_file, user_errors
-from kd_losses import KD_LOSSES, canonical_rows, load_schema, target_key
-from training import add_training_args, encode_rows, log_callbacks, start, train_and_save
+from kd_losses import KD_LOSSES, add_kd_data_args, canonical_rows, load_schema, target_key
+from training import add_training_args, encode_rows, eval_source, held_out, log_callbacks, start, train_and_save
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help='JSONL of {"input": prompt, "teacher_output": answer}')
-    g.add_argument("--idp_mode", action="store_true",
-                   help="structured answers (IDP JSON, CreditMix labels): each target trained whole (rows that "
-                        "--max_len would cut are skipped and counted), JSON targets must parse and are trained in one "
-                        "canonical form, a bare label such as Good is taken as it is")
-    g.add_argument("--schema", default=None,
-                   help="with --idp_mode: JSON Schema whose property order the canonical JSON follows (the order "
-                        "infer_idp.py generates); default: each target keeps its own key order")
+    add_kd_data_args(g)
     g.add_argument("--eval_kl", default=None,
                    help='held-out JSONL ({"input", "teacher_output" or "output"}): KL(teacher||student) on its '
                         "answer tokens before and after training, into run.json (needs --teacher)")
@@ -62,7 +56,7 @@ def parse_args(argv=None):
                         "all on teacher_output")
     g.add_argument("--max_new_tokens", type=int, default=128, help="on-policy: tokens the student may sample")
     add_training_args(p, max_len=1024, lr=2e-4, epochs=1.0, batch=1, accum=8)
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,7 +77,8 @@ def check_args(args) -> None:
         raise UserError("--schema orders canonical JSON targets: it needs --idp_mode")
     if args.teacher_cache:
         for flag, bad in (("--teacher", args.teacher), ("--lmbda", args.lmbda > 0), ("--eval_kl", args.eval_kl),
-                          ("--kd_loss " + args.kd_loss, args.kd_loss != "forward_kl")):
+                          ("--kd_loss " + args.kd_loss, args.kd_loss != "forward_kl"),
+                          ("--eval_data/--val_frac", args.eval_data or args.val_frac)):
             if bad:
                 raise UserError(f"{flag} needs a live teacher: --teacher_cache trains forward KL on cached targets")
     elif args.teacher is None:
@@ -116,10 +111,12 @@ def main(args):
     started = start("kd_train", args)
     check_args(args)
     # load
-    rows = read_records(args.data, required=("input", "teacher_output"), nonempty=("input", "teacher_output"))
     schema = load_schema(args.schema)
-    if args.idp_mode:
-        rows = canonical_rows(rows, "teacher_output", args.data, schema)
+
+    def read_rows(path):
+        rows = read_records(path, required=("input", "teacher_output"), nonempty=("input", "teacher_output"))
+        return canonical_rows(rows, "teacher_output", path, schema) if args.idp_mode else rows
+    rows, eval_rows = held_out(args, read_rows(args.data), read_rows)
     held_rows = held_key = None
     if args.eval_kl:
         held_rows = read_records(args.eval_kl, required=("input",), nonempty=("input",))
@@ -143,6 +140,10 @@ def main(args):
         dataset = dataset.add_column("kd_row", list(range(len(dataset))))
         note(f"--teacher_cache: the top-{cache.meta['top_k']} targets of {cache.meta['teacher']}; the teacher is not "
              "loaded")
+    eval_dataset = None
+    if eval_rows is not None:
+        eval_dataset, report["eval"] = encode_rows(tok, eval_rows, "input", "teacher_output", args.max_len,
+                                                   keep_whole=args.idp_mode, source=eval_source(args))
     # run
     from callbacks import KDRecord
     record, held = {}, None  # held: the held-out KL function, when --eval_kl is given
@@ -158,7 +159,7 @@ def main(args):
         print(json.dumps({"heldout_kl_before": before}))
     from kd_trainer import build_trainer
     trainer = build_trainer(args, model, tok, dataset, teacher=teacher, vocab=vocab, cache=cache,
-                            callbacks=log_callbacks(args.save_dir) + [KDRecord(record, held)])
+                            eval_dataset=eval_dataset, callbacks=log_callbacks(args) + [KDRecord(record, held)])
     # save
     return train_and_save(trainer, tok, args, script="kd_train.py", method="kd", base_model=ms.base_spec,
                           data=args.data, started=started, data_report=report, extra_metrics=record,

@@ -124,11 +124,11 @@ class KDTrainer(SFTTrainer):
         if t["ce"] is not None:
             m["ce_loss"].append(t["ce"].item())
             m["mean_token_accuracy"].append(t["accuracy"])
-        return (loss, None) if return_outputs else loss
+        return (loss, {"loss": loss}) if return_outputs else loss  # evaluation reads the outputs as a dict
 
 
 def build_trainer(args, model, tok, dataset, teacher=None, vocab=None, callbacks=None, config=None,
-                  full_logits=False, cache=None):
+                  full_logits=False, cache=None, eval_dataset=None):
     """TRL's SFTTrainer with the KD loss: without a teacher it is SFTTrainer itself (fused chunked CE); with one,
     compute_loss runs kd_losses.kd_terms (one backbone pass per model, chunked CE and divergence on the completion
     tokens) and training_step makes the on-policy batches. `args` needs the KD flags (kd_loss, jsd_beta,
@@ -141,5 +141,6 @@ def build_trainer(args, model, tok, dataset, teacher=None, vocab=None, callbacks
     # a cached teacher's targets are found by row: keep the "kd_row" column, which no model forward takes
     config = config or trl_config(SFTConfig, {**trl_kwargs(args, args.save_dir),
                                               **({"remove_unused_columns": False} if cache else {})})
-    return KDTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok, callbacks=callbacks,
+    return KDTrainer(model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
+                     processing_class=tok, callbacks=callbacks,
                      kd=args, teacher=teacher, vocab=vocab, full_logits=full_logits, cache=cache)

@@ -20,7 +20,6 @@ in the first mode. Bounded: at most modes x levels x --requests + --rss_requests
 The client shares the machine with the server (on a 2-core CPU it takes some of the server's time): compare modes,
 not machines.
 """
-import argparse
 import asyncio
 import ipaddress
 import os
@@ -33,6 +32,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import cli
 from common import UserError, read_records, user_errors, write_json
 
 ROOT = Path(__file__).resolve().parent
@@ -47,12 +47,8 @@ FALLBACK_FEATURES = [
 ]
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default in --help."""
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = cli.parser(__doc__)
     # model
     p.add_argument("--model", default="smollm2-135m", help="model the started server serves on --endpoint")
     p.add_argument("--endpoint", default="base", choices=ENDPOINTS, help="POST /infer/<endpoint>")

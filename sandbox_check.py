@@ -11,13 +11,13 @@ taken together); the table shows the median and the range over --rounds.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import statistics
 import sys
 import time
 
+import cli
 import sandbox
 
 BENCH_PROGRAM = "def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\nassert add(-1, 1) == 0\n"
@@ -78,9 +78,7 @@ def self_check(timeout: float, workers: int | None, runs: dict) -> list[dict]:
 
 
 def parse_args(argv=None):
-    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    p = cli.parser(__doc__)
     # run
     p.add_argument("--self_check", action="store_true", help="run the hostile snippets and print how each ends")
     p.add_argument("--timeout", type=float, default=3.0, help="wall-clock seconds per candidate in --self_check")

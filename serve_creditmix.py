@@ -25,7 +25,6 @@ the batch's last client. SIGTERM stops running batches within a forward pass and
 The task table (TASKS) says, per task, what a request is, what it answers, whether loading computes the multi-null
 prior, and how one batch runs; create_app wires its routes.
 """
-import argparse
 import asyncio
 import contextlib
 import json
@@ -46,6 +45,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import cli
 from common import DEFAULT_STUDENT, UserError, user_errors
 from serving import ApiError, Cancelled, ClientGone, Gate, Lane, Metrics, ModelSlots, error_response, model_call, \
     wait_unless_gone
@@ -994,12 +994,8 @@ app = create_app()
 # ----------------------------------------------------------------------------------------------------------------
 # python serve_creditmix.py: the same app under uvicorn.run
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default in --help."""
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = cli.parser(__doc__)
     # run
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind: 127.0.0.1 = this machine only; 0.0.0.0 = every network interface")

@@ -9,7 +9,6 @@ teacher's tokenizer, which must be the student's (kd_train.py checks the ids). S
 token (258 at the default k = 64; format in kd_cache.py). Resumable: shards of --shard_rows rows are written whole
 as they finish; rerun the same command to continue after an interruption. --overwrite starts over.
 """
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -17,20 +16,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 import kd_cache
-from common import UserError, load_model, print_config, read_records, sha256_file, user_errors, write_json
-from kd_losses import canonical_rows, load_schema
+import cli
+from common import UserError, load_model, read_records, sha256_file, user_errors, write_json
+from kd_losses import add_kd_data_args, canonical_rows, load_schema
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     g = p.add_argument_group("model")
-    g.add_argument("--teacher", required=True, help="hub id, local folder, run dir (adapter + its base) or smollm2-135m")
-    g.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"], help="auto: 4-bit NF4 on CUDA")
-    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    g.add_argument("--teacher", required=True, help=cli.MODEL_SPEC)
+    cli.add_load_args(g)
     g = p.add_argument_group("data (as given to kd_train.py)")
-    g.add_argument("--data", required=True, help='JSONL of {"input": prompt, "teacher_output": answer}')
-    g.add_argument("--idp_mode", action="store_true", help="as kd_train.py --idp_mode: targets whole, JSON canonical")
-    g.add_argument("--schema", default=None, help="as kd_train.py --schema (with --idp_mode)")
+    add_kd_data_args(g)
     g.add_argument("--max_len", type=int, default=1024, help="as kd_train.py --max_len (tokens per example)")
     g = p.add_argument_group("cache")
     g.add_argument("--top_k", type=int, default=64, help="log-probabilities kept per answer token")
@@ -40,7 +37,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="cache folder (created)")
     g.add_argument("--overwrite", action="store_true", help="discard an existing cache at --out")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def check_out(args, meta: dict) -> int:
@@ -67,7 +64,7 @@ def check_out(args, meta: dict) -> int:
 
 
 def main(args):
-    print_config("teacher_cache", args)
+    cli.print_config("teacher_cache", args)
     if args.top_k < 1 or args.temperature <= 0 or args.shard_rows < 1:
         raise UserError("--top_k and --shard_rows must be >= 1 and --temperature > 0")
     # load

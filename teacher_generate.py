@@ -9,22 +9,20 @@ Resumable: each batch is appended and flushed, so an interrupted run keeps what 
 it checks that the rows already in --out are this data's first rows (same input, same teacher) and continues after
 them, never writing a row twice. A half-written last line is dropped. --overwrite starts over.
 """
-import argparse
 import json
 import os
 from pathlib import Path
 
+import cli
 from common import (UserError, chat_prompt, check_output_file, jsonl_dumps, jsonl_lines, load_model, note,
-                    print_config, read_records_placed, user_errors)
+                    read_records_placed, user_errors)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     g = p.add_argument_group("model")
-    g.add_argument("--teacher", required=True,
-                   help="hub id, local folder, .gguf, run dir (adapter + its base) or smollm2-135m")
-    g.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"], help="auto: 4-bit NF4 on CUDA")
-    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub")
+    g.add_argument("--teacher", required=True, help=cli.MODEL_SPEC)
+    cli.add_load_args(g)
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help='JSONL (or JSON list) of {"input": prompt, ...}; "prompt" also read')
     g.add_argument("--input_key", default="auto", help="field holding the user prompt (auto: input, else prompt)")
@@ -43,7 +41,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output JSONL; rows already there are kept and skipped (resume)")
     g.add_argument("--overwrite", action="store_true", help="discard an existing --out and start over")
-    return p.parse_args(argv)
+    return cli.parse(p, argv)
 
 
 def done_rows(out: Path, prompts: list[str], teacher: str) -> int:
@@ -106,7 +104,7 @@ def main(args):
     import torch
     from tqdm.auto import tqdm
 
-    print_config("teacher_generate", args)
+    cli.print_config("teacher_generate", args)
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UserError("--batch_size and --max_new_tokens must be >= 1")
     out = check_output_file(args.out, "--out")  # before anything loads

@@ -9,32 +9,54 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import (UserError, adapter_digests, check_output_dir, commit_run_dir, encode_example, final_save_dir,
-                    fsdp_enabled, is_main_process, local_model_path, note, portable_base, print_config, world_size,
+from cli import MODEL_SPEC, add_load_args, print_config
+from common import (DEFAULT_STUDENT, UserError, adapter_digests, check_output_dir, commit_run_dir, encode_example, final_save_dir,
+                    fsdp_enabled, is_main_process, local_model_path, note, portable_base, world_size,
                     write_run_json)
+
+
+# transformers' names (OptimizerNames, SchedulerType); tests check the lists against the library's own.
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor",
+              "sgd", "adagrad", "rmsprop", "lion_8bit", "paged_lion_8bit", "ademamix", "schedule_free_adamw")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
+# --report_to: what transformers' own integrations log to; tensorboard writes <save_dir>/logs, offline.
+REPORTERS = ("none", "tensorboard", "trackio", "mlflow", "wandb")
+# mlflow-skinny is the client; its local store (./mlflow.db, used when MLFLOW_TRACKING_URI is unset) needs
+# sqlalchemy and alembic (measured: mlflow-skinny 3.17 alone fails at the first log with KeyError 'sqlite').
+PIP_NAMES = {"tensorboard": "tensorboard", "trackio": "trackio", "mlflow": "mlflow-skinny sqlalchemy alembic",
+             "wandb": "wandb"}
 
 
 def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: float = 2e-4, epochs: float = 1.0,
                       batch: int = 1, accum: int = 8) -> None:
-    """The README's trainer flags, shared by the three trainers (each script passes its own defaults)."""
+    """The README's trainer flags and the usual TrainingArguments, shared by the three trainers (each script passes
+    its own defaults)."""
     g = p.add_argument_group("model")
-    g.add_argument("--student", default="Qwen/Qwen2.5-3B-Instruct",
-                   help="base model: hub id, local folder, .gguf, run dir (continue its adapter) or smollm2-135m")
-    g.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"],
-                   help="auto: 4-bit NF4 (QLoRA) on CUDA, unquantised plain LoRA on CPU")
-    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
-    g.add_argument("--lora_r", type=int, default=16, help="LoRA rank (README: 16)")
-    g.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (README: 32)")
-    g.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout (README: 0.05)")
+    g.add_argument("--student", default=DEFAULT_STUDENT,
+                   help=f"base model: {MODEL_SPEC}; a run dir continues its adapter")
+    add_load_args(g)
+    g.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
+    g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=float, default=epochs, help="passes over the data (ignored with --max_steps)")
     g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
     g.add_argument("--per_device_train_batch_size", type=int, default=batch, help="micro-batch per device")
     g.add_argument("--gradient_accumulation_steps", type=int, default=accum,
                    help="micro-batches per optimizer step (effective batch = micro-batch x this x devices)")
-    g.add_argument("--lr", type=float, default=lr, help="peak learning rate (linear decay, 3%% warmup)")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    g.add_argument("--lr_scheduler_type", default="linear", choices=SCHEDULERS, metavar="NAME",
+                   help=f"learning-rate schedule after the warmup: {', '.join(SCHEDULERS)}")
+    g.add_argument("--warmup_ratio", type=float, default=0.03, help="share of the steps spent warming up the rate")
+    g.add_argument("--weight_decay", type=float, default=0.0,
+                   help="decoupled weight decay of the optimizer (on the LoRA weights, the only ones trained)")
+    g.add_argument("--optim", default="adamw_torch_fused", choices=OPTIMIZERS, metavar="NAME",
+                   help=f"optimizer, transformers' names: {', '.join(OPTIMIZERS)}. paged_adamw_8bit keeps AdamW's state "
+                        "in 8 bits and pages it to CPU memory under GPU memory pressure (bitsandbytes; unpaged on a CPU)")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this (0 = no clipping)")
     g.add_argument("--max_len", type=int, default=max_len, help="max tokens per example (prompt + answer)")
-    g.add_argument("--seed", type=int, default=42, help="random seed (data order, LoRA init)")
+    g.add_argument("--seed", type=int, default=42, help="random seed (data order, LoRA init, --val_frac split)")
     g.add_argument("--gradient_checkpointing", default="auto", choices=["auto", "on", "off"],
                    help="auto: on with CUDA (memory), off on CPU (speed)")
     g.add_argument("--logging_steps", type=int, default=10, help="log loss every N optimizer steps")
@@ -45,10 +67,81 @@ def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: fl
     g.add_argument("--max_memory_gb", type=float, default=8,
                    help="CUDA: cap GPU memory to this and pick the largest micro-batch (dividing the effective batch) "
                         "that fits, raising gradient accumulation to keep the effective batch; 0 = off")
+    g = p.add_argument_group("evaluation during training")
+    g.add_argument("--eval_data", default=None,
+                   help="held-out file in --data's format: its loss every --eval_steps (default: none)")
+    g.add_argument("--val_frac", type=float, default=0,
+                   help="hold out this share of --data (seeded by --seed) as the evaluation set instead; 0 = none")
+    g.add_argument("--eval_steps", type=int, default=None,
+                   help="evaluate every N optimizer steps (default: --save_steps)")
+    g.add_argument("--load_best_model_at_end", action="store_true",
+                   help="save the checkpoint with the lowest evaluation loss as the run's adapter, not the last")
+    g.add_argument("--early_stopping_patience", type=int, default=0,
+                   help="stop once the evaluation loss has not improved for N evaluations (turns on "
+                        "--load_best_model_at_end); 0 = off")
     g = p.add_argument_group("output")
     g.add_argument("--save_dir", required=True, help="run directory: adapter, tokenizer, run.json, logs")
     g.add_argument("--save_steps", type=int, default=200, help="checkpoint every N steps (for --resume)")
+    g.add_argument("--save_total_limit", type=int, default=2,
+                   help="checkpoints kept (the oldest are deleted; the best is kept with --load_best_model_at_end)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --save_dir")
+    g.add_argument("--report_to", nargs="+", default=["tensorboard"], choices=REPORTERS, metavar="TRACKER",
+                   help=f"where the training logs go besides metrics.jsonl: {', '.join(REPORTERS)} (several allowed; "
+                        "tensorboard: <save_dir>/logs, offline)")
+
+
+def check_training_args(args) -> None:
+    """Combinations refused up front with one line, before any model is loaded."""
+    from transformers.integrations import integration_utils as iu
+    if args.eval_data and args.val_frac:
+        raise UserError("give --eval_data or --val_frac, not both")
+    if not 0 <= args.val_frac < 1:
+        raise UserError(f"--val_frac must be in [0, 1), got {args.val_frac}")
+    evaluating = bool(args.eval_data or args.val_frac)
+    for flag, on in (("--load_best_model_at_end", args.load_best_model_at_end),
+                     ("--early_stopping_patience", args.early_stopping_patience > 0),
+                     ("--eval_steps", args.eval_steps is not None)):
+        if on and not evaluating:
+            raise UserError(f"{flag} needs an evaluation set: --eval_data FILE or --val_frac SHARE")
+    if args.early_stopping_patience and not args.load_best_model_at_end:
+        note("--early_stopping_patience turns on --load_best_model_at_end (the run keeps its best checkpoint)")
+        args.load_best_model_at_end = True
+    if args.load_best_model_at_end and args.save_steps % (args.eval_steps or args.save_steps):
+        raise UserError(f"--load_best_model_at_end needs --save_steps ({args.save_steps}) to be a multiple of "
+                        f"--eval_steps ({args.eval_steps}): only saved steps can be the best")
+    if "none" in args.report_to and len(args.report_to) > 1:
+        raise UserError(f"--report_to none goes alone (got {' '.join(args.report_to)})")
+    available = {"tensorboard": iu.is_tensorboard_available, "trackio": iu.is_trackio_available,
+                 "mlflow": iu.is_mlflow_available, "wandb": iu.is_wandb_available}
+    for r in args.report_to:
+        if r != "none" and not available[r]():
+            raise UserError(f"--report_to {r}: the {r} package is not installed (pip install {PIP_NAMES[r]}, or "
+                            "--report_to tensorboard / none)")
+    import importlib.util
+    import os
+    if "mlflow" in args.report_to and not os.environ.get("MLFLOW_TRACKING_URI") and not (
+            importlib.util.find_spec("sqlalchemy") and importlib.util.find_spec("alembic")):
+        raise UserError("--report_to mlflow: without MLFLOW_TRACKING_URI (a server) MLflow logs into ./mlflow.db, "
+                        "which needs sqlalchemy and alembic: pip install sqlalchemy alembic")
+
+
+def held_out(args, rows: list, read) -> tuple[list, list | None]:
+    """(training rows, evaluation rows or None): --eval_data read with `read` (as --data is read), or a --val_frac
+    share of `rows` drawn with --seed (at least one row, and at least one left to train on)."""
+    if args.eval_data:
+        return rows, read(args.eval_data)
+    if not args.val_frac:
+        return rows, None
+    import random
+    n = min(len(rows) - 1, max(1, round(len(rows) * args.val_frac)))
+    if n < 1:
+        raise UserError(f"--val_frac {args.val_frac}: {args.data} has {len(rows)} row(s), none left to train on")
+    held = set(random.Random(args.seed).sample(range(len(rows)), n))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def eval_source(args) -> str:
+    return args.eval_data or f"{args.data} (--val_frac {args.val_frac:g})"
 
 
 def encode_rows(tok, rows: list[dict], prompt_key: str, target_key: str, max_len: int, keep_whole: bool = False,
@@ -92,16 +185,31 @@ def gradient_checkpointing_on(choice: str) -> bool:
 
 
 def trl_kwargs(args, save_dir: str) -> dict:
-    """TrainingArguments shared by the TRL configs. The data is tokenised already (max_length=None)."""
+    """TrainingArguments shared by the TRL configs. The data is tokenised already (max_length=None). A partial
+    namespace (bench.py's) takes the training flags' defaults for what it leaves out."""
     import torch
+    p = argparse.ArgumentParser()
+    add_training_args(p)
+    args = argparse.Namespace(**{**vars(p.parse_args(["--save_dir", save_dir])), **vars(args)})
     cuda = torch.cuda.is_available()
     gc = gradient_checkpointing_on(args.gradient_checkpointing)
+    evaluating = bool(args.eval_data or args.val_frac)
     return dict(**distributed_batch(args),
         output_dir=save_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
-        learning_rate=args.lr,
-        lr_scheduler_type="linear", warmup_steps=0.03, weight_decay=0.0, seed=args.seed, data_seed=args.seed,
-        logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps, save_total_limit=2,
-        report_to="none", bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,
+        learning_rate=args.lr, lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup_ratio,  # < 1: a share
+        weight_decay=args.weight_decay, optim=args.optim, max_grad_norm=args.max_grad_norm,
+        seed=args.seed, data_seed=args.seed,
+        logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        eval_strategy="steps" if evaluating else "no", eval_steps=args.eval_steps or args.save_steps,
+        per_device_eval_batch_size=args.per_device_train_batch_size,
+        prediction_loss_only=True,  # the loss is all we evaluate: never gather [rows, tokens, vocab] logits
+        load_best_model_at_end=args.load_best_model_at_end, metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        # TensorBoard is added by log_callbacks (it takes its directory only from an environment variable here)
+        report_to=[r for r in args.report_to if r not in ("none", "tensorboard")] or "none",
+        run_name=Path(save_dir).name, project="distill_slm",  # project: trackio's
+        bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,
         gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False},
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, dataloader_pin_memory=cuda,
         max_length=None, use_cpu=not cuda,  # use_cpu: lets several CPU processes (torchrun, gloo) run as one job
@@ -120,26 +228,37 @@ def trl_config(cls, kwargs: dict, **extra):
     return config
 
 
-def log_callbacks(save_dir: str) -> list:
-    """metrics.jsonl (one line per log, appended across resumes) and TensorBoard under <save_dir>/logs."""
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers import TrainerCallback
-    from transformers.integrations import TensorBoardCallback
+def log_callbacks(args) -> list:
+    """metrics.jsonl (one line per log, appended across resumes); with --report_to tensorboard, transformers'
+    TensorBoardCallback writing under <save_dir>/logs (given its writer: transformers 5 takes the directory only
+    from the process-wide TENSORBOARD_LOGGING_DIR, else <save_dir>/runs/<date>_<host>); with
+    --early_stopping_patience, transformers' EarlyStoppingCallback on the evaluation loss. The other --report_to
+    trackers are transformers' own, through TrainingArguments.report_to (trl_kwargs)."""
+    from transformers import EarlyStoppingCallback
 
-    class MetricsJsonl(TrainerCallback):
-        def on_log(self, targs, state, control, logs=None, **kw):
-            if state.is_world_process_zero and logs:
-                with open(Path(save_dir) / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
-
-    cbs = [MetricsJsonl()]
-    if not is_main_process():
-        return cbs
-    try:
-        cbs.append(TensorBoardCallback(SummaryWriter(log_dir=str(Path(save_dir) / "logs"))))
-    except Exception as e:  # TensorBoard is a nicety: never fail a run over it
-        note(f"TensorBoard logging off: {e}")
+    from callbacks import MetricsJsonl
+    cbs = [MetricsJsonl(args.save_dir)]
+    if getattr(args, "early_stopping_patience", 0):
+        cbs.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    if is_main_process() and "tensorboard" in getattr(args, "report_to", ["tensorboard"]):
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+        cbs.append(TensorBoardCallback(SummaryWriter(log_dir=str(Path(args.save_dir) / "logs"))))
     return cbs
+
+
+def eval_metrics(state, args) -> dict:
+    """run.json's evaluation figures: the last and the best evaluation loss, the step of the best, and whether early
+    stopping ended the run. Empty without an evaluation set."""
+    evals = [h for h in state.log_history if "eval_loss" in h]
+    if not evals:
+        return {}
+    best = min(evals, key=lambda h: h["eval_loss"])
+    patience = getattr(args, "early_stopping_patience", 0)
+    return {"eval_loss": round(evals[-1]["eval_loss"], 6), "best_eval_loss": round(best["eval_loss"], 6),
+            "best_eval_step": best["step"], "evaluations": len(evals),
+            "stopped_early": bool(patience and 0 < state.global_step < state.max_steps
+                                  and len(evals) > patience and evals[-1]["step"] == state.global_step)}
 
 
 def _row_len(row: dict) -> int:
@@ -269,7 +388,7 @@ def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: 
         "tokens_per_s": round((state.num_input_tokens_seen or 0) / max(result.metrics.get("train_runtime", 1), 1e-9), 1),
         "final_loss": next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None),
         "stopped_by_time_limit": bool(limit and limit.stopped), "data_rows": data_report,
-        "speedups": list(speedups), **(extra_metrics or {}),
+        "speedups": list(speedups), **eval_metrics(state, args), **(extra_metrics or {}),
     }
     if trainer.is_world_process_zero():
         save_final(trainer, tok, args, base_model, lambda d, rec: write_run_json(
@@ -300,7 +419,8 @@ def save_final(trainer, tok, args, base_model: str | None, write_record) -> None
 
 
 def start(title: str, args) -> float:
-    """Print the configuration and seed everything (LoRA init included) from --seed; returns the start time."""
+    """Print the configuration, refuse bad flag combinations, and seed everything (LoRA init included) from --seed;
+    returns the start time."""
     import os
 
     from transformers import set_seed
@@ -309,5 +429,6 @@ def start(title: str, args) -> float:
     print_config(title, args)
     check_output_dir(args.save_dir)  # before any data or model loads
     resume_checkpoint(args)
+    check_training_args(args)
     set_seed(args.seed)
     return time.time()

@@ -9,7 +9,6 @@ a banner that says they come from fabricated runs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -20,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 from common import atomic_open, user_errors, write_json  # noqa: E402
 import compare_runs  # noqa: E402
 
@@ -34,7 +34,7 @@ FAKE = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.parser(__doc__.split("\n\n")[0])
     # data
     p.add_argument("--runs_dir", default=None, help="where to write the fabricated runs (default: a temp folder, "
                    "deleted afterwards)")

@@ -6,13 +6,13 @@ Python: accepting tokens, the budget guard, the one-hot).
 
     python3 gpu/decode_split.py --model_dir /tmp/bench_models/smollm2-135m --batch_size 8
 """
-import argparse
 import os
 import time
 from collections import defaultdict
 
 import xgrammar as xgr
 
+import cli
 import common
 import idp
 import json_grammar as jg
@@ -31,7 +31,7 @@ def timed(name, fn):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(__doc__)
     ap.add_argument("--model_dir", default="smollm2-135m", help="model to decode with (any --model_dir form)")
     ap.add_argument("--data", default="data/idp_test.jsonl", help="documents ({document|text} JSONL)")
     ap.add_argument("--schema", default="data/sroie_schema.json", help="JSON Schema of the constrained run")

@@ -7,7 +7,6 @@ against one batch per adapter. Random weights (speed and memory do not depend on
     python gpu/serve_memory.py --config tiny --batch 8 --repeats 1        # CPU smoke run
     OMP_NUM_THREADS=2 python gpu/serve_memory.py --config smollm2-135m --batch 16 --repeats 3   # the CPU comparison
 """
-import argparse
 import json
 import os
 import sys
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cli  # noqa: E402
 
 # bench.py's CONFIGS (Qwen2.5-3B-Instruct's and SmolLM2-135M's config.json; a tiny one for CPU smoke runs).
 CONFIGS = {
@@ -31,12 +32,8 @@ CONFIGS = {
 }
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default in --help."""
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = cli.parser(__doc__)
     # model
     p.add_argument("--config", default="qwen2.5-3b", choices=list(CONFIGS), help="architecture of the base")
     p.add_argument("--tokenizer", default="smollm2-135m",
