@@ -146,26 +146,6 @@ def sync():
         torch.cuda.synchronize()
 
 
-class StepTimer:
-    """TrainerCallback that times optimizer steps after the first (warm-up)."""
-
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        outer = self
-
-        class _CB(TrainerCallback):
-            def on_step_end(self, a, state, control, **kw):
-                sync()
-                outer.times.append(time.perf_counter())
-
-        self.times, self.callback = [], _CB()
-
-    def seconds_per_step(self) -> float:
-        t = self.times
-        return (t[-1] - t[0]) / (len(t) - 1)
-
-
 def trainer_args(args, save_dir, batch, accum):
     from training import trl_kwargs
     ns = argparse.Namespace(epochs=1, max_steps=args.steps + 1, per_device_train_batch_size=batch,
@@ -348,8 +328,9 @@ def _train_timed(trainer, ns) -> tuple[float, tuple]:
     import torch
 
     from training import prepare_trainer
-    timer = StepTimer()
-    trainer.add_callback(timer.callback)
+    from callbacks import StepTimes
+    timer = StepTimes(sync)
+    trainer.add_callback(timer)
     kernels = prepare_trainer(trainer, ns)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

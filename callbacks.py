@@ -72,3 +72,19 @@ class RewardSummary(TrainerCallback):
 
     def on_train_end(self, targs, state, control, **kw):
         self.summary.update(self.summarize(state.log_history))
+
+
+class StepTimes(TrainerCallback):
+    """bench.py's timer: the wall-clock time at the end of every optimizer step, after `sync` (waits for the GPU)."""
+
+    def __init__(self, sync):
+        self.sync, self.times = sync, []
+
+    def on_step_end(self, targs, state, control, **kw):
+        self.sync()
+        self.times.append(time.perf_counter())
+
+    def seconds_per_step(self) -> float:
+        """Mean time per step after the first (the warm-up)."""
+        t = self.times
+        return (t[-1] - t[0]) / (len(t) - 1)
