@@ -28,27 +28,8 @@ import time
 from pathlib import Path
 
 import cli
-
-CONFIGS = {
-    # Qwen2.5-3B(-Instruct) architecture (its config.json): 36 layers, GQA 16/2, tied embeddings.
-    "qwen2.5-3b": dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                       num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, rope_theta=1e6,
-                       max_position_embeddings=32768, tie_word_embeddings=True, rms_norm_eps=1e-6),
-    # Qwen2.5-7B architecture, for the FSDP teacher.
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1e6,
-                       max_position_embeddings=32768, tie_word_embeddings=False, rms_norm_eps=1e-6),
-    # SmolLM2-135M(-Instruct) architecture (the embedded model's config), e.g. for bench_idp.py without its weights.
-    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
-                         rope_theta=1e5, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2),
-    # For CPU smoke tests.
-    "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, max_position_embeddings=32768,
-                 tie_word_embeddings=True),
-}
-
+import shapes
+from shapes import CONFIGS
 
 def parse_args(argv=None):
     p = cli.parser(__doc__)
@@ -84,31 +65,7 @@ def parse_args(argv=None):
 # helpers
 
 def model_dir(args) -> Path:
-    """Build the architecture with random weights once (speed and memory do not depend on weight values)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    import common
-    cfg = CONFIGS.get(args.config) or json.loads(Path(args.config).read_text())
-    out = Path(args.model_cache) / (args.config if args.config in CONFIGS else Path(args.config).stem)
-    if (out / "config.json").is_file():
-        return out
-    config = AutoConfig.for_model(**cfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent))
-    model.save_pretrained(tmp)
-    tok_src = Path(args.tokenizer)
-    if (tok_src / "tokenizer.json").is_file():  # tokenizer files alone (the GPU machine has no model yet)
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(tok_src)
-    else:
-        tok = common.load_tokenizer(common.resolve_model(args.tokenizer))
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
-    return out
+    return shapes.random_model_dir(args.config, args.model_cache, args.tokenizer)
 
 
 def n_params(model) -> int:

@@ -17,19 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli  # noqa: E402
 
-# bench.py's CONFIGS (Qwen2.5-3B-Instruct's and SmolLM2-135M's config.json; a tiny one for CPU smoke runs).
-CONFIGS = {
-    "qwen2.5-3b": dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                       num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, rope_theta=1e6,
-                       max_position_embeddings=32768, tie_word_embeddings=True, rms_norm_eps=1e-6),
-    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
-                         rope_theta=1e5, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2),
-    "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=49152, max_position_embeddings=32768,
-                 tie_word_embeddings=True),
-}
+from shapes import CONFIGS, random_model_dir  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,17 +40,10 @@ def build(args) -> dict[str, str]:
     """A random base (bf16, saved once) and three random LoRA runs on it (r=16, all projections)."""
     import torch
     from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import common
-    base = Path(args.work) / args.config
-    if not (base / "config.json").is_file():
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**CONFIGS[args.config]), dtype=torch.bfloat16)
-        model.save_pretrained(base)
-        src = Path(args.tokenizer)
-        tok = AutoTokenizer.from_pretrained(src) if (src / "tokenizer.json").is_file() else \
-            common.load_tokenizer(common.resolve_model(args.tokenizer))
-        tok.save_pretrained(base)
+    base = random_model_dir(args.config, args.work, args.tokenizer)
     specs = {"base": str(base)}
     for seed, name in enumerate(["sft", "kd", "dpo"]):
         d = Path(args.work) / f"{args.config}_{name}"
