@@ -100,6 +100,19 @@ def jsonl_dumps(obj) -> str:
     return s.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
 
 
+def parse_json(text: str, path, expect: type):
+    """The JSON document `text` of file `path`, whose top level must be an `expect` (dict or list); anything else
+    is one line naming the file (and the line, for a syntax error)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, expect):
+        want = "an object" if expect is dict else "a list of objects"
+        raise UserError(f"{path}: expected a JSON {want.split(' ', 1)[1]}, found a {type(obj).__name__}")
+    return obj
+
+
 def read_records_placed(path: str | os.PathLike, required: tuple[str, ...] = (),
                         nonempty: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
     """read_records, each record with its place for messages: 'line N' (the line of the file, blank lines counted)
@@ -107,12 +120,7 @@ def read_records_placed(path: str | os.PathLike, required: tuple[str, ...] = (),
     p = Path(path)
     text = read_text(p, "data file")
     if p.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise UserError(f"{p}: expected a JSON list of objects")
+        data = parse_json(text, p, list)
         rows = [(f"record {i + 1}", r) for i, r in enumerate(data)]
     else:
         rows = []
@@ -392,14 +400,7 @@ def resolve_model(spec: str) -> ModelSpec:
 
 def _read_json_object(path: Path) -> dict:
     """A JSON object from a file of a run dir; anything else is one line naming the file."""
-    text = read_text(path, "file")
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: expected a JSON object, found a {type(obj).__name__}")
-    return obj
+    return parse_json(read_text(path, "file"), path, dict)
 
 
 def _adapter_base_spec(run_dir: Path) -> str:
