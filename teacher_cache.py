@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 import kd_cache
 import cli
-from common import UserError, load_model, read_records, sha256_file, user_errors, write_json
+from common import UserError, check_output_dir, load_model, read_records, sha256_file, user_errors, write_json
 from kd_losses import add_kd_data_args, canonical_rows, load_schema
 
 
@@ -67,6 +67,7 @@ def main(args):
     cli.print_config("teacher_cache", args)
     if args.top_k < 1 or args.temperature <= 0 or args.shard_rows < 1:
         raise UserError("--top_k and --shard_rows must be >= 1 and --temperature > 0")
+    check_output_dir(args.out, "--out")  # before the teacher loads
     # load
     import torch
     from transformers import DataCollatorForSeq2Seq

@@ -121,3 +121,11 @@ def test_cache_refuses_another_tokenizer_or_other_data(tiny_model_dir, teacher_d
         kd_train.main(kd_train.parse_args(["--student", str(tiny_model_dir), "--data", str(data), "--lmbda", "0.5",
                                            *args]))
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_the_teacher_loads(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(teacher_cache, "load_model", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    blocked = tmp_path / "cache"
+    blocked.write_text("not a folder")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        teacher_cache.main(teacher_cache.parse_args(["--teacher", "t", "--data", str(data), "--out", str(blocked)]))
