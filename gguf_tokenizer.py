@@ -34,7 +34,8 @@ def read_spm_vocab(gguf_path: str | Path) -> dict:
     def scalar(name, default=None):
         v = _field(r, name)
         return v[0].tolist()[0] if v else default
-    return {"model": model,
+    arch = _field(r, "general.architecture")
+    return {"model": model, "arch": bytes(arch[0]).decode() if arch else None,
             "tokens": [bytes(p).decode("utf-8") for p in _field(r, "tokenizer.ggml.tokens", [])],
             "scores": [float(p[0]) for p in _field(r, "tokenizer.ggml.scores", [])],
             "types": [int(p[0]) for p in _field(r, "tokenizer.ggml.token_type", [])],
@@ -80,3 +81,12 @@ def spm_bpe_tokenizer(vocab: dict):
                                                           special_tokens=[(bos, vocab["bos"])])
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, eos_token=name(vocab["eos"]),
                                    unk_token=name(vocab["unk"]), pad_token=name(vocab["pad"]))
+
+
+def gguf_tokenizer(gguf_path: str | Path):
+    """The rebuilt tokenizer for a Gemma GGUF (SentencePiece BPE: tokenizer.ggml.model "llama" with scores, which
+    transformers reads as Unigram); None for any other GGUF, whose tokenizer transformers' reader handles."""
+    vocab = read_spm_vocab(gguf_path)
+    if vocab["model"] != "llama" or not (vocab["arch"] or "").startswith("gemma") or not vocab["scores"]:
+        return None
+    return spm_bpe_tokenizer(vocab)

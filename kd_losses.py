@@ -178,7 +178,8 @@ def check_vocab(student_tok, teacher_tok, student, teacher) -> int:
         raise UserError(
             f"teacher and student tokenizers differ ({len(tv)} vs {len(sv)} tokens; e.g. {only}): logit KD compares "
             "next-token distributions over one shared vocabulary. Use sequence-level KD instead: fill teacher_output "
-            "with teacher_generate.py, then run kd_train.py without --teacher")
+            "with teacher_generate.py, then run kd_train.py without --teacher; or align the two on the answer text with "
+            "kd_train.py --cross_tokenizer gold (xtok_kd.py)")
     n = len(student_tok)
     rows_s = lm_parts(student)[1].weight.shape[0]
     rows_t = lm_parts(teacher)[1].weight.shape[0]

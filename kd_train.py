@@ -5,6 +5,7 @@
     python kd_train.py --config recipes/quick/creditmix_kd.yaml --val_frac 0.01 --eval_steps 1   # + held-out loss each step
     python kd_train.py --student smollm2-135m --teacher runs/creditmix_sft --data data/creditmix_kd.jsonl --idp_mode --kd_loss forward_kl --alpha 0.5 --eval_kl data/creditmix_val.jsonl --save_dir runs/creditmix_kd_logit
     python kd_train.py --student smollm2-135m --teacher_cache runs/cache_creditmix_sft --data data/creditmix_kd.jsonl --idp_mode --save_dir runs/creditmix_kd_cached
+    python kd_train.py --student smollm2-135m --teacher gemma3-270m --cross_tokenizer gold --data data/creditmix_kd.jsonl --idp_mode --save_dir runs/creditmix_kd_gemma
 
 Three modes, one trainer (TRL's SFTTrainer, subclassed as TRL's GKDTrainer does):
 - no --teacher: sequence-level KD, the README's: cross-entropy on {"input","teacher_output"} (fill teacher_output
@@ -14,6 +15,9 @@ Three modes, one trainer (TRL's SFTTrainer, subclassed as TRL's GKDTrainer does)
   once, frozen (4-bit on CUDA); neither model's [tokens, vocab] logits are built (kd_losses.py, TRL's chunked kernels).
 - --teacher_cache DIR: the same forward-KL mix from the teacher's top-k log-probabilities, cached once by
   teacher_cache.py (same tokenizer, same --data and encoding flags): the teacher is never loaded.
+- --teacher MODEL --cross_tokenizer gold|uld: the teacher has another tokenizer (e.g. gemma3-270m, 262k tokens, for
+  the 49k-token SmolLM2): both tokenise the answer, positions that have seen the same answer text are paired and the
+  divergence is taken there, over the two vocabularies (xtok_kd.py; docs/cross_tokenizer_kd.md).
 - --teacher with --lmbda > 0: on-policy (GKD): that fraction of micro-batches has its completions sampled from the
   student (--max_new_tokens) and scored by the teacher; those batches train the divergence alone (no reference answer
   to take a CE against: a CE on the student's own samples would reinforce its mistakes).
@@ -40,6 +44,10 @@ def parse_args(argv=None):
     g.add_argument("--teacher_cache", default=None,
                    help="instead of --teacher: a folder of the teacher's top-k log-probabilities on this --data made "
                         "by teacher_cache.py; the teacher is never loaded (forward KL over the top k + a tail bucket)")
+    g.add_argument("--cross_tokenizer", default=None, choices=("gold", "uld"),
+                   help="the teacher's tokenizer differs from the student's: align on the answer text and use gold "
+                        "(matched tokens: KL, the rest: sorted distance; measured better, xtok_compare.py) or uld "
+                        "(sorted distance only). Default: none (the tokenizers must be identical)")
     g.add_argument("--kd_loss", default="forward_kl", choices=KD_LOSSES,
                    help="forward_kl = KL(teacher||student) (mode covering, Hinton), reverse_kl = KL(student||teacher) "
                         "(mode seeking, MiniLLM), jsd = generalised Jensen-Shannon (GKD)")
@@ -75,6 +83,15 @@ def check_args(args) -> None:
         raise UserError(f"--jsd_beta must be strictly between 0 and 1 (got {args.jsd_beta})")
     if args.schema and not args.idp_mode:
         raise UserError("--schema orders canonical JSON targets: it needs --idp_mode")
+    if args.cross_tokenizer:
+        for flag, bad in (("--teacher_cache", args.teacher_cache), ("--lmbda", args.lmbda > 0),
+                          ("--kd_loss " + args.kd_loss, args.kd_loss != "forward_kl"),
+                          ("--eval_data/--val_frac", args.eval_data or args.val_frac)):
+            if bad:  # (a held-out loss during training would need the teacher's side too: --eval_kl measures it)
+                raise UserError(f"{flag} does not combine with --cross_tokenizer (its own divergence, on the "
+                                "teacher_output answers of a live --teacher)")
+        if args.teacher is None:
+            raise UserError("--cross_tokenizer needs --teacher (a model with another tokenizer)")
     if args.teacher_cache:
         for flag, bad in (("--teacher", args.teacher), ("--lmbda", args.lmbda > 0), ("--eval_kl", args.eval_kl),
                           ("--kd_loss " + args.kd_loss, args.kd_loss != "forward_kl"),
@@ -90,7 +107,7 @@ def check_args(args) -> None:
         note("--alpha 0: the divergence has no weight; it is computed and logged only")
 
 
-def kd_record(args, teacher_spec=None, cache=None) -> dict:
+def kd_record(args, teacher_spec=None, cache=None, xtok=None) -> dict:
     if cache is not None:
         m = cache.meta
         return {"mode": "cached", "teacher": m["teacher"], "teacher_cache": args.teacher_cache, "top_k": m["top_k"],
@@ -98,7 +115,12 @@ def kd_record(args, teacher_spec=None, cache=None) -> dict:
     mode = "sequence" if args.teacher is None else ("on_policy" if args.lmbda > 0 else "logit")
     if args.teacher is None:
         return {"mode": mode, "teacher": None}
-    return {"mode": mode, "teacher": args.teacher, "teacher_base": teacher_spec.base_spec,
+    cross = {} if xtok is None else {
+        "cross_tokenizer": args.cross_tokenizer, "matched_tokens": xtok.matched,
+        "teacher_prompt": "the teacher's chat template" if xtok.own_template else "plain user text + newline",
+        "aligned_share": xtok.report["aligned_share"], "aligned_positions": xtok.report["aligned_positions"],
+        "answer_positions": xtok.report["answer_positions"]}
+    return {"mode": mode, **cross, "teacher": args.teacher, "teacher_base": teacher_spec.base_spec,
             "teacher_adapter": teacher_spec.adapter, "kd_loss": args.kd_loss,
             "jsd_beta": args.jsd_beta if args.kd_loss == "jsd" else None, "temperature": args.temperature,
             "alpha": args.alpha, "lmbda": args.lmbda, "max_new_tokens": args.max_new_tokens if args.lmbda else None}
@@ -127,13 +149,28 @@ def main(args):
     cache = kd_cache.TeacherCache(args.teacher_cache) if args.teacher_cache else None
     model, tok, ms = load_student(args.student, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
                                   lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
-    teacher = vocab = tms = None
+    teacher = vocab = tms = xtok = None
     if args.teacher:
         from kd_losses import check_vocab
         teacher, ttok, tms = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
-        vocab = check_vocab(tok, ttok, model, teacher)
-    dataset, report = encode_rows(tok, rows, "input", "teacher_output", args.max_len, keep_whole=args.idp_mode,
-                                  source=args.data)
+        if args.cross_tokenizer:
+            import xtok_kd
+            if ttok.get_vocab() == tok.get_vocab():
+                note("--cross_tokenizer: teacher and student share one tokenizer; plain --teacher is exact and faster")
+            xtok = xtok_kd.CrossVocab(tok, ttok, args.cross_tokenizer, xtok_kd.has_own_template(ttok))
+            note(f"--cross_tokenizer {args.cross_tokenizer}: {xtok.matched} tokens matched by text between the "
+                 f"student's {len(tok)} and the teacher's {len(ttok)}; teacher prompt: "
+                 + ("its chat template" if xtok.own_template else "the plain user text (it has no chat template)"))
+        else:
+            vocab = check_vocab(tok, ttok, model, teacher)
+    if xtok is not None:
+        dataset, report = xtok_kd.encode_pairs(tok, ttok, rows, "input", "teacher_output", args.max_len,
+                                               keep_whole=args.idp_mode, source=args.data,
+                                               own_template=xtok.own_template)
+        xtok.report = report
+    else:
+        dataset, report = encode_rows(tok, rows, "input", "teacher_output", args.max_len, keep_whole=args.idp_mode,
+                                      source=args.data)
     if cache is not None:
         cache.check(data_sha256=sha256_file(args.data), tokenizer=kd_cache.tokenizer_fingerprint(tok),
                     rows_sha256=kd_cache.rows_fingerprint(dataset), temperature=args.temperature)
@@ -151,6 +188,15 @@ def main(args):
         from kd_losses import heldout_kl
 
         def held(student):
+            if xtok is not None:  # the gold divergence at the aligned positions, with ULD and top-1 agreement
+                h = xtok_kd.heldout(teacher, student, tok, ttok, xtok, held_rows, prompt_key="input",
+                                    target_key=held_key, max_len=args.max_len,
+                                    batch_size=max(args.per_device_train_batch_size, 8))
+                side = "before" if "kl_before" not in record else "after"
+                record.update({f"uld_{side}": h["uld"], f"top1_agreement_{side}": h["top1_agreement"],
+                               "kl_kind": "gold (matched KL + rest bucket + ULD of the unmatched), aligned positions",
+                               "kl_aligned_share": h["aligned_share"]})
+                return h
             return heldout_kl(teacher, student, tok, held_rows, prompt_key="input", target_key=held_key,
                               max_len=args.max_len, batch_size=max(args.per_device_train_batch_size, 8), vocab=vocab)
         before = held(model)
@@ -158,12 +204,12 @@ def main(args):
                       kl_rows=before["rows"], kl_data=args.eval_kl)
         print(json.dumps({"heldout_kl_before": before}))
     from kd_trainer import build_trainer
-    trainer = build_trainer(args, model, tok, dataset, teacher=teacher, vocab=vocab, cache=cache,
+    trainer = build_trainer(args, model, tok, dataset, teacher=teacher, vocab=vocab, cache=cache, xtok=xtok,
                             eval_dataset=eval_dataset, callbacks=log_callbacks(args) + [KDRecord(record, held)])
     # save
     return train_and_save(trainer, tok, args, script="kd_train.py", method="kd", base_model=ms.base_spec,
                           data=args.data, started=started, data_report=report, extra_metrics=record,
-                          extra={"kd": kd_record(args, tms, cache)})
+                          extra={"kd": kd_record(args, tms, cache, xtok)})
 
 
 if __name__ == "__main__":

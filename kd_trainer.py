@@ -38,9 +38,10 @@ class KDTrainer(SFTTrainer):
     (sampled completions, whose token count the loop cannot know in advance) stay token means divided by the
     accumulation steps."""
 
-    def __init__(self, *a, kd, teacher=None, vocab=None, full_logits: bool = False, cache=None, **kw):
+    def __init__(self, *a, kd, teacher=None, vocab=None, full_logits: bool = False, cache=None, xtok=None, **kw):
         super().__init__(*a, **kw)
         self.kd, self.teacher, self.vocab, self.full_logits, self.cache = kd, teacher, vocab, full_logits, cache
+        self.xtok = xtok  # an xtok_kd.CrossVocab: the teacher has another tokenizer (kd_train.py --cross_tokenizer)
         self.on_policy = False
         self.rng = random.Random(kd.seed)
         if teacher is not None:
@@ -50,6 +51,9 @@ class KDTrainer(SFTTrainer):
             self.model_accepts_loss_kwargs = True  # compute_loss weights by num_items_in_batch itself (below)
         if cache is not None:  # each batch says which rows it holds, to look their cached targets up
             self.data_collator = WithRowIds(self.data_collator)
+        if xtok is not None:  # each batch carries the teacher's own sequences and the aligned positions
+            from xtok_kd import PairCollator
+            self.data_collator = PairCollator(self.data_collator, xtok.teacher_pad)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.on_policy = self.teacher is not None and self.kd.lmbda > 0 and self.rng.random() < self.kd.lmbda
@@ -99,6 +103,10 @@ class KDTrainer(SFTTrainer):
             inputs = dict(inputs)
             fn, args, kw = cached_kd_terms, (unwrapped, inputs, self.cache, inputs.pop("kd_row").tolist()), \
                 dict(temperature=kd.temperature)
+        elif self.xtok is not None:  # another tokenizer: the divergence on the aligned positions (xtok_kd.py)
+            from xtok_kd import xtok_terms
+            fn, args, kw = xtok_terms, (unwrapped, self.teacher, inputs, self.xtok), \
+                dict(temperature=kd.temperature, with_ce=kd.alpha < 1)
         else:
             fn, args = kd_terms, (unwrapped, self.teacher, inputs)
             kw = dict(kd_loss=kd.kd_loss, jsd_beta=kd.jsd_beta, temperature=kd.temperature, vocab=self.vocab,
@@ -119,6 +127,8 @@ class KDTrainer(SFTTrainer):
         m = self._metrics[mode]
         m["kd_loss"].append(t["kd"].item())
         m["on_policy"].append(float(on_policy))
+        if "aligned" in t:
+            m["aligned_share"].append(t["aligned"] / max(t["tokens"], 1))
         if t["entropy"] is not None:
             m["entropy"].append(t["entropy"])
         if t["ce"] is not None:
@@ -128,19 +138,21 @@ class KDTrainer(SFTTrainer):
 
 
 def build_trainer(args, model, tok, dataset, teacher=None, vocab=None, callbacks=None, config=None,
-                  full_logits=False, cache=None, eval_dataset=None):
+                  full_logits=False, cache=None, eval_dataset=None, xtok=None):
     """TRL's SFTTrainer with the KD loss: without a teacher it is SFTTrainer itself (fused chunked CE); with one,
     compute_loss runs kd_losses.kd_terms (one backbone pass per model, chunked CE and divergence on the completion
     tokens) and training_step makes the on-policy batches. `args` needs the KD flags (kd_loss, jsd_beta,
     temperature, alpha, lmbda, max_new_tokens, seed); `config` (an SFTConfig) defaults to the training flags'.
     full_logits: the unchunked reference loss (benchmark baseline only). cache: a kd_cache.TeacherCache instead of
-    a teacher (the dataset then has a "kd_row" column)."""
+    a teacher (the dataset then has a "kd_row" column). xtok: an xtok_kd.CrossVocab (the teacher has another
+    tokenizer; the dataset then has the teacher's side and the alignment, xtok_kd.encode_pairs)."""
     from trl import SFTConfig
 
     from training import trl_config, trl_kwargs
-    # a cached teacher's targets are found by row: keep the "kd_row" column, which no model forward takes
+    # a cached teacher's targets are found by row, a cross-tokenizer teacher's sequences and the alignment sit in
+    # columns of their own: keep those columns, which no model forward takes
     config = config or trl_config(SFTConfig, {**trl_kwargs(args, args.save_dir),
-                                              **({"remove_unused_columns": False} if cache else {})})
+                                              **({"remove_unused_columns": False} if cache or xtok else {})})
     return KDTrainer(model=model, args=config, train_dataset=dataset, eval_dataset=eval_dataset,
                      processing_class=tok, callbacks=callbacks,
-                     kd=args, teacher=teacher, vocab=vocab, full_logits=full_logits, cache=cache)
+                     kd=args, teacher=teacher, vocab=vocab, full_logits=full_logits, cache=cache, xtok=xtok)
