@@ -172,6 +172,7 @@ def test_different_tokenizers_refused_without_the_flag(tiny_model_dir, other_tea
     (["--cross_tokenizer", "gold", "--teacher", "x/y", "--lmbda", "0.5"], "--lmbda does not combine"),
     (["--cross_tokenizer", "uld", "--teacher", "x/y", "--kd_loss", "jsd"], "--kd_loss jsd does not combine"),
     (["--cross_tokenizer", "gold", "--teacher_cache", "c"], "--teacher_cache does not combine"),
+    (["--cross_tokenizer", "gold", "--teacher", "x/y", "--val_frac", "0.1"], "--eval_data/--val_frac does not"),
 ])
 def test_bad_flag_combinations(tmp_path, flags, msg):
     with pytest.raises(UserError, match=msg):
