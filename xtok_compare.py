@@ -9,18 +9,18 @@ Without --student/--teacher it builds the tiny pair of the tests (a 2-layer rand
 as the student; as the teacher one with a SentencePiece-style '▁' BPE trained on the data and a sharpened head, so
 its next-token distributions are peaked and worth imitating) and synthetic rows.
 """
-import argparse
 import json
 import random
 import subprocess
 import sys
 from pathlib import Path
 
+import cli
 from common import user_errors, write_jsonl
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.parser(__doc__)
     g = p.add_argument_group("model")
     g.add_argument("--student", default=None, help="student model (default: the tiny pair, built in --save_dir)")
     g.add_argument("--teacher", default=None, help="teacher with another tokenizer (default: the tiny pair's)")
