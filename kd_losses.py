@@ -289,6 +289,20 @@ def _kd_terms_full(student, teacher, batch, *, kd_loss, jsd_beta, temperature, v
 # ----------------------------------------------------------------------------------------------------------------
 # held-out KL
 
+def pad_right(examples: list[dict], pad_id: int) -> dict:
+    """input_ids / attention_mask / labels tensors of encoded examples, right-padded to the longest (labels with
+    -100): how the trainer's collator lays a batch out, for the held-out passes outside a trainer."""
+    import torch
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), -100)
+    att = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k], labels[i, :k], att[i, :k] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    return {"input_ids": ids, "attention_mask": att, "labels": labels}
+
+
 def heldout_kl(teacher, student, tok, rows: list[dict], *, prompt_key: str = "input", target_key: str = "output",
                max_len: int = 1024, batch_size: int = 8, vocab: int | None = None, kd_loss: str = "forward_kl",
                jsd_beta: float = 0.5, temperature: float = 1.0, progress: bool = True) -> dict:
@@ -314,14 +328,8 @@ def heldout_kl(teacher, student, tok, rows: list[dict], *, prompt_key: str = "in
     try:
         with torch.no_grad():
             for i in tqdm(range(0, len(enc), batch_size), desc="held-out KL", disable=not progress):
-                chunk = enc[i:i + batch_size]
-                width = max(len(e["input_ids"]) for e in chunk)
-                ids = torch.full((len(chunk), width), tok.pad_token_id)
-                labels = torch.full((len(chunk), width), -100)
-                att = torch.zeros((len(chunk), width), dtype=torch.long)
-                for j, e in enumerate(chunk):
-                    k = len(e["input_ids"])
-                    ids[j, :k], labels[j, :k], att[j, :k] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+                b = pad_right(enc[i:i + batch_size], tok.pad_token_id)
+                ids, att, labels = b["input_ids"], b["attention_mask"], b["labels"]
                 dev_s, dev_t = head_s.weight.device, head_t.weight.device
                 h_s, _, row = completion_hidden(student, ids.to(dev_s), att.to(dev_s), labels.to(dev_s))
                 h_t, _, _ = completion_hidden(teacher, ids.to(dev_t), att.to(dev_t), labels.to(dev_t))

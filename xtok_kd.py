@@ -339,14 +339,5 @@ def heldout(teacher, student, stok, ttok, xv: CrossVocab, rows: list[dict], *, p
 
 def _pad_student(stok):
     """A plain right-padding collator for the student's side (held-out only; training uses the trainer's)."""
-    def collate(examples):
-        import torch
-        width = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), width), stok.pad_token_id)
-        labels = torch.full((len(examples), width), -100)
-        att = torch.zeros((len(examples), width), dtype=torch.long)
-        for i, e in enumerate(examples):
-            k = len(e["input_ids"])
-            ids[i, :k], labels[i, :k], att[i, :k] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
-        return {"input_ids": ids, "attention_mask": att, "labels": labels}
-    return collate
+    from kd_losses import pad_right
+    return lambda examples: pad_right(examples, stok.pad_token_id)
