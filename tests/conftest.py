@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models built locally from the embedded SmolLM2 tokenizer (no download), the way
 HF's own tests use tiny-random checkpoints. Seconds per test."""
+import os
 import sys
 from pathlib import Path
 
@@ -81,3 +82,55 @@ def tiny_sft_run(tmp_path_factory, tiny_model_dir, creditmix_dir) -> Path:
         "--save_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "4",
         "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--lr", "1e-3"]))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a live server (tests/test_serve_*.py)
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env: dict, log_dir: Path, headers: dict, timeout: float = 120):
+    """`uvicorn serve_creditmix:app` on 127.0.0.1 at a free port with `env` over this process's environment (the
+    repo on PYTHONPATH), once it answers /health (60 s at most). The httpx client it returns carries .proc, .log
+    (the server's output) and .port; stop_server ends both."""
+    import subprocess
+    import time
+
+    import httpx
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serve_creditmix:app", "--host", "127.0.0.1",
+                                 "--port", str(port), "--no-access-log"], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), **env}, stdout=log,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        if proc.poll() is not None:
+            pytest.fail(f"uvicorn exited ({proc.returncode}):\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.25)
+    else:
+        proc.kill()
+        pytest.fail("uvicorn did not answer /health within 60 s")
+    client = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+    client.proc, client.log, client.port = proc, log_path, port
+    return client
+
+
+def stop_server(client) -> None:
+    import subprocess
+    client.close()
+    client.proc.terminate()
+    try:
+        client.proc.wait(15)
+    except subprocess.TimeoutExpired:
+        client.proc.kill()

@@ -4,11 +4,8 @@ it), a missing run dir (kd) and an unfinished run dir (sft), with API_KEY set. C
 its calibration, lists, load once under concurrent first requests, micro-batching, the bad inputs of the issue, auth,
 disconnects, /metrics, and the CodeGen / IDP endpoints (budget cap, schema-valid JSON)."""
 import json
-import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,6 +15,7 @@ import numpy as np
 import pytest
 
 from common import UserError
+from conftest import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
@@ -26,12 +24,6 @@ FEATURES = ("Age: 23.0, Occupation: Scientist, Annual Income: 19114.12, Outstand
             "Credit Utilization Ratio: 35.03, Payment Behaviour: Low_spent_Small_value_payments")
 FIELDS = ["model_name", "prediction", "scores", "raw_scores", "prior", "probabilities", "top2_margin"]
 LABELS = ["Good", "Standard", "Bad"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CALIBRATION = {"calibration": "batch", "prior": [-1.5, -2.0, -2.5], "temperature": 2.0, "picked_by": "test",
@@ -48,41 +40,16 @@ def server(tiny_model_dir, tmp_path_factory):
     # what eval_creditmix.py would have recorded for the dpo endpoint's model (a plain folder: runs/base-<name>)
     (d / "runs" / "base-tiny-dpo").mkdir(parents=True)
     (d / "runs" / "base-tiny-dpo" / "creditmix_calibration.json").write_text(json.dumps(CALIBRATION))
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "API_KEY": KEY, "OMP_NUM_THREADS": "1",
-           "MODEL_BASE": str(tiny_model_dir), "MODEL_SFT": str(unfinished), "MODEL_KD": str(d / "missing_run"),
-           "MODEL_DPO": str(dpo), "MODEL_CODEGEN": str(tiny_model_dir), "MODEL_IDP": str(tiny_model_dir),
-           "MAX_NEW_TOKENS": "32", "BATCH_WAIT_MS": "100", "MAX_BATCH": "8", "MAX_ITEMS": "4",
-           "MAX_FEATURES_CHARS": "300", "MAX_BODY_BYTES": "4096", "LOAD_RETRY_S": "600",
-           "DISTILL_SLM_RUNS": str(d / "runs")}
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serve_creditmix:app", "--host", "127.0.0.1",
-                             "--port", str(port), "--no-access-log"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                pytest.fail(f"uvicorn exited ({proc.returncode}):\n{(d / 'server.log').read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.25)
-        else:
-            pytest.fail("uvicorn did not answer /health within 60 s")
-        with httpx.Client(base_url=url, headers=AUTH, timeout=120) as client:
-            client.log = d / "server.log"
-            client.port = port
-            client.specs = {"base": str(tiny_model_dir), "dpo": str(dpo)}
-            yield client
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    client = start_server({"HF_HUB_OFFLINE": "1", "API_KEY": KEY, "OMP_NUM_THREADS": "1",
+                           "MODEL_BASE": str(tiny_model_dir), "MODEL_SFT": str(unfinished),
+                           "MODEL_KD": str(d / "missing_run"), "MODEL_DPO": str(dpo),
+                           "MODEL_CODEGEN": str(tiny_model_dir), "MODEL_IDP": str(tiny_model_dir),
+                           "MAX_NEW_TOKENS": "32", "BATCH_WAIT_MS": "100", "MAX_BATCH": "8", "MAX_ITEMS": "4",
+                           "MAX_FEATURES_CHARS": "300", "MAX_BODY_BYTES": "4096", "LOAD_RETRY_S": "600",
+                           "DISTILL_SLM_RUNS": str(d / "runs")}, d, AUTH)
+    client.specs = {"base": str(tiny_model_dir), "dpo": str(dpo)}
+    yield client
+    stop_server(client)
 
 
 def metric(client, name: str, **labels) -> float:

@@ -17,19 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "k-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 FEATURES = "Age: 23.0, Occupation: Scientist, Annual Income: 19114.12, Outstanding Debt: 809.98"
 CONTEXT = 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_adapter(base: Path, out: Path, seed: int) -> Path:
@@ -59,42 +53,16 @@ def models(tmp_path_factory):
 
 
 def start(models, tmp: Path, **env_over):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "API_KEY": KEY, "OMP_NUM_THREADS": "1",
-           "MODEL_BASE": str(models["base"]), "MODEL_SFT": str(models["sft"]), "MODEL_KD": str(models["kd"]),
-           "MODEL_DPO": str(models["dpo"]), "MODEL_CODEGEN": str(models["base"]), "MODEL_IDP": str(models["base"]),
-           "MAX_NEW_TOKENS": "900", "MAX_ITEMS": "16", "MAX_QUEUE": "8", "MAX_FEATURES_CHARS": "4000",
-           "MAX_REQUEST_TOKENS": "600", "BATCH_WAIT_MS": "50", "LOAD_RETRY_S": "600", **env_over}
-    log_path = tmp / f"server-{port}.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serve_creditmix:app", "--host", "127.0.0.1",
-                             "--port", str(port), "--no-access-log"], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    log.close()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        if proc.poll() is not None:
-            pytest.fail(f"uvicorn exited ({proc.returncode}):\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.25)
-    else:
-        proc.kill()
-        pytest.fail("uvicorn did not answer /health within 60 s")
-    client = httpx.Client(base_url=url, headers=AUTH, timeout=300)
-    client.proc, client.log, client.port = proc, log_path, port
-    return client
+    return start_server({"HF_HUB_OFFLINE": "1", "API_KEY": KEY, "OMP_NUM_THREADS": "1",
+                         "MODEL_BASE": str(models["base"]), "MODEL_SFT": str(models["sft"]),
+                         "MODEL_KD": str(models["kd"]), "MODEL_DPO": str(models["dpo"]),
+                         "MODEL_CODEGEN": str(models["base"]), "MODEL_IDP": str(models["base"]),
+                         "MAX_NEW_TOKENS": "900", "MAX_ITEMS": "16", "MAX_QUEUE": "8", "MAX_FEATURES_CHARS": "4000",
+                         "MAX_REQUEST_TOKENS": "600", "BATCH_WAIT_MS": "50", "LOAD_RETRY_S": "600", **env_over},
+                        tmp, AUTH, timeout=300)
 
 
-def stop(client):
-    client.close()
-    client.proc.terminate()
-    try:
-        client.proc.wait(15)
-    except subprocess.TimeoutExpired:
-        client.proc.kill()
+stop = stop_server
 
 
 @pytest.fixture(scope="module")
