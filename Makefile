@@ -42,7 +42,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) bench.py --config tiny --seq 128 --cases matmul,sft_baseline,sft,score
+	$(PY) bench.py --shape tiny --seq 128 --cases matmul,sft_baseline,sft,score
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -1,6 +1,6 @@
 """Measure memory and speed of the real training / scoring code paths on a model built from a config (no download).
 
-    python bench.py --config tiny --cases sft_baseline,sft,score --seq 128             # CPU smoke test
+    python bench.py --shape tiny --cases sft_baseline,sft,score --seq 128             # CPU smoke test
     python bench.py --seq 2048 --cases matmul,sft_baseline,sft,sft_auto,score          # Qwen2.5-3B shape, GPU
     python bench.py --seq 16384 --cases sft --cap_gb 8                                 # does it fit an 8 GB card?
 
@@ -34,7 +34,7 @@ from shapes import CONFIGS
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     # model
-    p.add_argument("--config", default="qwen2.5-3b", help=f"architecture: {', '.join(CONFIGS)} or a config.json")
+    p.add_argument("--shape", default="qwen2.5-3b", help=f"architecture: {', '.join(CONFIGS)} or a config.json")
     p.add_argument("--model_cache", default=os.path.join(tempfile.gettempdir(), "distill_slm_bench"),
                    help="where the random-weight model is saved once and reused")
     p.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer saved beside the random model")
@@ -54,6 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--unsloth_site", default=os.environ.get("UNSLOTH_SITE"),
                    help="folder Unsloth was pip-installed into with --target (unsloth cases; default $UNSLOTH_SITE)")
     p.add_argument("--score_examples", type=int, default=64, help="examples for the score case")
+    p.add_argument("--top_k", type=int, default=64, help="kd_cached: teacher log-probabilities cached per token")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="trainer cases: profile the last optimizer step (torch.profiler) into DIR/prof_<case>.txt: "
+                        "GPU busy time against wall time, kernels by kind, the top ops")
     # output
     p.add_argument("--out", default=None, help="also write the rows here (.json: a list; .jsonl: appended)")
     p.add_argument("--table", nargs="+", default=None, help="only print the table of rows saved by earlier --out")
@@ -65,7 +69,7 @@ def parse_args(argv=None):
 # helpers
 
 def model_dir(args) -> Path:
-    return shapes.random_model_dir(args.config, args.model_cache, args.tokenizer)
+    return shapes.random_model_dir(args.shape, args.model_cache, args.tokenizer)
 
 
 def n_params(model) -> int:
@@ -103,9 +107,59 @@ def sync():
         torch.cuda.synchronize()
 
 
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+KERNEL_KINDS = (("matmul", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "cublas", "splitk")),
+                ("4-bit dequantise", ("dequant",)), ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+                ("compiled (triton)", ("triton",)), ("copy / memset", ("memcpy", "memset")),
+                ("reductions / softmax", ("reduce", "softmax", "logsumexp", "norm")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "elementwise / other")
+
+
+def profile_report(prof, wall: float, title: str) -> tuple[dict, str]:
+    """The profiled step: GPU busy seconds (kernel time summed) against wall time, kernel time by kind, the top ops
+    by device and by CPU time. Returns (row fields, text)."""
+    from torch.autograd import DeviceType
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kinds: dict[str, list] = {}
+    for e in kernels:
+        k = kinds.setdefault(kernel_kind(e.name), [0.0, 0])
+        k[0] += e.time_range.elapsed_us() / 1e6
+        k[1] += 1
+    busy = sum(v[0] for v in kinds.values())
+    lines = [f"{title}: wall {wall:.3f} s, GPU busy {busy:.3f} s ({busy / wall:.0%}), {len(kernels)} kernels", "",
+             f"{'kernel kind':<24}{'seconds':>9}{'share':>7}{'kernels':>9}"]
+    for kind, (sec, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"{kind:<24}{sec:>9.3f}{sec / max(busy, 1e-9):>7.0%}{n:>9}")
+    ka = prof.key_averages()
+    for key in ("self_device_time_total", "self_cpu_time_total"):
+        try:
+            lines += ["", ka.table(sort_by=key, row_limit=25, max_name_column_width=70)]
+        except Exception as e:  # a sort key this torch does not know
+            lines += ["", f"({key}: {e})"]
+    return ({"prof_wall_s": round(wall, 3), "gpu_busy_s": round(busy, 3), "gpu_busy": round(busy / wall, 3),
+             "kernels_per_step": len(kernels), "by_kind": {k: round(v[0], 4) for k, v in kinds.items()}},
+            "\n".join(lines))
+
+
+def save_profile(args, prof, wall: float) -> dict:
+    fields, text = profile_report(prof, wall, f"{args.one}, seq {args.seq}, one optimizer step")
+    Path(args.profile).mkdir(parents=True, exist_ok=True)
+    (Path(args.profile) / f"prof_{args.one}.txt").write_text(text + "\n")
+    print(text, file=sys.stderr)
+    return fields
+
+
 def trainer_args(args, save_dir, batch, accum):
     from training import trl_kwargs
-    ns = argparse.Namespace(epochs=1, max_steps=args.steps + 1, per_device_train_batch_size=batch,
+    ns = argparse.Namespace(epochs=1, max_steps=args.steps + 1 + bool(args.profile), per_device_train_batch_size=batch,
                             gradient_accumulation_steps=accum, lr=1e-4, seed=0, gradient_checkpointing="auto",
                             activation_offloading=args.activation_offloading,
                             logging_steps=1000, save_steps=10**6, max_memory_gb=None, resume=False)
@@ -157,16 +211,16 @@ def case_sft_baseline(args):
 
 
 def _plain_loop(model, args, batch, accum) -> dict:
-    """A plain AdamW loop over synthetic rows (labels = inputs, the model's own loss), as a user writes it."""
+    """A plain AdamW loop over synthetic rows (labels = inputs, the model's own loss), as a user writes it; with
+    --profile one more step, profiled and not timed."""
     import torch
     cuda = torch.cuda.is_available()
     params = n_params(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     rows = synthetic_rows(args.seq, batch * accum, model.config.vocab_size)
     device = next(model.parameters()).device
-    ids = torch.tensor([r["input_ids"] for r in rows], device=device)
-    times = []
-    for step in range(args.steps + 1):
+
+    def step():
         for m in range(accum):
             x = ids[m * batch:(m + 1) * batch]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -175,10 +229,23 @@ def _plain_loop(model, args, batch, accum) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
+
+    ids = torch.tensor([r["input_ids"] for r in rows], device=device)
+    times = []
+    for _ in range(args.steps + 1):
+        step()
         times.append(time.perf_counter())
     s = (times[-1] - times[0]) / args.steps
+    prof = {}
+    if args.profile:
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=acts) as p:
+            t = time.perf_counter()
+            step()
+            wall = time.perf_counter() - t
+        prof = save_profile(args, p, wall)
     return {"tokens_per_s": round(args.seq * batch * accum / s, 1), "params": params, "batch": batch,
-            "accum": accum, **mem()}
+            "accum": accum, **mem(), **prof}
 
 
 UNSLOTH_INSTALL = ("pip install --no-deps --target /tmp/unsloth_site unsloth==2026.10.9 unsloth_zoo==2026.10.9 "
@@ -265,11 +332,12 @@ def _our_sft(args, batch, accum, auto):
     trainer = SFTTrainer(model=model, args=trl_config(SFTConfig, kw), train_dataset=ds, processing_class=tok)
     if auto:
         ns.max_memory_gb = args.max_memory_gb
-    s, kernels = _train_timed(trainer, ns)
+    s, kernels, prof = _train_timed(trainer, ns, args)
     batch, accum = trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps
     world = common.world_size()  # under accelerate launch: tokens of every process per optimizer step
     return {"tokens_per_s": round(args.seq * batch * accum * world / s, 1), "params": params, "batch": batch,
-            "accum": accum, "gpus": world, "kernels": list(kernels), "lora_dropout": args.lora_dropout, **mem()}
+            "accum": accum, "gpus": world, "kernels": list(kernels), "lora_dropout": args.lora_dropout, **mem(),
+            **prof}
 
 
 def case_sft(args):
@@ -280,19 +348,24 @@ def case_sft_auto(args):
     return _our_sft(args, args.batch, args.accum, auto=True)
 
 
-def _train_timed(trainer, ns) -> tuple[float, tuple]:
-    """prepare_trainer (as the trainers run: speed-ups, fp32 LoRA), then seconds per optimizer step after a warm-up."""
+def _train_timed(trainer, ns, args) -> tuple[float, tuple, dict]:
+    """prepare_trainer (as the trainers run: speed-ups, fp32 LoRA), then seconds per optimizer step after a warm-up,
+    and with --profile the last step profiled (not timed) and its report's fields."""
     import torch
 
     from training import prepare_trainer
-    from callbacks import StepTimes
+    from callbacks import ProfileStep, StepTimes
     timer = StepTimes(sync)
     trainer.add_callback(timer)
+    prof = ProfileStep(trainer.args.max_steps - 1, sync) if args.profile else None
+    if prof:
+        trainer.add_callback(prof)
     kernels = prepare_trainer(trainer, ns)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    return timer.seconds_per_step(), kernels
+    fields = save_profile(args, prof.prof, prof.wall) if prof and prof.wall else {}
+    return timer.seconds_per_step(skip_last=bool(prof)), kernels, fields
 
 
 def case_kd(args, full_logits=False):
@@ -309,7 +382,7 @@ def case_kd(args, full_logits=False):
     from training import trl_config
     path = model_dir(args)
     model, tok, _ = common.load_student(str(path), lora_dropout=args.lora_dropout)
-    teacher, ttok, _ = common.load_model(str(path))
+    teacher, ttok, _ = common.load_model(str(path), quantize="4bit" if _cuda() else "auto")
     vocab = check_vocab(tok, ttok, model, teacher)
     ns, kw = trainer_args(args, tempfile.mkdtemp(), args.batch, args.accum)
     kd = argparse.Namespace(**vars(ns), kd_loss="forward_kl", jsd_beta=0.5, temperature=1.0, alpha=0.5, lmbda=0.0,
@@ -318,10 +391,51 @@ def case_kd(args, full_logits=False):
     trainer = build_trainer(kd, model, tok, Dataset.from_list(rows), teacher=teacher, vocab=vocab, callbacks=[],
                             config=trl_config(SFTConfig, kw), full_logits=full_logits)
     params = n_params(trainer.model) + n_params(teacher) // 3
-    s, kernels = _train_timed(trainer, ns)
+    s, kernels, prof = _train_timed(trainer, ns, args)
     return {"tokens_per_s": round(args.seq * args.batch * args.accum / s, 1), "params": params,
             "batch": args.batch, "accum": args.accum, "kernels": list(kernels), "lora_dropout": args.lora_dropout,
-            **mem()}
+            **mem(), **prof}
+
+
+def case_kd_cached(args):
+    """case_kd's KD from the teacher's cached top-k (kd_cache.py, --top_k) instead of the live teacher: the cache is
+    written first by the 4-bit teacher (kd_cache.write_shards, as teacher_cache.py does), the teacher is freed, and
+    the timed steps and peak memory are the student's alone (forward KL over the top k and a tail bucket)."""
+    import gc
+
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    import common
+    import kd_cache
+    from kd_trainer import build_trainer
+    from training import trl_config
+    path = model_dir(args)
+    teacher, tok, _ = common.load_model(str(path), quantize="4bit" if _cuda() else "auto")
+    rows = synthetic_rows(args.seq, args.batch * args.accum * (args.steps + 1), teacher.config.vocab_size)
+    dataset = Dataset.from_list(rows)
+    out = Path(tempfile.mkdtemp()) / "cache"
+    out.mkdir()
+    kd_cache.write_shards(teacher, tok, dataset, out, top_k=args.top_k, shard_rows=len(rows), batch_size=1)
+    kd_cache.finish(out, {"teacher": str(path), "rows": len(rows), "shard_rows": len(rows), "top_k": args.top_k})
+    cache_bytes = sum(p.stat().st_size for p in out.glob("shard-*.npz"))
+    del teacher
+    gc.collect()
+    torch.cuda.empty_cache() if _cuda() else None
+    model, tok, _ = common.load_student(str(path), lora_dropout=args.lora_dropout)
+    ns, kw = trainer_args(args, tempfile.mkdtemp(), args.batch, args.accum)
+    kd = argparse.Namespace(**vars(ns), kd_loss="forward_kl", jsd_beta=0.5, temperature=1.0, alpha=0.5, lmbda=0.0,
+                            max_new_tokens=1)
+    trainer = build_trainer(kd, model, tok, dataset.add_column("kd_row", list(range(len(rows)))),
+                            cache=kd_cache.TeacherCache(out), callbacks=[],
+                            config=trl_config(SFTConfig, {**kw, "remove_unused_columns": False}))
+    params = n_params(trainer.model)
+    s, kernels, prof = _train_timed(trainer, ns, args)
+    return {"tokens_per_s": round(args.seq * args.batch * args.accum / s, 1), "params": params,
+            "batch": args.batch, "accum": args.accum, "kernels": list(kernels), "lora_dropout": args.lora_dropout,
+            "top_k": args.top_k, "cache_bytes_per_token": round(cache_bytes / (len(rows) * (args.seq - 1)), 1),
+            **mem(), **prof}
 
 
 def case_dpo(args):
@@ -346,10 +460,10 @@ def case_dpo(args):
     trainer = build_trainer(ns, model, tok, dataset, peft_config, callbacks=[],
                             config=trl_config(DPOConfig, kw, beta=0.1))
     params = n_params(trainer.model)
-    s, kernels = _train_timed(trainer, ns)
+    s, kernels, prof = _train_timed(trainer, ns, args)
     return {"tokens_per_s": round(2 * args.seq * args.batch * args.accum / s, 1),
             "pairs_per_s": round(args.batch * args.accum / s, 3), "params": params, "batch": args.batch,
-            "accum": args.accum, "kernels": list(kernels), "lora_dropout": args.lora_dropout, **mem()}
+            "accum": args.accum, "kernels": list(kernels), "lora_dropout": args.lora_dropout, **mem(), **prof}
 
 
 def case_score(args):
@@ -505,7 +619,7 @@ def main(args):
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     import common
-    print(f"\nbench on {common.device_name()}, config {args.config}, {time.strftime('%Y-%m-%d')}; tokens per "
+    print(f"\nbench on {common.device_name()}, config {args.shape}, {time.strftime('%Y-%m-%d')}; tokens per "
           f"optimizer step = seq x micro-batch x accumulation")
     print(table(rows))
     if args.out and args.out.endswith(".jsonl"):

@@ -84,7 +84,31 @@ class StepTimes(TrainerCallback):
         self.sync()
         self.times.append(time.perf_counter())
 
-    def seconds_per_step(self) -> float:
-        """Mean time per step after the first (the warm-up)."""
-        t = self.times
+    def seconds_per_step(self, skip_last: bool = False) -> float:
+        """Mean time per step after the first (the warm-up); skip_last: without the last (a profiled step)."""
+        t = self.times[:-1] if skip_last else self.times
         return (t[-1] - t[0]) / (len(t) - 1)
+
+
+class ProfileStep(TrainerCallback):
+    """bench.py --profile: torch.profiler over optimizer step `step` (0-based), CPU and CUDA activity; `prof` and
+    `wall` (seconds, after `sync`) are set once it ends."""
+
+    def __init__(self, step: int, sync):
+        self.step, self.sync, self.prof, self.wall, self._t = step, sync, None, None, None
+
+    def on_step_begin(self, targs, state, control, **kw):
+        if state.global_step == self.step and self.prof is None:
+            import torch
+            self.sync()
+            acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                           if torch.cuda.is_available() else [])
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+            self._t = time.perf_counter()
+
+    def on_step_end(self, targs, state, control, **kw):
+        if self.prof is not None and self.wall is None and state.global_step == self.step + 1:
+            self.sync()
+            self.wall = time.perf_counter() - self._t
+            self.prof.__exit__(None, None, None)

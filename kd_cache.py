@@ -156,6 +156,41 @@ class TeacherCache:
                 torch.as_tensor(tail, device=device))
 
 
+def write_shards(teacher, tok, dataset, out: Path, *, first: int = 0, top_k: int = 64, temperature: float = 1.0,
+                 shard_rows: int = 256, batch_size: int = 8) -> None:
+    """The teacher's top-k targets of every answer position of `dataset` (encoded rows: input_ids, labels), written
+    as shards of `shard_rows` rows from shard `first` on (a resume starts past the finished ones)."""
+    import torch
+    from tqdm import tqdm
+    from transformers import DataCollatorForSeq2Seq
+
+    from kd_losses import completion_hidden, lm_parts
+    tok.padding_side = "right"  # as the trainer's collator pads: the same positions, the same hidden states
+    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    _, head, scale, softcap = lm_parts(teacher)
+    device = head.weight.device
+    n_shards = -(-len(dataset) // shard_rows)
+    bar = tqdm(total=len(dataset), initial=min(first * shard_rows, len(dataset)), desc="teacher top-k", unit="row")
+    for s in range(first, n_shards):
+        lo, hi = s * shard_rows, min((s + 1) * shard_rows, len(dataset))
+        shard = []
+        for b in range(lo, hi, batch_size):
+            batch = collate([{k: dataset[i][k] for k in ("input_ids", "labels")}
+                             for i in range(b, min(b + batch_size, hi))])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.inference_mode():
+                h, _, which = completion_hidden(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                ids, logp, tail = teacher_topk(h, head, k=top_k, temperature=temperature, scale=scale,
+                                               softcap=softcap)
+            which = which.cpu().numpy()
+            for r in range(batch["input_ids"].shape[0]):
+                sel = which == r
+                shard.append((ids[sel], logp[sel], tail[sel]))
+            bar.update(batch["input_ids"].shape[0])
+        write_shard(out, s, shard)
+    bar.close()
+
+
 def finish(out: Path, meta: dict) -> None:
     write_json(out / "meta.json", {**meta, "complete": True})
 

@@ -13,8 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-from tqdm import tqdm
-
 import kd_cache
 import cli
 from common import UserError, check_output_dir, load_model, read_records, sha256_file, user_errors, write_json
@@ -69,10 +67,6 @@ def main(args):
         raise UserError("--top_k and --shard_rows must be >= 1 and --temperature > 0")
     check_output_dir(args.out, "--out")  # before the teacher loads
     # load
-    import torch
-    from transformers import DataCollatorForSeq2Seq
-
-    from kd_losses import completion_hidden, lm_parts
     from training import encode_rows
     rows = read_records(args.data, required=("input", "teacher_output"), nonempty=("input", "teacher_output"))
     if args.idp_mode:
@@ -90,37 +84,14 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "meta.json", {**meta, "complete": False})
     # run
-    tok.padding_side = "right"  # as the trainer's collator pads: the same positions, the same hidden states
-    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
-    _, head, scale, softcap = lm_parts(teacher)
-    device = head.weight.device
-    n_shards = -(-len(dataset) // args.shard_rows)
-    bar = tqdm(total=len(dataset), initial=min(first * args.shard_rows, len(dataset)), desc="teacher top-k",
-               unit="row")
-    for s in range(first, n_shards):
-        lo, hi = s * args.shard_rows, min((s + 1) * args.shard_rows, len(dataset))
-        shard = []
-        for b in range(lo, hi, args.batch_size):
-            batch = collate([{k: dataset[i][k] for k in ("input_ids", "labels")}
-                             for i in range(b, min(b + args.batch_size, hi))])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.inference_mode():
-                h, _, which = completion_hidden(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"])
-                ids, logp, tail = kd_cache.teacher_topk(h, head, k=args.top_k, temperature=args.temperature,
-                                                        scale=scale, softcap=softcap)
-            which = which.cpu().numpy()
-            for r in range(batch["input_ids"].shape[0]):
-                sel = which == r
-                shard.append((ids[sel], logp[sel], tail[sel]))
-            bar.update(batch["input_ids"].shape[0])
-        kd_cache.write_shard(out, s, shard)
-    bar.close()
+    kd_cache.write_shards(teacher, tok, dataset, out, first=first, top_k=args.top_k, temperature=args.temperature,
+                          shard_rows=args.shard_rows, batch_size=args.batch_size)
     # save
     kd_cache.finish(out, meta)
     size = sum(p.stat().st_size for p in out.glob("shard-*.npz"))
     tokens = sum(sum(x != -100 for x in ex["labels"][1:]) for ex in dataset)
-    summary = {"out": str(out), "rows": len(dataset), "shards": n_shards, "resumed_at_shard": first,
-               "answer_tokens": tokens, "top_k": args.top_k, "bytes": size,
+    summary = {"out": str(out), "rows": len(dataset), "shards": -(-len(dataset) // args.shard_rows),
+               "resumed_at_shard": first, "answer_tokens": tokens, "top_k": args.top_k, "bytes": size,
                "bytes_per_answer_token": round(size / max(tokens, 1), 1)}
     print(json.dumps(summary))
     return summary

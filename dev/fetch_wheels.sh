@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DEV ONLY: fetch (on a machine that reaches PyPI) the wheels a bare CUDA image lacks, into .whl/ (git-ignored), for
 # dev/setup.sh to install on a borrowed GPU machine without network. bitsandbytes is slimmed to its CUDA 13 libraries
-# (the image's torch is cu130), Unsloth (.whl/unsloth/, for bench.py's unsloth cases) loses its web UI (studio/,
+# (the image's torch is cu130), Unsloth (.whl_unsloth/, for bench.py's unsloth cases) loses its web UI (studio/,
 # 26 MB), so that the wheels, the tokenizer and half of the embedded model's GGUF fit one 64 MiB call.
 #   bash dev/fetch_wheels.sh            UNSLOTH=0 skips Unsloth's wheels
 set -euo pipefail
@@ -21,9 +21,9 @@ repack() { local whl=$1 tmp; tmp=$(mktemp -d); shift
 repack "$PWD"/.whl/bitsandbytes-0.50.2-*.whl 'bitsandbytes/libbitsandbytes_cuda1[12]*.so' 'bitsandbytes/libbitsandbytes_rocm*.so' \
   'bitsandbytes/libbitsandbytes_xpu*.so'
 if [ "${UNSLOTH:-1}" = 1 ]; then
-  mkdir -p .whl/unsloth
-  python3 -m pip download $P $M -d .whl/unsloth unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 datasets==4.8.0 \
+  mkdir -p .whl_unsloth
+  python3 -m pip download $P $M -d .whl_unsloth unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 datasets==4.8.0 \
     tyro docstring_parser typeguard shtab cut_cross_entropy torchao msgspec hf_transfer
-  repack "$PWD"/.whl/unsloth/unsloth-2026.10.9-*.whl studio
+  repack "$PWD"/.whl_unsloth/unsloth-2026.10.9-*.whl studio
 fi
-du -sh .whl .whl/unsloth 2>/dev/null
+du -sh .whl .whl_unsloth 2>/dev/null

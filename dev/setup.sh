@@ -3,7 +3,7 @@
 # machine with requirements.txt installed, run the gpu/ scripts directly instead.
 # Source at the start of every such call:  . dev/setup.sh
 # Installs the carried wheels once (kept in /tmp while the machine stays warm): .whl/*.whl (dev/fetch_wheels.sh) into
-# /tmp/site, .whl/unsloth/*.whl into /tmp/unsloth_site (bench.py's unsloth cases; UNSLOTH_SITE); reassembles the
+# /tmp/site, .whl_unsloth/*.whl into /tmp/unsloth_site (bench.py's unsloth cases; UNSLOTH_SITE); reassembles the
 # GGUF from its two carried parts (md5-checked); unpacks the carried prepared data into /tmp/carry/prep.
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -14,8 +14,8 @@ if [ ! -f /tmp/site/.ok ]; then
   if ls $W/*.whl >/dev/null 2>&1; then $I --target /tmp/site $W/*.whl && touch /tmp/site/.ok
   else echo "SETUP: no wheels installed and none carried (the machine went cold?)"; fi
 fi
-if [ ! -f /tmp/unsloth_site/.ok ] && ls $W/unsloth/*.whl >/dev/null 2>&1; then
-  $I --target /tmp/unsloth_site $W/unsloth/*.whl && touch /tmp/unsloth_site/.ok
+if [ ! -f /tmp/unsloth_site/.ok ] && ls ${WHLU:-.whl_unsloth}/*.whl >/dev/null 2>&1; then
+  $I --target /tmp/unsloth_site ${WHLU:-.whl_unsloth}/*.whl && touch /tmp/unsloth_site/.ok
 fi
 [ -f /tmp/unsloth_site/.ok ] && export UNSLOTH_SITE=/tmp/unsloth_site
 export PYTHONPATH=/tmp/site:$PWD

@@ -8,7 +8,7 @@ set -u
 OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"; L=${L:-$OUT/log.txt}
 type within >/dev/null 2>&1 || within() { "$@"; }   # dev/setup.sh's time budget on a borrowed machine, else plain
 W=${MODEL_CACHE:-/tmp/serve_memory}
-within python3 gpu/serve_memory.py --config qwen2.5-3b --cap_gb 8 --tokenizer ${TOKENIZER:-smollm2-135m} --work $W \
+within python3 gpu/serve_memory.py --shape qwen2.5-3b --cap_gb 8 --tokenizer ${TOKENIZER:-smollm2-135m} --work $W \
   --batch 32 --out $OUT/serve_memory.json >$OUT/serve_memory.txt 2>>$L
 within python3 loadtest.py --model $W/qwen2.5-3b \
   --adapters sft=$W/qwen2.5-3b_sft,kd=$W/qwen2.5-3b_kd,dpo=$W/qwen2.5-3b_dpo --endpoints base,sft,kd,dpo \

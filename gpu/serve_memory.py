@@ -3,9 +3,9 @@ loads them (serving.ModelSlots: one 4-bit base, three LoRA adapters attached by 
 peak memory after the loads and while scoring mixed-adapter batches, and label-scoring throughput of one mixed batch
 against one batch per adapter. Random weights (speed and memory do not depend on their values).
 
-    python gpu/serve_memory.py --config qwen2.5-3b --cap_gb 8        # a CUDA machine (bash gpu/serve_bench.sh)
-    python gpu/serve_memory.py --config tiny --batch 8 --repeats 1        # CPU smoke run
-    OMP_NUM_THREADS=2 python gpu/serve_memory.py --config smollm2-135m --batch 16 --repeats 3   # the CPU comparison
+    python gpu/serve_memory.py --shape qwen2.5-3b --cap_gb 8        # a CUDA machine (bash gpu/serve_bench.sh)
+    python gpu/serve_memory.py --shape tiny --batch 8 --repeats 1        # CPU smoke run
+    OMP_NUM_THREADS=2 python gpu/serve_memory.py --shape smollm2-135m --batch 16 --repeats 3   # the CPU comparison
 """
 import json
 import os
@@ -23,7 +23,7 @@ from shapes import CONFIGS, random_model_dir  # noqa: E402
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     # model
-    p.add_argument("--config", default="qwen2.5-3b", choices=list(CONFIGS), help="architecture of the base")
+    p.add_argument("--shape", default="qwen2.5-3b", choices=list(CONFIGS), help="architecture of the base")
     p.add_argument("--tokenizer", default="smollm2-135m",
                    help="tokenizer files (a folder) or a model spec whose tokenizer to use")
     p.add_argument("--work", default="/tmp/serve_memory", help="folder for the random base and its adapters")
@@ -43,10 +43,10 @@ def build(args) -> dict[str, str]:
     from transformers import AutoModelForCausalLM
 
     import common
-    base = random_model_dir(args.config, args.work, args.tokenizer)
+    base = random_model_dir(args.shape, args.work, args.tokenizer)
     specs = {"base": str(base)}
     for seed, name in enumerate(["sft", "kd", "dpo"]):
-        d = Path(args.work) / f"{args.config}_{name}"
+        d = Path(args.work) / f"{args.shape}_{name}"
         if not (d / "adapter_config.json").is_file():
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
@@ -116,7 +116,7 @@ def main(args):
         rows.append({"stage": f"scoring {label} x{args.batch}", "peak_gib": mem, "seconds_per_batch": round(dt, 4),
                      "prompts_per_s": round(args.batch / dt, 1)})
     # save
-    print(f"\n{args.config}, {'4-bit on ' + torch.cuda.get_device_name() if cuda else 'CPU'}, cap {args.cap_gb} GiB")
+    print(f"\n{args.shape}, {'4-bit on ' + torch.cuda.get_device_name() if cuda else 'CPU'}, cap {args.cap_gb} GiB")
     print("| stage | peak GPU GiB | s per batch | prompts/s |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['stage']} | {r['peak_gib']} | {r.get('seconds_per_batch', '')} | {r.get('prompts_per_s', '')} |")

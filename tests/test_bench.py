@@ -6,7 +6,7 @@ import bench
 
 def test_bench_runs_the_trainer_and_scorer_paths_on_cpu(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "bench.jsonl"
-    rows = bench.main(bench.parse_args(["--config", "tiny", "--seq", "64", "--accum", "2", "--steps", "1",
+    rows = bench.main(bench.parse_args(["--shape", "tiny", "--seq", "64", "--accum", "2", "--steps", "1",
                                         "--cases", "sft_baseline,sft,score", "--score_examples", "8",
                                         "--tokenizer", str(tiny_model_dir), "--model_cache", str(tmp_path / "m"),
                                         "--out", str(out)]))
@@ -52,7 +52,7 @@ def test_unsloth_case_without_unsloth_says_how_to_install_it_in_one_line(tmp_pat
     import pytest
     if importlib.util.find_spec("unsloth"):
         pytest.skip("unsloth is importable here")
-    args = bench.parse_args(["--config", "tiny", "--model_cache", str(tmp_path / "m")])
+    args = bench.parse_args(["--shape", "tiny", "--model_cache", str(tmp_path / "m")])
     args.one = "unsloth"
     row = bench.run_one(args)
     assert row["status"] == "failed"
@@ -89,7 +89,7 @@ def test_table_compares_each_row_with_the_matching_unsloth_row():
 
 def test_kd_and_dpo_cases_time_the_trainers_on_cpu(tmp_path, tiny_model_dir):
     for case in ("kd", "dpo"):
-        args = bench.parse_args(["--config", "tiny", "--seq", "32", "--accum", "1", "--steps", "1",
+        args = bench.parse_args(["--shape", "tiny", "--seq", "32", "--accum", "1", "--steps", "1",
                                  "--tokenizer", str(tiny_model_dir), "--model_cache", str(tmp_path / "m")])
         args.one = case
         row = bench.run_one(args)
