@@ -49,6 +49,13 @@ def score_answer_tokens_only() -> None:
     _trl_utils._use_triton = lambda device: device.type == "cpu" or _use_triton(device)
 
 
+def score_every_position() -> None:
+    """TRL's fused LM head over every position, the ignored ones masked afterwards (its static-shape path for
+    compilers): no boolean indexing by the labels, which a CUDA graph cannot capture (speedups.GraphedStep), at the
+    cost of scoring prompt positions too. Stands in for: no config option exists. Process-wide."""
+    _trl_utils._use_triton = lambda device: False
+
+
 def one_gpu_per_process(config) -> None:
     """With several GPUs visible, Trainer would wrap the model in nn.DataParallel, which TRL refuses; one process
     trains on one GPU, where device_map put the model. Stands in for: no public setter of TrainingArguments.n_gpu."""

@@ -75,11 +75,11 @@ def teacher_topk(h, head, *, k: int, temperature: float = 1.0, scale: float = 1.
 
 
 def _logits(h, head, scale, softcap):
+    """fp32 logits from a matmul in the head's dtype (bf16 on a GPU, as the live KD path's tiles): no fp32 copy of
+    a [vocab, hidden] head."""
     import torch
-    z = h.float() @ head.weight.float().T
-    if getattr(head, "bias", None) is not None:
-        z = z + head.bias.float()
-    z = z * scale
+    import torch.nn.functional as F
+    z = F.linear(h.to(head.weight.dtype), head.weight, getattr(head, "bias", None)).float() * scale
     return softcap * torch.tanh(z / softcap) if softcap else z
 
 
@@ -200,22 +200,32 @@ def finish(out: Path, meta: dict) -> None:
 
 def _chunk_terms(h, w, b, ids, logp_t, tail_t, targets, temperature, scale, softcap):
     import torch
-    z = h.float() @ w.float().T
-    if b is not None:
-        z = z + b.float()
-    z = z * scale
+    import torch.nn.functional as F
+    z = F.linear(h.to(w.dtype), w, b).float()  # the head's dtype (bf16 on a GPU), fp32 from here on
+    if scale != 1.0:
+        z = z * scale
     if softcap:
         z = softcap * torch.tanh(z / softcap)
-    zt = z / temperature
-    logq = zt.gather(1, ids) - torch.logsumexp(zt, -1, keepdim=True)
+    lse = torch.logsumexp(z, -1)
+    if temperature == 1.0:
+        logq = z.gather(1, ids) - lse[:, None]
+    else:
+        zt = z / temperature
+        logq = zt.gather(1, ids) - torch.logsumexp(zt, -1, keepdim=True)
     logq_tail = torch.log1p(-logq.exp().sum(1).clamp(max=1 - 1e-6))
     kl = (logp_t.exp() * (logp_t - logq)).sum(1) + tail_t.exp() * (tail_t - logq_tail)
-    ce = torch.logsumexp(z, -1) - z.gather(1, targets[:, None]).squeeze(1)
+    ce = lse - z.gather(1, targets[:, None]).squeeze(1)
     return kl.sum(), ce.sum(), (z.argmax(-1) == targets).sum()
 
 
+def chunk_positions(vocab: int, tile_bytes: int = 64 << 20) -> int:
+    """Positions per loss chunk: one fp32 [chunk, vocab] tile of about `tile_bytes` (110 positions of a 151,936
+    vocabulary), so the chunk's few live tiles stay well under the 0.2 GiB the cached loss may add to SFT's peak."""
+    return max(16, tile_bytes // (4 * vocab))
+
+
 def cached_kd_terms(student, batch: dict, cache: TeacherCache, rows, *, temperature: float = 1.0,
-                    chunk: int = 1024) -> dict:
+                    chunk: int | None = None) -> dict:
     """kd_terms' dict ({"ce", "kd", "tokens", "entropy", "accuracy"}) from the cached teacher: one student backbone
     pass, then the output layer a chunk of positions at a time, recomputed in the backward (checkpoint), so no
     [tokens, vocab] tensor is kept."""
@@ -230,6 +240,7 @@ def cached_kd_terms(student, batch: dict, cache: TeacherCache, rows, *, temperat
     if ids.shape[0] != h.shape[0]:
         raise UserError(f"the teacher cache has {ids.shape[0]} answer positions for this batch, the student "
                         f"{h.shape[0]}: the cache does not match the data (rebuild it)")
+    chunk = chunk or chunk_positions(head.weight.shape[0])
     kl = ce = hits = 0
     for i in range(0, h.shape[0], chunk):
         s = slice(i, i + chunk)

@@ -164,3 +164,37 @@ def _set_rng_state(device, state):
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA graphs
+
+class GraphedStep:
+    """A training micro-step fn(**tensors) -> loss (forward and backward; the gradients accumulate into .grad)
+    captured once per input shape as a CUDA graph and replayed: the step's ~9,000 kernel launches and the Python,
+    dispatcher and guard work around them (about 80% of a 2,048-token micro-batch of the 3B shape on an H200, which
+    is busy only ~20% of the time: bench.py --profile) become one launch. The first `warmup` calls of a shape run
+    eagerly (cuBLAS workspaces, compilation), the next is captured and replayed.
+    The caller keeps every .grad allocated (zero_grad(set_to_none=False)): the graph writes into those tensors.
+    CUDA only; shapes must repeat (fixed-length rows) for the graphs to pay."""
+
+    def __init__(self, fn, warmup: int = 2):
+        self.fn, self.warmup, self.graphs = fn, warmup, {}
+
+    def __call__(self, **tensors):
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
+        entry = self.graphs.setdefault(key, {"seen": 0})
+        if entry["seen"] < self.warmup:
+            entry["seen"] += 1
+            return self.fn(**tensors)
+        if "graph" not in entry:
+            static = {k: v.clone() for k, v in tensors.items()}
+            graph = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):  # records the kernels; nothing runs until replay
+                out = self.fn(**static)
+            entry.update(graph=graph, static=static, out=out)
+        for k, v in tensors.items():
+            entry["static"][k].copy_(v)
+        entry["graph"].replay()
+        return entry["out"]
