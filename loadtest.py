@@ -163,7 +163,7 @@ def make_adapters(base: str, folder: str) -> dict[str, str]:
 
 def start_server(args, mode: str, log_path: Path):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MODEL_BASE": args.model, **MODES[mode],
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "MODEL_BASE": args.model, **MODES[mode],
            "BATCH_WAIT_MS": str(args.batch_wait_ms), "MAX_BATCH": str(args.max_batch)}
     env.update({f"MODEL_{e.upper()}": args.model for e in args.endpoints})
     env.update({f"MODEL_{e.upper()}": m for e, m in args.adapters.items()})
