@@ -18,7 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import DEFAULT_STUDENT, EMBEDDED_ALIAS, UserError, note
+from common import DEFAULT_STUDENT, EMBEDDED_ALIAS
+from fileio import UserError, note
 
 MODEL_SPEC = f"hub id, local folder, .gguf, run dir (its adapter on its base) or {EMBEDDED_ALIAS}"
 

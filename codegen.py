@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common import UserError, chat_prompt, read_records
+from common import chat_prompt
+from fileio import UserError, read_records
 
 CODE_BLOCK_ASK = "Write the Python code in a single ```python code block."
 PLAN_ASK = ("Do not write any code yet. Write a short numbered plan (at most 5 steps) for how to solve this task: "

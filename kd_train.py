@@ -25,7 +25,8 @@ Three modes, one trainer (TRL's SFTTrainer, subclassed as TRL's GKDTrainer does)
 import json
 
 import cli
-from common import UserError, load_model, load_student, note, read_records, sha256_file, user_errors
+from common import load_model, load_student
+from fileio import UserError, note, read_records, sha256_file, user_errors
 from kd_losses import KD_LOSSES, add_kd_data_args, canonical_rows, load_schema, target_key
 from training import add_training_args, encode_rows, eval_source, held_out, log_callbacks, start, train_and_save
 

@@ -46,7 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import cli
-from common import DEFAULT_STUDENT, UserError, user_errors
+from common import DEFAULT_STUDENT
+from fileio import UserError, user_errors
 from serving import ApiError, Cancelled, ClientGone, Gate, Lane, Metrics, ModelSlots, error_response, model_call, \
     wait_unless_gone
 
@@ -248,7 +249,7 @@ def creditmix_prior(slot, tok):
     kept: only CreditMix models pay for it."""
     if slot.prior is None:
         import creditmix as cm
-        from common import eval_run_dir
+        from run_record import eval_run_dir
         from scoring import read_calibration, served_prior
         recorded = read_calibration(eval_run_dir(slot.spec, create=False))
         with model_call([slot.row_name]):

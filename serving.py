@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from fastapi.responses import JSONResponse
 
-from common import UserError
+from fileio import UserError
 
 log = logging.getLogger("uvicorn.error.serve_creditmix")
 BASE = "__base__"  # PEFT's adapter name for "no adapter" rows in a mixed batch

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import kd_cache
 import cli
-from common import UserError, check_output_dir, load_model, read_records, sha256_file, user_errors, write_json
+from common import load_model
+from fileio import UserError, check_output_dir, read_records, sha256_file, user_errors, write_json
 from kd_losses import add_kd_data_args, canonical_rows, load_schema
 
 

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 import cli
-from common import (UserError, chat_prompt, check_output_file, jsonl_dumps, jsonl_lines, load_model, note,
-                    read_records_placed, user_errors)
+from common import chat_prompt, load_model
+from fileio import UserError, check_output_file, jsonl_dumps, jsonl_lines, note, read_records_placed, user_errors
 
 
 def parse_args(argv=None):

@@ -10,9 +10,10 @@ from collections import Counter
 from pathlib import Path
 
 from cli import MODEL_SPEC, add_load_args, print_config
-from common import (DEFAULT_STUDENT, UserError, adapter_digests, check_output_dir, commit_run_dir, encode_example, final_save_dir,
-                    fsdp_enabled, is_main_process, local_model_path, note, portable_base, world_size,
-                    write_run_json)
+from common import (DEFAULT_STUDENT, encode_example, fsdp_enabled, is_main_process, local_model_path, portable_base,
+                    world_size)
+from fileio import UserError, check_output_dir, note
+from run_record import adapter_digests, commit_run_dir, final_save_dir, write_run_json
 
 
 # transformers' names (OptimizerNames, SchedulerType); tests check the lists against the library's own.
@@ -402,7 +403,7 @@ def save_final(trainer, tok, args, base_model: str | None, write_record) -> None
     """The final save, complete or absent: adapter and tokenizer go into a temporary folder inside --save_dir,
     adapter_config.json names a base another machine can resolve (the hub id, or smollm2-135m; run.json keeps the
     local path), run.json (written by write_record(folder, fields)) records the adapter weights' sha256, and
-    common.commit_run_dir moves it all into place with run.json last. The loader refuses a run dir whose run.json is
+    run_record.commit_run_dir moves it all into place with run.json last. The loader refuses a run dir whose run.json is
     missing or does not match its weights."""
     from peft import PeftConfig
 

@@ -56,7 +56,7 @@ def write_creditmix_sample(outdir: Path, per_class: dict | None = None, seed: in
     """A small synthetic CreditMix source plus its prepared files (creditmix_prepare.py) in outdir."""
     import creditmix_prepare
     import make_sample_data
-    from common import write_json
+    from fileio import write_json
     rows = make_sample_data.creditmix_dataset(per_class or {"Good": 20, "Standard": 30, "Bad": 16}, seed)
     src = outdir / "creditmix_dataset.json"
     write_json(src, rows)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import common
-from common import UserError
+import fileio
+from fileio import UserError
 from conftest import ROOT
 
 
@@ -40,30 +41,30 @@ def test_read_records_names_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"input": "a", "output": "b"}\n\n{"input": "a" "output": "b"}\n')
     with pytest.raises(UserError, match=r"d.jsonl:3: invalid JSON"):
-        common.read_records(p)
+        fileio.read_records(p)
     p.write_text('{"input": "a", "output": "b"}\n{"input": "a"}\n')
     with pytest.raises(UserError, match=r"line 2: missing field 'output'"):
-        common.read_records(p, required=("input", "output"))
+        fileio.read_records(p, required=("input", "output"))
     p.write_text('{"input": "", "output": "b"}\n')
     with pytest.raises(UserError, match=r"line 1: field 'input' must be a non-empty string"):
-        common.read_records(p, nonempty=("input",))
+        fileio.read_records(p, nonempty=("input",))
     with pytest.raises(UserError, match="not found"):
-        common.read_records(tmp_path / "missing.jsonl")
+        fileio.read_records(tmp_path / "missing.jsonl")
     p.write_text("\n")
     with pytest.raises(UserError, match="no records"):
-        common.read_records(p)
+        fileio.read_records(p)
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     p = tmp_path / "out.jsonl"
-    common.write_jsonl(p, [{"a": 1}])
+    fileio.write_jsonl(p, [{"a": 1}])
 
     def rows():
         yield {"a": 2}
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        common.write_jsonl(p, rows())
+        fileio.write_jsonl(p, rows())
     assert p.read_text() == '{"a": 1}\n'
     assert [f.name for f in tmp_path.iterdir()] == ["out.jsonl"]  # no temp file left
 
@@ -86,7 +87,7 @@ def test_tokens_aligned_and_completion_only_labels(tiny_model_dir):
 
 
 def test_cpu_fallback_says_so_once_when_training(capsys, monkeypatch):
-    monkeypatch.setattr(common, "_notes_said", set())  # notes are once per process: start from none said
+    monkeypatch.setattr(fileio, "_notes_said", set())  # notes are once per process: start from none said
     assert common.use_4bit("auto", "cpu", training=True) is False
     assert common.use_4bit("auto", "cpu", training=True) is False
     assert capsys.readouterr().err.count("4-bit QLoRA needs a CUDA GPU") == 1
@@ -95,7 +96,7 @@ def test_cpu_fallback_says_so_once_when_training(capsys, monkeypatch):
 
 
 def test_inference_on_cpu_says_nothing_about_qlora(tiny_model_dir, capsys, monkeypatch):
-    monkeypatch.setattr(common, "_notes_said", set())
+    monkeypatch.setattr(fileio, "_notes_said", set())
     model, _, _ = common.load_model(str(tiny_model_dir), device="cpu")  # inference: nothing trains
     assert "4-bit" not in capsys.readouterr().err
     assert next(model.parameters()).dtype == common.compute_dtype("cpu")
@@ -106,7 +107,7 @@ def test_inference_on_cpu_says_nothing_about_qlora(tiny_model_dir, capsys, monke
 def exits_2(fn, capsys) -> str:
     """Run fn as a script's main runs (under user_errors): it must exit 2 with one line on stderr; returns it."""
     with pytest.raises(SystemExit) as e:
-        with common.user_errors():
+        with fileio.user_errors():
             fn()
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err and err[-1].startswith("error: ")
@@ -120,13 +121,13 @@ SEPARATORS = "a\u2028b\u2029c\x85d"  # line separators for str.splitlines(), ord
 def test_jsonl_round_trips_unicode_line_separators(tmp_path):
     rows = [{"input": SEPARATORS, "output": "Good"}, {"input": "plain", "output": "Bad"}]
     p = tmp_path / "d.jsonl"
-    common.write_jsonl(p, rows)
-    assert common.read_records(p) == rows
+    fileio.write_jsonl(p, rows)
+    assert fileio.read_records(p) == rows
     assert len(p.read_text(encoding="utf-8").splitlines()) == 2  # escaped: even splitlines() readers see 2 lines
     # a file with the characters raw (json.dumps(ensure_ascii=False), as other tools write) reads back too
     p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    assert common.read_records(p) == rows
-    assert common.record_places(p) == ["line 1", "line 2"]
+    assert fileio.read_records(p) == rows
+    assert fileio.record_places(p) == ["line 1", "line 2"]
 
 
 def test_errors_name_the_file_line_with_blank_lines_counted(tmp_path):
@@ -134,24 +135,24 @@ def test_errors_name_the_file_line_with_blank_lines_counted(tmp_path):
     p.write_text('{"input": "a", "output": "b"}\n\n{"input": "a\u2028x", "output": "b"}\n\n{"input": "c"}\n',
                  encoding="utf-8")
     with pytest.raises(UserError, match=r"d.jsonl: line 5: missing field 'output'"):
-        common.read_records(p, required=("input", "output"))
-    assert common.record_places(p) == ["line 1", "line 3", "line 5"]
+        fileio.read_records(p, required=("input", "output"))
+    assert fileio.record_places(p) == ["line 1", "line 3", "line 5"]
 
 
 def test_non_utf8_jsonl_is_one_line(tmp_path, capsys):
     p = tmp_path / "d.jsonl"
     p.write_bytes(b'{"input": "a", "output": "b"}\n{"input": "caf\xe9", "output": "b"}\n')
-    line = exits_2(lambda: common.read_records(p), capsys)
+    line = exits_2(lambda: fileio.read_records(p), capsys)
     assert "d.jsonl:2: not UTF-8 text (byte 0xe9 at column 15)" in line
 
 
 def test_write_outputs_all_or_none(tmp_path):
     (tmp_path / "b.jsonl").mkdir()  # one output path blocked by a folder
     with pytest.raises(UserError, match=r"b.jsonl is a folder"):
-        common.write_outputs({tmp_path / "a.jsonl": [{"x": 1}], tmp_path / "b.jsonl": [{"x": 2}],
+        fileio.write_outputs({tmp_path / "a.jsonl": [{"x": 1}], tmp_path / "b.jsonl": [{"x": 2}],
                               tmp_path / "c.json": {"y": 1}})
     assert sorted(f.name for f in tmp_path.iterdir()) == ["b.jsonl"]  # nothing else written, no temp files
-    counts = common.write_outputs({tmp_path / "a.jsonl": [{"x": 1}, {"x": 2}], tmp_path / "c.json": {"y": 1}})
+    counts = fileio.write_outputs({tmp_path / "a.jsonl": [{"x": 1}, {"x": 2}], tmp_path / "c.json": {"y": 1}})
     assert counts == {str(tmp_path / "a.jsonl"): 2, str(tmp_path / "c.json"): 1}
     assert json.loads((tmp_path / "c.json").read_text()) == {"y": 1}
 
@@ -159,10 +160,10 @@ def test_write_outputs_all_or_none(tmp_path):
 def test_output_checks(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="is a file, not a folder"):
-        common.check_output_dir(tmp_path / "f")
+        fileio.check_output_dir(tmp_path / "f")
     with pytest.raises(UserError, match="is a file, not a folder"):
-        common.check_output_file(tmp_path / "f" / "out.jsonl")
-    assert common.check_output_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
+        fileio.check_output_file(tmp_path / "f" / "out.jsonl")
+    assert fileio.check_output_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
     assert not (tmp_path / "new").exists()  # checking creates nothing
 
 
@@ -182,9 +183,9 @@ def read_only_dir(tmp_path):
 def test_read_only_output_is_refused(tmp_path):
     ro = read_only_dir(tmp_path)
     with pytest.raises(UserError, match="cannot write in"):
-        common.check_output_dir(ro / "run")
+        fileio.check_output_dir(ro / "run")
     with pytest.raises(UserError, match="cannot write in"):
-        common.check_output_file(ro / "out.jsonl")
+        fileio.check_output_file(ro / "out.jsonl")
 
 
 def test_path_shaped_model_that_does_not_exist_fails_at_once(tmp_path, monkeypatch):
@@ -199,7 +200,7 @@ def test_path_shaped_model_that_does_not_exist_fails_at_once(tmp_path, monkeypat
 
 
 def _run_load(spec, env):
-    code = f"import common\nwith common.user_errors():\n    common.load_model({spec!r})"
+    code = f"import common, fileio\nwith fileio.user_errors():\n    common.load_model({spec!r})"
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **env})
 
@@ -249,7 +250,7 @@ def test_garbage_run_json_is_one_line(tmp_path, capsys, tiny_model_dir):
 
 def test_user_errors_exit_code(capsys):
     with pytest.raises(SystemExit) as e:
-        with common.user_errors():
+        with fileio.user_errors():
             raise UserError("bad thing in x.jsonl line 3")
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "error: bad thing in x.jsonl line 3"

@@ -6,7 +6,7 @@ import pytest
 
 import creditmix as cm
 import creditmix_prepare
-from common import UserError
+from fileio import UserError
 from conftest import shared_data, write_creditmix_sample
 
 
@@ -111,7 +111,7 @@ def test_missing_file_exits_2(tmp_path):
 
 
 def exits_2(fn, capsys) -> str:
-    from common import user_errors
+    from fileio import user_errors
     with pytest.raises(SystemExit) as e:
         with user_errors():
             fn()

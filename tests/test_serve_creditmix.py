@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from common import UserError
+from fileio import UserError
 from conftest import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
