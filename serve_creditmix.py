@@ -37,12 +37,12 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, Union
+from typing import Annotated, Any, Callable, ClassVar, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import cli
@@ -370,89 +370,110 @@ def default_new_tokens(cfg: ServeConfig) -> int:
     return min(512, cfg.max_new_tokens_cap)
 
 
-def creditmix_request(cfg: ServeConfig) -> type[BaseModel]:
-    """The CreditMix request model under this configuration's caps (they show in the OpenAPI schema)."""
-    Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_chars, pattern=NOT_BLANK)]
+# The request models. Their caps come from the server's configuration, so each model declares its fields in
+# fields(cfg) and checks them in validators that read cls.cfg: capped(model, cfg) is the model a server validates
+# with, and its OpenAPI schema shows the caps.
 
-    class CreditMixRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"features": README_FEATURES}]})
-        features: Union[Text, Annotated[list[Text], Field(min_length=1, max_length=cfg.max_items)]] = Field(
+def capped_text(cap: int):
+    """A non-blank string of at most `cap` characters, as the OpenAPI schema states it."""
+    return Annotated[str, StringConstraints(min_length=1, max_length=cap, pattern=NOT_BLANK)]
+
+
+def capped_tokens(cfg: ServeConfig):
+    return Annotated[int, Field(ge=1, le=cfg.max_new_tokens_cap)]
+
+
+class CreditMixRequest(BaseModel):
+    """POST /infer/{name}: one customer's features, or a list of them."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"features": README_FEATURES}]})
+    cfg: ClassVar[ServeConfig]
+
+    @classmethod
+    def fields(cls, cfg: ServeConfig) -> dict:
+        text = capped_text(cfg.max_chars)
+        return {"features": (Union[text, Annotated[list[text], Field(min_length=1, max_length=cfg.max_items)]], Field(
             description=f"one customer's features, or a list of them (at most {cfg.max_items}, each at most "
-                        f"{cfg.max_chars} characters); a list gets a list of answers in the same order")
+                        f"{cfg.max_chars} characters); a list gets a list of answers in the same order"))}
 
-        @field_validator("features", mode="before")
-        @classmethod
-        def _features(cls, v):
-            return check_texts(v, "features", cfg.max_chars, cfg.max_items)
-
-    return CreditMixRequest
+    @field_validator("features", mode="before", check_fields=False)
+    @classmethod
+    def _features(cls, v):
+        return check_texts(v, "features", cls.cfg.max_chars, cls.cfg.max_items)
 
 
-def codegen_request(cfg: ServeConfig) -> type[BaseModel]:
-    """The CodeGen request model under this configuration's caps."""
-    Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_chars, pattern=NOT_BLANK)]
-    default_new = default_new_tokens(cfg)
+class CodeGenRequest(BaseModel):
+    """POST /generate/codegen: a coding task, its token budget, and whether to plan first."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"prompt": "Write a function that sorts a list.", "max_new_tokens": 256, "plan_then_code": False}]})
+    cfg: ClassVar[ServeConfig]
 
-    class CodeGenRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-            {"prompt": "Write a function that sorts a list.", "max_new_tokens": 256, "plan_then_code": False}]})
-        prompt: Text = Field(description=f"the coding task (at most {cfg.max_chars} characters)")
-        max_new_tokens: Annotated[int, Field(ge=1, le=cfg.max_new_tokens_cap)] = Field(
-            default_new, description=f"token budget of the answer (and of the plan), at most {cfg.max_new_tokens_cap}")
-        plan_then_code: bool = Field(False, description="write a short plan first, then code that follows it")
+    @classmethod
+    def fields(cls, cfg: ServeConfig) -> dict:
+        return {
+            "prompt": (capped_text(cfg.max_chars), Field(
+                description=f"the coding task (at most {cfg.max_chars} characters)")),
+            "max_new_tokens": (capped_tokens(cfg), Field(default_new_tokens(cfg), description=(
+                f"token budget of the answer (and of the plan), at most {cfg.max_new_tokens_cap}"))),
+            "plan_then_code": (bool, Field(False, description="write a short plan first, then code that follows it")),
+        }
 
-        @field_validator("prompt", mode="before")
-        @classmethod
-        def _prompt(cls, v):
-            return check_text(v, "prompt", cfg.max_chars)
+    @field_validator("prompt", mode="before", check_fields=False)
+    @classmethod
+    def _prompt(cls, v):
+        return check_text(v, "prompt", cls.cfg.max_chars)
 
-        @field_validator("max_new_tokens", mode="before")
-        @classmethod
-        def _budget(cls, v):
-            return check_int(v, "max_new_tokens", 1, cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
+    @field_validator("max_new_tokens", mode="before", check_fields=False)
+    @classmethod
+    def _budget(cls, v):
+        return check_int(v, "max_new_tokens", 1, cls.cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
 
-        @field_validator("plan_then_code", mode="before")
-        @classmethod
-        def _plan(cls, v):
-            return check_bool(v, "plan_then_code")
-
-    return CodeGenRequest
+    @field_validator("plan_then_code", mode="before", check_fields=False)
+    @classmethod
+    def _plan(cls, v):
+        return check_bool(v, "plan_then_code")
 
 
-def idp_request(cfg: ServeConfig) -> type[BaseModel]:
-    """The IDP request model under this configuration's caps."""
-    Doc = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_document_chars, pattern=NOT_BLANK)]
-    default_new = default_new_tokens(cfg)
+class IdpRequest(BaseModel):
+    """POST /extract/idp: a document, optionally the JSON Schema of its output, and a token budget."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"document": "Invoice #INV1 date 2025-10-01 from Bar LLC total USD 50.", "max_new_tokens": 256}]})
+    cfg: ClassVar[ServeConfig]
 
-    class IdpRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-            {"document": "Invoice #INV1 date 2025-10-01 from Bar LLC total USD 50.", "max_new_tokens": 256}]})
-        document: Doc = Field(description=f"the document text (at most {cfg.max_document_chars} characters)")
-        json_schema: dict | None = Field(None, alias="schema", description=(
-            f"the JSON Schema the output must conform to (root type object); default: the server's IDP_SCHEMA "
-            f"file ({cfg.idp_schema})"))
-        max_new_tokens: Annotated[int, Field(ge=1, le=cfg.max_new_tokens_cap)] = Field(
-            default_new, description=f"token budget of the reply, at most {cfg.max_new_tokens_cap}; the JSON is "
-                                     "always closed within it")
+    @classmethod
+    def fields(cls, cfg: ServeConfig) -> dict:
+        return {
+            "document": (capped_text(cfg.max_document_chars), Field(
+                description=f"the document text (at most {cfg.max_document_chars} characters)")),
+            "json_schema": (dict | None, Field(None, alias="schema", description=(
+                f"the JSON Schema the output must conform to (root type object); default: the server's IDP_SCHEMA "
+                f"file ({cfg.idp_schema})"))),
+            "max_new_tokens": (capped_tokens(cfg), Field(default_new_tokens(cfg), description=(
+                f"token budget of the reply, at most {cfg.max_new_tokens_cap}; the JSON is always closed within it"))),
+        }
 
-        @field_validator("document", mode="before")
-        @classmethod
-        def _document(cls, v):
-            return check_text(v, "document", cfg.max_document_chars, "MAX_DOCUMENT_CHARS")
+    @field_validator("document", mode="before", check_fields=False)
+    @classmethod
+    def _document(cls, v):
+        return check_text(v, "document", cls.cfg.max_document_chars, "MAX_DOCUMENT_CHARS")
 
-        @field_validator("json_schema", mode="before")
-        @classmethod
-        def _schema(cls, v):
-            if v is not None and not isinstance(v, dict):
-                raise ValueError(f"schema must be a JSON object, got {JSON_TYPE.get(type(v), type(v).__name__)}")
-            return v
+    @field_validator("json_schema", mode="before", check_fields=False)
+    @classmethod
+    def _schema(cls, v):
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"schema must be a JSON object, got {JSON_TYPE.get(type(v), type(v).__name__)}")
+        return v
 
-        @field_validator("max_new_tokens", mode="before")
-        @classmethod
-        def _budget(cls, v):
-            return check_int(v, "max_new_tokens", 1, cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
+    @field_validator("max_new_tokens", mode="before", check_fields=False)
+    @classmethod
+    def _budget(cls, v):
+        return check_int(v, "max_new_tokens", 1, cls.cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
 
-    return IdpRequest
+
+def capped(model: type[BaseModel], cfg: ServeConfig) -> type[BaseModel]:
+    """`model` under this configuration's caps: the fields model.fields(cfg) declares, which the model's validators
+    check against cfg. It keeps the model's name (the OpenAPI schema's); a new one is built per configuration."""
+    return create_model(model.__name__, __base__=model, __module__=__name__,
+                        cfg=(ClassVar[ServeConfig], cfg), **model.fields(cfg))
 
 
 class ChatRequest(BaseModel):
@@ -474,7 +495,7 @@ class ChatRequest(BaseModel):
 class Task:
     """One row of the task table."""
     route: str                                  # the native route ({name} = the endpoint name)
-    request: Callable[[ServeConfig], type[BaseModel]]  # its request model under a configuration's caps
+    request: type[BaseModel]                    # its request model (capped(request, cfg): under cfg's caps)
     answer: type[BaseModel]                     # its response model (the README's JSON for CreditMix)
     prior: bool                                 # what loading adds: the multi-null prior (label ranking only)
     run: Callable[[list, ServeConfig], list]    # one batch of items -> one result (or ApiError) per item
@@ -482,11 +503,11 @@ class Task:
 
 
 TASKS = {
-    "creditmix": Task("/infer/{name}", creditmix_request, CreditMixAnswer, True, run_creditmix,
+    "creditmix": Task("/infer/{name}", CreditMixRequest, CreditMixAnswer, True, run_creditmix,
                       "CreditMix label (Good/Standard/Bad) by calibrated label ranking"),
-    "codegen": Task("/generate/codegen", codegen_request, CodeGenAnswer, False, run_codegen,
+    "codegen": Task("/generate/codegen", CodeGenRequest, CodeGenAnswer, False, run_codegen,
                     "Python code for a task, greedy decoding capped at max_new_tokens"),
-    "idp": Task("/extract/idp", idp_request, IdpAnswer, False, run_idp,
+    "idp": Task("/extract/idp", IdpRequest, IdpAnswer, False, run_idp,
                 "one JSON object per document, grammar-constrained by a JSON Schema and validated"),
 }
 
@@ -549,7 +570,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     state: dict[str, Any] = {}  # built in the lifespan: slots, lanes, stop flags
 
     default_new = default_new_tokens(cfg)
-    CreditMixRequest, CodeGenRequest, IdpRequest = (TASKS[t].request(cfg) for t in ("creditmix", "codegen", "idp"))
+    CreditMixRequest, CodeGenRequest, IdpRequest = (capped(TASKS[t].request, cfg) for t in ("creditmix", "codegen", "idp"))
 
     # ------------------------------------------------------------------ lifespan: slots, lanes, signals
     @contextlib.asynccontextmanager
