@@ -145,17 +145,23 @@ def eval_source(args) -> str:
     return args.eval_data or f"{args.data} (--val_frac {args.val_frac:g})"
 
 
+def encode_counted(rows: list[dict], encode) -> tuple[list[dict], Counter]:
+    """The examples of encode(row) -> (example or None, status) over `rows`, and how many rows got each status."""
+    enc, counts = [], Counter()
+    for r in rows:
+        ex, status = encode(r)
+        counts[status] += 1
+        if ex is not None:
+            enc.append(ex)
+    return enc, counts
+
+
 def encode_rows(tok, rows: list[dict], prompt_key: str, target_key: str, max_len: int, keep_whole: bool = False,
                 source: str = "data"):
     """Tokenise (prompt, target) rows into a datasets.Dataset of input_ids/labels; count what max_len cut."""
     from datasets import Dataset
 
-    enc, counts = [], Counter()
-    for r in rows:
-        ex, status = encode_example(tok, r[prompt_key], r[target_key], max_len, keep_whole)
-        counts[status] += 1
-        if ex is not None:
-            enc.append(ex)
+    enc, counts = encode_counted(rows, lambda r: encode_example(tok, r[prompt_key], r[target_key], max_len, keep_whole))
     if counts["truncated"]:
         note(f"{counts['truncated']} of {len(rows)} rows of {source} were longer than --max_len {max_len}: "
              "their answers are cut")
