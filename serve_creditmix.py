@@ -379,10 +379,6 @@ def capped_text(cap: int):
     return Annotated[str, StringConstraints(min_length=1, max_length=cap, pattern=NOT_BLANK)]
 
 
-def capped_tokens(cfg: ServeConfig):
-    return Annotated[int, Field(ge=1, le=cfg.max_new_tokens_cap)]
-
-
 class CreditMixRequest(BaseModel):
     """POST /infer/{name}: one customer's features, or a list of them."""
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"features": README_FEATURES}]})
@@ -401,19 +397,33 @@ class CreditMixRequest(BaseModel):
         return check_texts(v, "features", cls.cfg.max_chars, cls.cfg.max_items)
 
 
-class CodeGenRequest(BaseModel):
+class GenerationRequest(BaseModel):
+    """What the generating endpoints share: max_new_tokens, at most MAX_NEW_TOKENS."""
+    cfg: ClassVar[ServeConfig]
+
+    @staticmethod
+    def budget(cfg: ServeConfig, description: str) -> tuple:
+        """The max_new_tokens field; `description` names the cap as {cap}."""
+        return (Annotated[int, Field(ge=1, le=cfg.max_new_tokens_cap)],
+                Field(default_new_tokens(cfg), description=description.format(cap=cfg.max_new_tokens_cap)))
+
+    @field_validator("max_new_tokens", mode="before", check_fields=False)
+    @classmethod
+    def _budget(cls, v):
+        return check_int(v, "max_new_tokens", 1, cls.cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
+
+
+class CodeGenRequest(GenerationRequest):
     """POST /generate/codegen: a coding task, its token budget, and whether to plan first."""
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"prompt": "Write a function that sorts a list.", "max_new_tokens": 256, "plan_then_code": False}]})
-    cfg: ClassVar[ServeConfig]
 
     @classmethod
     def fields(cls, cfg: ServeConfig) -> dict:
         return {
             "prompt": (capped_text(cfg.max_chars), Field(
                 description=f"the coding task (at most {cfg.max_chars} characters)")),
-            "max_new_tokens": (capped_tokens(cfg), Field(default_new_tokens(cfg), description=(
-                f"token budget of the answer (and of the plan), at most {cfg.max_new_tokens_cap}"))),
+            "max_new_tokens": cls.budget(cfg, "token budget of the answer (and of the plan), at most {cap}"),
             "plan_then_code": (bool, Field(False, description="write a short plan first, then code that follows it")),
         }
 
@@ -422,22 +432,16 @@ class CodeGenRequest(BaseModel):
     def _prompt(cls, v):
         return check_text(v, "prompt", cls.cfg.max_chars)
 
-    @field_validator("max_new_tokens", mode="before", check_fields=False)
-    @classmethod
-    def _budget(cls, v):
-        return check_int(v, "max_new_tokens", 1, cls.cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
-
     @field_validator("plan_then_code", mode="before", check_fields=False)
     @classmethod
     def _plan(cls, v):
         return check_bool(v, "plan_then_code")
 
 
-class IdpRequest(BaseModel):
+class IdpRequest(GenerationRequest):
     """POST /extract/idp: a document, optionally the JSON Schema of its output, and a token budget."""
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"document": "Invoice #INV1 date 2025-10-01 from Bar LLC total USD 50.", "max_new_tokens": 256}]})
-    cfg: ClassVar[ServeConfig]
 
     @classmethod
     def fields(cls, cfg: ServeConfig) -> dict:
@@ -447,8 +451,8 @@ class IdpRequest(BaseModel):
             "json_schema": (dict | None, Field(None, alias="schema", description=(
                 f"the JSON Schema the output must conform to (root type object); default: the server's IDP_SCHEMA "
                 f"file ({cfg.idp_schema})"))),
-            "max_new_tokens": (capped_tokens(cfg), Field(default_new_tokens(cfg), description=(
-                f"token budget of the reply, at most {cfg.max_new_tokens_cap}; the JSON is always closed within it"))),
+            "max_new_tokens": cls.budget(cfg, "token budget of the reply, at most {cap}; the JSON is always closed "
+                                              "within it"),
         }
 
     @field_validator("document", mode="before", check_fields=False)
@@ -462,11 +466,6 @@ class IdpRequest(BaseModel):
         if v is not None and not isinstance(v, dict):
             raise ValueError(f"schema must be a JSON object, got {JSON_TYPE.get(type(v), type(v).__name__)}")
         return v
-
-    @field_validator("max_new_tokens", mode="before", check_fields=False)
-    @classmethod
-    def _budget(cls, v):
-        return check_int(v, "max_new_tokens", 1, cls.cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
 
 
 def capped(model: type[BaseModel], cfg: ServeConfig) -> type[BaseModel]:

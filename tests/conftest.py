@@ -134,3 +134,14 @@ def stop_server(client) -> None:
         client.proc.wait(15)
     except subprocess.TimeoutExpired:
         client.proc.kill()
+
+
+def metric(client, name: str, **labels) -> float:
+    """The sum of a live server's /metrics samples named `name` with these labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+    total = 0.0
+    for fam in text_string_to_metric_families(client.get("/metrics").text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total

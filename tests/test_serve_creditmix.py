@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fileio import UserError
-from conftest import start_server, stop_server
+from conftest import metric, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
@@ -50,16 +50,6 @@ def server(tiny_model_dir, tmp_path_factory):
     client.specs = {"base": str(tiny_model_dir), "dpo": str(dpo)}
     yield client
     stop_server(client)
-
-
-def metric(client, name: str, **labels) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-    total = 0.0
-    for fam in text_string_to_metric_families(client.get("/metrics").text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def infer(client, endpoint="base", features=FEATURES, **kw):
