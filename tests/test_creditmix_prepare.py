@@ -10,6 +10,10 @@ from fileio import UserError
 from conftest import shared_data, write_creditmix_sample
 
 
+class DataRead(Exception):
+    """Raised in place of loading the student: the script got past reading its data."""
+
+
 def read(p):
     return [json.loads(line) for line in open(p)]
 
@@ -145,9 +149,6 @@ def test_unicode_line_separators_survive_prepare_and_training_reads(tmp_path, mo
     run(["--src", str(src), "--outdir", str(tmp_path), "--val_per_class", "1"])
     texts = [r["input"] for name in ("sft", "val") for r in read(tmp_path / f"creditmix_{name}.jsonl")]
     assert any("Writer\u2028Editor\u2029x\x85y" in t for t in texts)
-
-    class DataRead(Exception):
-        pass
 
     def stop(*a, **kw):  # sft_train read and checked its data: stop before the model loads
         raise DataRead()

@@ -528,20 +528,21 @@ def test_help_shows_every_default(script, monkeypatch):
     assert not missing, f"python {script} --help hides these defaults: {', '.join(missing)}"
 
 
+class ParserBuilt(Exception):
+    """Raised in place of parsing: capture_parser has the script's ArgumentParser."""
+
+
 def capture_parser(script: str, monkeypatch) -> argparse.ArgumentParser:
     """The ArgumentParser script.parse_args builds (stopped before parsing)."""
     seen = []
 
-    class Stop(Exception):
-        pass
-
     def grab(self, args=None, namespace=None):
         seen.append(self)
-        raise Stop
+        raise ParserBuilt
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
     module = importlib.import_module(Path(script).stem)
-    with pytest.raises(Stop):
+    with pytest.raises(ParserBuilt):
         module.parse_args([])
     return seen[0]
 

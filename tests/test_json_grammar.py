@@ -186,17 +186,21 @@ def test_closing_string_completes_any_prefix(tiny, name, prefix):
 # ----------------------------------------------------------------------------------------------------------------
 # constrained generation with a random model: valid whatever the model prefers, within the budget
 
+class Bias:
+    """A logits processor that adds `strength` to the scores of token ids `ids`."""
+
+    def __init__(self, ids: list[int], strength: float):
+        self.ids, self.strength = ids, strength
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.ids] += self.strength
+        return scores
+
+
 def _bias_processor(tok, text: str, strength: float = 30.0):
     """Makes the model love the tokens of `text` (digits, letters, brackets): the grammar and the budget guard must
     still deliver a valid document."""
-    from transformers import LogitsProcessor
-    ids = sorted({i for ch in text for i in tok.encode(ch, add_special_tokens=False)})
-
-    class Bias(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            scores[:, ids] += strength
-            return scores
-    return Bias()
+    return Bias(sorted({i for ch in text for i in tok.encode(ch, add_special_tokens=False)}), strength)
 
 
 def _generate(model, tok, cache, grammar, prompts, max_new_tokens, bias=None, max_string_chars=0):

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import TrainerCallback
 
 import common
 import fileio
@@ -28,16 +29,17 @@ class Killed(Exception):
     pass
 
 
+class KillAfterFirstCheckpoint(TrainerCallback):
+    """Kills training right after its first checkpoint is saved."""
+
+    def on_save(self, args, state, control, **kw):
+        raise Killed()
+
+
 def test_resume_continues_from_checkpoint(tmp_path, tiny_model_dir, creditmix_dir, monkeypatch):
     argv = ["--student", str(tiny_model_dir), "--data", str(creditmix_dir / "creditmix_sft.jsonl"),
             "--save_dir", str(tmp_path / "run"), "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"]
-    from transformers import TrainerCallback
-
-    class KillAfterFirstCheckpoint(TrainerCallback):
-        def on_save(self, args, state, control, **kw):
-            raise Killed()
-
     real = training.log_callbacks
     monkeypatch.setattr(sft_train, "log_callbacks", lambda d: real(d) + [KillAfterFirstCheckpoint()])
     with pytest.raises(Killed):
