@@ -72,7 +72,8 @@ def main(args):
     if not docs:
         raise fileio.UserError(f"{data}: no documents")
     model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize,
-                                       trust_remote_code=args.trust_remote_code)
+                                       trust_remote_code=args.trust_remote_code,
+                                       max_memory_gb=args.max_memory_gb)
     limit = idp.input_token_limit(model, tok, 0, args.max_new_tokens)
 
     # run: compile times (a fresh compiler per schema: nothing cached), then the same schema again (cached)

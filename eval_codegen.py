@@ -116,6 +116,7 @@ def main(args):
                             memory_mb=args.memory_mb or (8192 if plus else 4096))
     t0 = time.time()
     generated = []   # (task_id, solution, record)
+    ms = None
     if args.samples:
         generated = read_samples(args.samples, {p.task_id: p for p in problems})
         missing = len({p.task_id for p in problems} - {tid for tid, _, _ in generated})
@@ -124,7 +125,8 @@ def main(args):
     else:
         from transformers import set_seed
         set_seed(args.seed)
-        model, tok, _ = load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+        model, tok, ms = load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                                    max_memory_gb=args.max_memory_gb)
         answers = codegen.answer(model, tok, [p.task for p in problems], plan_then_code=args.plan_then_code,
                                  plan_tokens=args.plan_tokens, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p, num_samples=args.num_samples,
@@ -145,6 +147,7 @@ def main(args):
     metrics, per = summarize(problems, by_task, ks)
     metrics.update(dataset=problems[0].kind, split=args.split or ("test" if problems[0].kind == "mbpp" else None),
                    plan_then_code=args.plan_then_code, temperature=args.temperature,
+                   precision=ms.precision[0] if ms else None,
                    generate_s=round(gen_s, 1) if not args.samples else None, execute_s=round(exec_s, 1),
                    candidates_per_s=round(len(results) / exec_s, 1) if exec_s else None,
                    isolation=sandbox.detect_isolation().description)

@@ -86,7 +86,7 @@ def main(args):
     checked = [jg.check_output(r["text"], validator) for r in results]
     n = len(records)
     metrics = {
-        "n": n, "constrained": not args.unconstrained,
+        "n": n, "constrained": not args.unconstrained, "precision": ms.precision[0],
         "json_valid_rate": sum(c["json_valid"] for c in checked) / n,
         "schema_valid_rate": sum(c["schema_valid"] for c in checked) / n,
         "cut_off_rate": sum(not r["ended"] for r in results) / n,

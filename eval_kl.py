@@ -50,8 +50,10 @@ def main(args):
     rows = rows[:args.limit] if args.limit > 0 else rows
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0")
-    teacher, ttok, _ = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
-    student, tok, _ = load_model(args.student, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+    teacher, ttok, _ = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                                  max_memory_gb=args.max_memory_gb)
+    student, tok, _ = load_model(args.student, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                                 max_memory_gb=args.max_memory_gb)
     vocab = check_vocab(tok, ttok, student, teacher)
     # run
     metrics = heldout_kl(teacher, student, tok, rows, prompt_key="input", target_key=key, max_len=args.max_len,

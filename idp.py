@@ -242,7 +242,8 @@ def load_extractor(args, schema: dict):
     if not args.unconstrained:
         jg.start_worker()  # the compile worker imports xgrammar while the model loads
     model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize,
-                                       trust_remote_code=args.trust_remote_code)
+                                       trust_remote_code=args.trust_remote_code,
+                                       max_memory_gb=args.max_memory_gb)
     cache = grammar = None
     if not args.unconstrained:
         cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)

@@ -153,7 +153,8 @@ def main(args):
     teacher = vocab = tms = xtok = None
     if args.teacher:
         from kd_losses import check_vocab
-        teacher, ttok, tms = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+        teacher, ttok, tms = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                                         auto="4bit")  # beside training: its memory
         if args.cross_tokenizer:
             import xtok_kd
             if ttok.get_vocab() == tok.get_vocab():

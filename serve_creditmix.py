@@ -79,7 +79,9 @@ GRAMMARS_KEPT = 64  # distinct request schemas compiled per model before the gra
 class ServeConfig:
     """Everything the server reads from the environment, with its defaults (the variable names are in from_env)."""
     models: dict[str, str] = field(default_factory=lambda: {n: d for n, (_, _, d) in ENDPOINTS.items()})
-    quantize: str = "auto"             # QUANTIZE: auto = 4-bit NF4 on CUDA, plain weights on CPU (common.load_model)
+    quantize: str = "auto"             # QUANTIZE: auto = bf16 where it fits MAX_MEMORY_GB, an adapter on its training
+    #                                    precision, else 4-bit NF4; plain weights on CPU (common.choose_precision)
+    max_memory_gb: float = 8.0         # MAX_MEMORY_GB: GiB of GPU memory QUANTIZE=auto fits each base in (0 = free only)
     trust_remote_code: bool = False    # TRUST_REMOTE_CODE=1 allows model code from the hub
     micro_batching: bool = True        # MICRO_BATCHING=0: one forward pass per request (the load test's baseline)
     batch_wait_ms: float = 5.0         # BATCH_WAIT_MS: how long a batch waits for more requests after its first
@@ -135,6 +137,7 @@ class ServeConfig:
         return cls(
             models={n: env.get(var, "").strip() or default for n, (_, var, default) in ENDPOINTS.items()},
             quantize=quantize,
+            max_memory_gb=num("MAX_MEMORY_GB", d.max_memory_gb, float, 0),
             trust_remote_code=flag("TRUST_REMOTE_CODE", d.trust_remote_code),
             micro_batching=flag("MICRO_BATCHING", d.micro_batching),
             batch_wait_ms=num("BATCH_WAIT_MS", d.batch_wait_ms, float, 0),
@@ -574,7 +577,7 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     # ------------------------------------------------------------------ lifespan: slots, lanes, signals
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        slots = ModelSlots(cfg.quantize, cfg.trust_remote_code, cfg.load_retry_s, metrics)
+        slots = ModelSlots(cfg.quantize, cfg.trust_remote_code, cfg.load_retry_s, metrics, cfg.max_memory_gb)
         state["models"] = slots
         state["slots"] = {name: slots.slot(spec) for name, spec in cfg.models.items()}
         state["lanes"] = {}

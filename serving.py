@@ -181,6 +181,7 @@ class Base:
     tokenizers: dict[tuple, Any] = field(default_factory=dict)  # fingerprint -> the tokenizer endpoints share
     lock: RWLock = field(default_factory=RWLock)
     lane_toks: dict[tuple, Any] = field(default_factory=dict)  # (id of a shared tokenizer, lane) -> its copy
+    precision: tuple[str, str] | None = None  # (precision, why): common.choose_precision
 
     @property
     def peft(self) -> bool:
@@ -258,7 +259,8 @@ class Slot:
             self.state, self.error = "loaded", None
             self.loads += 1
             cfg.metrics.loads.labels(self.spec).inc()
-            log.info("loaded %s in %.1fs", self.spec, self.load_seconds)
+            log.info("loaded %s in %.1fs, precision %s (%s)", self.spec, self.load_seconds,
+                     *(self.base.precision or ("?", "?")))
             return self
 
     def unavailable(self, where: str) -> ApiError:
@@ -280,15 +282,19 @@ class Slot:
              "error": self.error}
         if self.ms is not None and self.base is not None:
             d.update(base_model=self.ms.base_spec, adapter=self.ms.adapter,
-                     device=str(next(self.model.parameters()).device), shared_base=self.base.key)
+                     device=str(next(self.model.parameters()).device), shared_base=self.base.key,
+                     precision=self.base.precision[0] if self.base.precision else None,
+                     precision_reason=self.base.precision[1] if self.base.precision else None)
         return d
 
 
 class ModelSlots:
     """Every endpoint's Slot (endpoints naming the same spec share one) and the bases they load onto."""
 
-    def __init__(self, quantize: str, trust_remote_code: bool, load_retry_s: float, metrics: "Metrics"):
+    def __init__(self, quantize: str, trust_remote_code: bool, load_retry_s: float, metrics: "Metrics",
+                 max_memory_gb: float = 8.0):
         self.quantize, self.trust_remote_code, self.load_retry_s = quantize, trust_remote_code, load_retry_s
+        self.max_memory_gb = max_memory_gb
         self.metrics = metrics
         self.slots: dict[str, Slot] = {}
         self.bases: dict[str, Base] = {}
@@ -302,7 +308,7 @@ class ModelSlots:
 
     def load(self, slot: Slot) -> None:
         """On the loader thread: resolve the spec, load its base once, attach its adapter by name."""
-        from common import align_special_tokens, load_model, load_tokenizer, resolve_model
+        from common import align_special_tokens, decide_precision, load_model, load_tokenizer, resolve_model
 
         spec = slot.spec
         p = Path(spec)
@@ -312,11 +318,14 @@ class ModelSlots:
             raise UserError(f"{p.resolve()} does not exist (train that run first, or point the endpoint's "
                             f"MODEL_* variable elsewhere)")
         ms = resolve_model(spec)
-        key = f"{ms.base}|{self.quantize}"
+        # the precision rule of the scripts (common.choose_precision): a base in bf16 where it fits MAX_MEMORY_GB, an
+        # adapter on the base precision it was trained on; endpoints share a base only at the same precision
+        precision = decide_precision(ms, self.quantize, max_memory_gb=self.max_memory_gb)
+        key = f"{ms.base}|{precision[0]}"
         base = self.bases.get(key)
         if base is None:
-            model, tok, _ = load_model(ms.base, quantize=self.quantize, trust_remote_code=self.trust_remote_code)
-            base = Base(key, model, tok)
+            model, tok, _ = load_model(ms.base, trust_remote_code=self.trust_remote_code, precision=precision)
+            base = Base(key, model, tok, precision=precision)
             base.tokenizers[tokenizer_fingerprint(tok)] = tok
             install_hooks(model)
             self.bases[key] = base

@@ -125,7 +125,8 @@ def main(args):
         return {"rows": len(rows), "generated": 0, "kept": done}
     if done:
         note(f"{out} already holds {done} of {len(rows)} rows: continuing after them")
-    model, tok, _ = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+    model, tok, _ = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                               max_memory_gb=args.max_memory_gb)
     torch.manual_seed(args.seed)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                system=args.system)

@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 from cli import MODEL_SPEC, add_load_args, print_config
-from common import (DEFAULT_STUDENT, encode_example, fsdp_enabled, is_main_process, local_model_path, portable_base,
-                    world_size)
+from common import (DEFAULT_STUDENT, encode_example, fsdp_enabled, is_main_process, loaded_precision, local_model_path,
+                    portable_base, world_size)
 from fileio import UserError, check_output_dir, note
 from run_record import adapter_digests, commit_run_dir, final_save_dir, write_run_json
 
@@ -36,7 +36,7 @@ def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: fl
     g = p.add_argument_group("model")
     g.add_argument("--student", default=DEFAULT_STUDENT,
                    help=f"base model: {MODEL_SPEC}; a run dir continues its adapter")
-    add_load_args(g)
+    add_load_args(g, training=True)
     g.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
     g.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
     g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
@@ -421,7 +421,8 @@ def save_final(trainer, tok, args, base_model: str | None, write_record) -> None
     if portable and portable != local_base:
         cfg.base_model_name_or_path = portable
         cfg.save_pretrained(str(tmp))
-    write_record(tmp, {"base_model_path": local_model_path(local_base), "adapter_sha256": adapter_digests(tmp)})
+    write_record(tmp, {"base_model_path": local_model_path(local_base), "adapter_sha256": adapter_digests(tmp),
+                       "base_precision": loaded_precision(trainer.model)})  # what inference's auto loads it on
     commit_run_dir(tmp, Path(args.save_dir))
 
 

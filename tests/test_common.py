@@ -254,3 +254,75 @@ def test_user_errors_exit_code(capsys):
             raise UserError("bad thing in x.jsonl line 3")
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "error: bad thing in x.jsonl line 3"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# precision: bf16 where it fits, 4-bit where it must
+
+GIB = 2 ** 30
+
+
+def test_base_loads_bf16_where_it_fits_and_4bit_where_it_must():
+    choose = common.choose_precision
+    # Qwen2.5-3B in bf16 (~5.8 GiB + margin) fits the 8 GB card; a 7B (~14 GiB) does not
+    prec, why = choose("auto", "cuda", weights=int(5.8 * GIB), max_memory_gb=8, free=70 * GIB)
+    assert prec == "bf16" and "fits --max_memory_gb 8" in why
+    prec, why = choose("auto", "cuda", weights=14 * GIB, max_memory_gb=8, free=70 * GIB)
+    assert prec == "4bit" and "--max_memory_gb 8" in why
+    # the smaller of the budget and the GPU's free memory decides
+    assert choose("auto", "cuda", weights=3 * GIB, max_memory_gb=80, free=2 * GIB)[0] == "4bit"
+    assert "free" in choose("auto", "cuda", weights=3 * GIB, max_memory_gb=80, free=2 * GIB)[1]
+    assert choose("auto", "cuda", weights=3 * GIB, max_memory_gb=0, free=10 * GIB)[0] == "bf16"
+    # the margin counts: weights alone under the budget, weights + margin over it
+    assert choose("auto", "cuda", weights=int(7.5 * GIB), max_memory_gb=8, free=None)[0] == "4bit"
+    assert choose("auto", "cuda", weights=None, max_memory_gb=8)[0] == "4bit"  # size unknown
+    # explicit flags win; the CPU stays unquantised; training keeps QLoRA
+    assert choose("4bit", "cuda", weights=GIB // 4)[0] == "4bit"
+    assert choose("none", "cuda", weights=14 * GIB, max_memory_gb=8)[0] == "bf16"
+    assert choose("auto", "cpu", weights=GIB, dtype="fp32")[0] == "fp32"
+    assert choose("4bit", "cpu", dtype="fp32")[0] == "fp32"
+    assert choose("auto", "cuda", weights=GIB // 4, training=True)[0] == "4bit"
+    with pytest.raises(common.UserError):
+        choose("8bit", "cuda")
+
+
+def test_adapter_loads_on_the_precision_it_was_trained_on(tmp_path):
+    choose, read = common.choose_precision, common.adapter_precision
+    run = tmp_path / "run"
+    run.mkdir()
+    assert read(run) is None  # a bare adapter folder: unknown, 4-bit as its QLoRA training most likely was
+    assert choose("auto", "cuda", adapter=True, trained_on=None)[0] == "4bit"
+    common.write_json(run / "run.json", {"base_precision": "4bit", "args": {"quantize": "auto"}, "device": "H200"})
+    prec, why = choose("auto", "cuda", adapter=True, trained_on=read(run))
+    assert prec == "4bit" and "trained on the 4-bit base" in why
+    assert choose("none", "cuda", adapter=True, trained_on=read(run))[0] == "bf16"  # the flag wins
+    common.write_json(run / "run.json", {"base_precision": "bf16"})
+    assert choose("auto", "cuda", adapter=True, trained_on=read(run), weights=40 * GIB)[0] == "bf16"
+    assert choose("4bit", "cuda", adapter=True, trained_on=read(run))[0] == "4bit"
+    # older runs (no base_precision): their --quantize and device say it
+    common.write_json(run / "run.json", {"args": {"quantize": "auto"}, "device": "NVIDIA H100 80GB HBM3"})
+    assert read(run) == "4bit"
+    common.write_json(run / "run.json", {"args": {"quantize": "none"}, "device": "NVIDIA H100 80GB HBM3"})
+    assert read(run) == "bf16"
+    common.write_json(run / "run.json", {"args": {"quantize": "auto"}, "device": "cpu (2 cores)"})
+    assert read(run) == "fp32"
+
+
+def test_weight_bytes_from_safetensors_and_config(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert common.weight_bytes(str(tiny_model_dir)) == 2 * n
+    # a folder with config.json only: estimated from the sizes (exact for this Llama shape)
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    assert common.weight_bytes(str(tmp_path)) == 2 * n
+
+
+def test_training_records_the_base_precision_and_inference_follows_it(tiny_sft_run, tiny_model_dir, capsys):
+    rec = json.loads((tiny_sft_run / "run.json").read_text())
+    assert rec["base_precision"] == "fp32"  # on this CPU: plain LoRA on fp32 weights
+    ms = common.resolve_model(str(tiny_sft_run))
+    prec, why = common.decide_precision(ms, "auto", "cuda", dtype="torch.bfloat16")
+    assert prec == "bf16" and "unquantised (fp32)" in why
+    _, _, ms = common.load_model(str(tiny_model_dir), device="cpu")
+    assert ms.precision[0] == "fp32"
+    assert capsys.readouterr().err.count("precision: fp32 for ") == 1

@@ -219,6 +219,8 @@ def test_models_health_and_metrics(server):
         ("MODEL_BASE", server.specs["base"])
     assert set(eps) >= {"/infer/base", "/infer/sft", "/infer/kd", "/infer/dpo"}
     infer(server)
+    base = server.get("/models").json()["endpoints"]["/infer/base"]
+    assert base["precision"] == "fp32" and base["precision_reason"].startswith("on cpu")  # common.choose_precision
     infer(server, features="")
     r = server.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain")
@@ -292,7 +294,8 @@ def test_config_from_env():
     cfg = ServeConfig.from_env({})
     assert cfg.models["base"] == "Qwen/Qwen2.5-3B-Instruct" and cfg.models["sft"] == "runs/creditmix_sft"
     assert cfg.models["kd"] == "runs/creditmix_kd" and cfg.models["dpo"] == "runs/creditmix_dpo"
-    assert cfg.micro_batching and cfg.api_key is None
+    assert cfg.micro_batching and cfg.api_key is None and cfg.max_memory_gb == 8
+    assert ServeConfig.from_env({"MAX_MEMORY_GB": "24"}).max_memory_gb == 24
     cfg = ServeConfig.from_env({"MODEL_BASE": "smollm2-135m", "MICRO_BATCHING": "0", "PRELOAD": "all"})
     assert cfg.models["base"] == "smollm2-135m" and not cfg.micro_batching and "kd" in cfg.preload
     for env, says in [({"BATCH_WAIT_MS": "soon"}, "BATCH_WAIT_MS"), ({"MAX_BATCH": "0"}, "at least 1"),
