@@ -14,6 +14,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_model: runs the embedded SmolLM2-135M (slower; few)")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+    config.addinivalue_line("markers", "slow: tens of seconds on a 2-core CPU (trainers run as commands)")
 
 
 def build_tiny_model(out: Path, seed: int = 0, **overrides) -> Path:
