@@ -32,8 +32,9 @@ from pathlib import Path
 
 import cli
 import codegen
-from common import (UserError, atomic_open, check_output_dir, data_record, load_model, note, save_eval, user_errors,
-                    write_jsonl, write_run_json)
+from common import load_model
+from fileio import UserError, atomic_open, check_output_dir, note, user_errors, write_jsonl
+from run_record import data_record, save_eval, write_run_json
 
 ROOT = Path(__file__).resolve().parent
 TRAIN_CHOICES = ("sft", "sft+dpo", "kd", "kd+dpo", "dpo", "none")

@@ -8,7 +8,7 @@ import codegen
 import codegen_star
 import dpo_train
 import sft_train
-from common import UserError
+from fileio import UserError
 
 # MBPP-shaped tasks of our own: three train, one test
 TASKS = [
