@@ -488,6 +488,8 @@ def decide_precision(ms: ModelSpec, quantize: str = "auto", device: str | None =
     training = for_training or auto == "4bit"
     fit_rule = device == "cuda" and quantize == "auto" and not training
     adapter = bool(ms.adapter)
+    if fit_rule and not adapter and not Path(ms.base).exists():
+        check_hub_model(ms.base)  # fails at once offline, before the size is asked of the hub
     return choose_precision(
         quantize, device, dtype=name, training=training, adapter=adapter,
         trained_on=adapter_precision(ms.adapter) if adapter and fit_rule else None,

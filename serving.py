@@ -308,7 +308,7 @@ class ModelSlots:
 
     def load(self, slot: Slot) -> None:
         """On the loader thread: resolve the spec, load its base once, attach its adapter by name."""
-        from common import align_special_tokens, decide_precision, load_model, load_tokenizer, resolve_model
+        from common import align_special_tokens, load_model, load_tokenizer, resolve_model
 
         spec = slot.spec
         p = Path(spec)
@@ -318,9 +318,7 @@ class ModelSlots:
             raise UserError(f"{p.resolve()} does not exist (train that run first, or point the endpoint's "
                             f"MODEL_* variable elsewhere)")
         ms = resolve_model(spec)
-        # the precision rule of the scripts (common.choose_precision): a base in bf16 where it fits MAX_MEMORY_GB, an
-        # adapter on the base precision it was trained on; endpoints share a base only at the same precision
-        precision = decide_precision(ms, self.quantize, max_memory_gb=self.max_memory_gb)
+        precision = self.precision_for(ms)
         key = f"{ms.base}|{precision[0]}"
         base = self.bases.get(key)
         if base is None:
@@ -339,6 +337,27 @@ class ModelSlots:
                 name = self.attach(base, ms.adapter)
             slot.adapter = name
         slot.base, slot.tok, slot.ms = base, tok, ms
+
+    def precision_for(self, ms) -> tuple[str, str]:
+        """The precision rule of the scripts (common.choose_precision: an adapter on the base precision it was trained
+        on, a base in bf16 where it fits MAX_MEMORY_GB), with one exception so endpoints keep sharing one copy of a
+        base (one batch across adapters): under QUANTIZE=auto a base endpoint takes the precision of a copy already
+        loaded, else of an endpoint whose adapter is on that base."""
+        from common import decide_precision, resolve_model
+        if ms.adapter or self.quantize != "auto":
+            return decide_precision(ms, self.quantize, max_memory_gb=self.max_memory_gb)
+        for key, base in self.bases.items():
+            if key.rsplit("|", 1)[0] == ms.base and base.precision:
+                return base.precision[0], f"shares the copy loaded for its adapters ({base.precision[1]})"
+        for spec in self.slots:
+            try:
+                other = resolve_model(spec)
+            except Exception:  # that endpoint's own load reports it
+                continue
+            if other.adapter and other.base == ms.base:
+                p = decide_precision(other, self.quantize, max_memory_gb=self.max_memory_gb)
+                return p[0], f"shares one copy with the adapter of {spec} ({p[1]})"
+        return decide_precision(ms, self.quantize, max_memory_gb=self.max_memory_gb)
 
     def attach(self, base: Base, adapter_dir: str) -> str:
         """Attach a LoRA run to the shared base under a new name (PEFT load_adapter); no batch runs meanwhile."""

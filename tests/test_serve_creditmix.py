@@ -303,3 +303,23 @@ def test_config_from_env():
                       ({"MICRO_BATCHING": "maybe"}, "MICRO_BATCHING")]:
         with pytest.raises(UserError, match=says):
             ServeConfig.from_env(env)
+
+
+def test_a_base_endpoint_shares_the_precision_of_its_adapters(tiny_model_dir, tiny_sft_run, monkeypatch):
+    """QUANTIZE=auto: an adapter loads on what it was trained on; a base endpoint of the same base takes that
+    precision too, so the endpoints share one copy (one batch across adapters); alone it follows the fit rule."""
+    import common
+    import serving
+
+    def decide(ms, quantize, device=None, **kw):  # as on a GPU: the adapter trained in 4-bit, the base would fit bf16
+        return ("4bit", "trained on the 4-bit base") if ms.adapter else ("bf16", "fits")
+    monkeypatch.setattr(common, "decide_precision", decide)
+    base = common.resolve_model(str(tiny_model_dir))
+    alone = serving.ModelSlots("auto", False, 30, serving.Metrics())
+    alone.slot(str(tiny_model_dir))
+    assert alone.precision_for(base) == ("bf16", "fits")
+    both = serving.ModelSlots("auto", False, 30, serving.Metrics())
+    both.slot(str(tiny_model_dir)), both.slot(str(tiny_sft_run))
+    prec, why = both.precision_for(base)
+    assert prec == "4bit" and "shares one copy with the adapter" in why
+    assert serving.ModelSlots("none", False, 30, serving.Metrics()).precision_for(base) == ("bf16", "fits")
