@@ -17,6 +17,8 @@ from pathlib import Path
 
 import cli
 import common
+import fileio
+import run_record
 import idp
 import json_grammar as jg
 
@@ -63,14 +65,15 @@ def main(args):
                                                      ROOT / "data" / "sroie_schema.json") if p.is_file()]
     schemas = {Path(p).name: jg.load_schema(p) for p in schema_paths}
     data, split = default_data(args)
-    rows = common.read_records(data)
+    rows = fileio.read_records(data)
     if split:
         rows = [r for r in rows if r.get("split") == split]
     docs = [r.get("document", r.get("text")) for r in rows][:args.n_docs]
     if not docs:
-        raise common.UserError(f"{data}: no documents")
+        raise fileio.UserError(f"{data}: no documents")
     model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize,
-                                       trust_remote_code=args.trust_remote_code)
+                                       trust_remote_code=args.trust_remote_code,
+                                       max_memory_gb=args.max_memory_gb)
     limit = idp.input_token_limit(model, tok, 0, args.max_new_tokens)
 
     # run: compile times (a fresh compiler per schema: nothing cached), then the same schema again (cached)
@@ -137,7 +140,7 @@ def main(args):
             print(f"  {name} batch {bs}: {c_ms:.1f} vs {u_ms:.1f} ms/step", file=sys.stderr, flush=True)
 
     # save
-    device = common.device_name()
+    device = run_record.device_name()
     print(f"\ngrammar compile ({args.model_dir}, vocabulary {model.config.vocab_size}, {device})")
     print(f"{'schema':<22} {'tokenizer info s':>16} {'compile s':>10} {'cached s':>10}")
     for r in compile_rows:
@@ -157,10 +160,10 @@ def main(args):
     out = {"model_dir": args.model_dir, "device": device, "data": data, "n_docs": len(docs),
            "compile": compile_rows, "decode": decode_rows, "args": vars(args)}
     if args.out:
-        common.write_json(args.out, out)
+        fileio.write_json(args.out, out)
     return out
 
 
 if __name__ == "__main__":
-    with common.user_errors():
+    with fileio.user_errors():
         main(parse_args())

@@ -18,7 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import DEFAULT_STUDENT, EMBEDDED_ALIAS, UserError, note
+from common import DEFAULT_MAX_MEMORY_GB, DEFAULT_STUDENT, EMBEDDED_ALIAS
+from fileio import UserError, note
 
 MODEL_SPEC = f"hub id, local folder, .gguf, run dir (its adapter on its base) or {EMBEDDED_ALIAS}"
 
@@ -44,13 +45,22 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------------
 # shared flags
 
-def add_load_args(p, quantize: bool = True) -> None:
+def add_load_args(p, quantize: bool = True, training: bool = False) -> None:
     """--quantize and --trust_remote_code: how every script that loads a model loads it (quantize=False: a script
-    that picks the precision itself, as export.py)."""
-    if quantize:
+    that picks the precision itself, as export.py), and for inference --max_memory_gb, the budget --quantize auto
+    fits (training declares its own --max_memory_gb: the training cap). The rule is common.choose_precision."""
+    if quantize and training:
         p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"],
                        help="auto: 4-bit NF4 (QLoRA) on CUDA, unquantised on CPU; 4bit: always (needs CUDA); "
-                            "none: never quantise")
+                            "none: never quantise (bf16 LoRA)")
+    elif quantize:
+        p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"],
+                       help="auto on CUDA: a model in bf16 where its weights fit --max_memory_gb, else 4-bit NF4; a "
+                            "run dir on the precision its adapter was trained on (run.json); unquantised on CPU. "
+                            "4bit: always (needs CUDA); none: never quantise")
+        p.add_argument("--max_memory_gb", type=float, default=DEFAULT_MAX_MEMORY_GB,
+                       help="GiB of GPU memory --quantize auto may use: bf16 when the weights plus a margin for "
+                            "activations and KV cache fit this and the GPU's free memory; 0 = free memory only")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="allow model code from the hub (off: safer)")
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common import UserError, chat_prompt, read_records
+from common import chat_prompt
+from fileio import UserError, read_records
 
 CODE_BLOCK_ASK = "Write the Python code in a single ```python code block."
 PLAN_ASK = ("Do not write any code yet. Write a short numbered plan (at most 5 steps) for how to solve this task: "
@@ -29,6 +30,11 @@ def add_decoding_args(p, num_samples_help: str) -> None:
     p.add_argument("--max_new_tokens", type=int, default=512, help="token limit of each code answer")
     p.add_argument("--plan_tokens", type=int, default=256, help="token limit of each plan (--plan_then_code)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def fenced(code: str) -> str:
+    """Code as the one ```python block the prompts ask for (training targets)."""
+    return f"```python\n{code.strip()}\n```"
 
 
 def code_request(task: str) -> str:
@@ -286,3 +292,61 @@ def answer(model, tok, tasks: list[str], *, plan_then_code: bool = False, plan_t
         out[ti].append({"plan": plan, "raw": r[0]})
     assert all(len(o) == n for o in out)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation: generate, run in the sandbox, pass@k (eval_codegen.py and codegen_star.py)
+
+def eval_limits(plus: bool, timeout_s: float | None = None, memory_mb: int | None = None):
+    """The sandbox limits of an evaluation: 10 s and 4 GiB per candidate; 60 s and 8 GiB for HumanEval+/MBPP+ (plus),
+    whose big test suites take up to ~45 s with the reference solution on a 2-core CPU."""
+    import sandbox
+    return sandbox.Limits(timeout_s=timeout_s or (60.0 if plus else 10.0),
+                          memory_mb=memory_mb or (8192 if plus else 4096))
+
+
+def generate_solutions(model, tok, problems: list[Problem], **gen) -> list[tuple[str, str, dict]]:
+    """(task_id, program-ready solution, {"plan", "raw"}) for each of `num_samples` answers per problem (answer()'s
+    flags: plan_then_code, plan_tokens, max_new_tokens, temperature, top_p, num_samples, batch_size, desc)."""
+    out = []
+    for p, ans in zip(problems, answer(model, tok, [p.task for p in problems], **gen)):
+        for a in ans:
+            out.append((p.task_id, solution_from_answer(p, a["raw"]), a))
+    return out
+
+
+def run_solutions(problems: list[Problem], generated: list[tuple[str, str, dict]], limits, *,
+                  workers: int | None = None, desc: str | None = "tests") -> list:
+    """Each generated solution with its problem's tests, in the sandbox: sandbox.Result per solution, in order."""
+    import sandbox
+    by_id = {p.task_id: p for p in problems}
+    return sandbox.run_programs([build_program(by_id[tid], sol) for tid, sol, _ in generated], limits,
+                                workers=workers, desc=desc)
+
+
+def summarize(problems, by_task: dict[str, list], ks: list[int]) -> tuple[dict, list[dict]]:
+    """Per-problem pass counts and pass@k, and the means over problems (pass@k only for k <= every problem's n)."""
+    from collections import Counter
+    per = []
+    for p in problems:
+        res = by_task.get(p.task_id)
+        if not res:
+            continue
+        n, c = len(res), sum(r.passed for r in res)
+        row = {"task_id": p.task_id, "n": n, "passed": c}
+        row.update({f"pass@{k}": pass_at_k(n, c, k) for k in ks if k <= n})
+        row["results"] = [{"status": r.status, "reason": r.reason} for r in res]
+        per.append(row)
+    n_min = min(r["n"] for r in per)
+    metrics = {f"pass@{k}": round(sum(r[f"pass@{k}"] for r in per) / len(per), 4) for k in ks if k <= n_min}
+    metrics.update(n_problems=len(per), samples_per_problem=n_min,
+                   status=dict(Counter(x["status"] for r in per for x in r["results"])))
+    return metrics, per
+
+
+def score(problems: list[Problem], generated: list[tuple[str, str, dict]], results: list, ks: list[int]):
+    """(metrics, per-problem rows) of sandbox results: summarize over the problems, grouped by task."""
+    by_task: dict[str, list] = {}
+    for (tid, _, _), r in zip(generated, results):
+        by_task.setdefault(tid, []).append(r)
+    return summarize(problems, by_task, ks)

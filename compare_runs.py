@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import cli
-from common import UserError, atomic_open, guess_task, user_errors, write_json
+from fileio import UserError, atomic_open, user_errors, write_json
+from run_record import guess_task
 from scoring import CALIBRATIONS
 
 # Column header -> how to read it from an evaluation's "metrics" (a key path, or a function for alternatives).
@@ -230,7 +231,7 @@ def _checkpoint_step(d: Path) -> int:
 
 
 def _read_jsonl_tolerant(path: Path, problems: list[str]) -> list:
-    """JSON lines, skipping unreadable ones with one problem line. Not common.read_records: that refuses the whole
+    """JSON lines, skipping unreadable ones with one problem line. Not fileio.read_records: that refuses the whole
     file at its first bad line, while a log cut mid-write (a killed run) still holds a good curve."""
     rows, bad = [], []
     try:

@@ -11,7 +11,7 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from common import UserError, need_file, read_records_placed, read_text
+from fileio import UserError, need_file, read_records_placed, read_text
 
 LABELS = ["Good", "Standard", "Bad"]
 # The README's fixed-template classification ask ("Return only the label.").

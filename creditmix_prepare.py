@@ -17,7 +17,7 @@ from pathlib import Path
 
 import creditmix as cm
 import cli
-from common import check_output_file, sha256_file, user_errors, write_outputs
+from fileio import check_output_file, sha256_file, user_errors, write_outputs
 
 
 def parse_args(argv=None):

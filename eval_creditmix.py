@@ -19,8 +19,9 @@ import numpy as np
 
 import creditmix as cm
 import cli
-from common import (UserError, data_record, eval_run_dir, load_model, need_file, read_records, resolve_model, save_eval,
-                    user_errors, world_size, write_json)
+from common import load_model, resolve_model, world_size
+from fileio import UserError, need_file, read_records, user_errors, write_json
+from run_record import data_record, eval_run_dir, save_eval
 from scoring import CALIBRATION_FILE, CALIBRATIONS, choose_calibration, prior_for
 
 
@@ -132,7 +133,8 @@ def main(args):
         raise UserError(f"{overlap} of {len(pairs)} validation rows are in this run's training file {train_file}: "
                         "creditmix_prepare.py held out fewer rows; rerun it with --val_per_class "
                         f"{args.val_per_class or 'N'} (and the same --seed/--features), then retrain")
-    model, tok, _ = load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+    model, tok, lms = load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                               max_memory_gb=args.max_memory_gb)
     # run: under `accelerate launch`, each process scores a contiguous shard; gathered back in order
     raw = sharded(lambda part: cm.label_scores(model, tok, part, args.batch_size, progress=True),
                   [p for p, _ in pairs])
@@ -147,7 +149,7 @@ def main(args):
         reports[mode] = classification_report(y_true, pred, labels=cm.LABELS, digits=3, zero_division=0)
     chosen = choose_calibration(raw, nulls, np.array([cm.LABELS.index(y) for y in y_true]))
     metrics = {"n": len(pairs), "val_per_class": dict(Counter(y_true)), "labels": cm.LABELS,
-               "calibrations": results, "chosen_calibration": chosen}
+               "calibrations": results, "chosen_calibration": chosen, "precision": lms.precision[0]}
     # save
     print(f"\n{args.model_dir} on {args.data}: {len(pairs)} rows {dict(Counter(y_true))}")
     print(f"{'calibration':<12} {'accuracy':>9} {'macro_f1':>9}")

@@ -12,6 +12,8 @@ import time
 
 import cli
 import common
+import fileio
+import run_record
 import idp
 import json_grammar as jg
 
@@ -71,10 +73,10 @@ def main(args):
             prompts.append(common.chat_prompt(tok, r["message"]))
             n_tok = len(tok(prompts[-1], add_special_tokens=False)["input_ids"])
             if n_tok > limit:
-                common.note(f"record {r['id']}: its prompt has {n_tok} tokens, more than {limit}; a ready-made "
+                fileio.note(f"record {r['id']}: its prompt has {n_tok} tokens, more than {limit}; a ready-made "
                             f"'input' message cannot be truncated: evaluating it whole", once=False)
     if truncated:
-        common.note(f"{truncated} documents were truncated at the end to fit {limit} prompt tokens")
+        fileio.note(f"{truncated} documents were truncated at the end to fit {limit} prompt tokens")
     from tqdm import tqdm
     with tqdm(total=len(prompts), desc="eval_idp", unit="doc", file=sys.stderr) as bar:
         results, stats = jg.generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
@@ -84,7 +86,7 @@ def main(args):
     checked = [jg.check_output(r["text"], validator) for r in results]
     n = len(records)
     metrics = {
-        "n": n, "constrained": not args.unconstrained,
+        "n": n, "constrained": not args.unconstrained, "precision": ms.precision[0],
         "json_valid_rate": sum(c["json_valid"] for c in checked) / n,
         "schema_valid_rate": sum(c["schema_valid"] for c in checked) / n,
         "cut_off_rate": sum(not r["ended"] for r in results) / n,
@@ -95,22 +97,22 @@ def main(args):
         "generate_seconds": round(stats["generate_seconds"], 2),
         "grammar_seconds": round(stats["processor_seconds"], 2),
         "grammar_compile_seconds": round(grammar.compile_seconds, 3) if grammar else None,
-        "device": common.device_name(),
+        "device": run_record.device_name(),
     }
 
     # save
     print_table(metrics)
     if args.out:
-        common.write_json(args.out, metrics)
+        fileio.write_json(args.out, metrics)
     if args.predictions:
-        common.write_jsonl(args.predictions, [
+        fileio.write_jsonl(args.predictions, [
             {"id": r["id"], "output": c["json"], "valid": c["schema_valid"], "error": c["error"],
              "raw": res["text"], "gold": r["gold"]} for r, c, res in zip(records, checked, results)])
-    path = common.save_eval(args.model_dir, "idp", args.data, args, metrics, script="eval_idp.py")
+    path = run_record.save_eval(args.model_dir, "idp", args.data, args, metrics, script="eval_idp.py")
     print(f"\nsaved {path}" + (f" and {args.out}" if args.out else "") + f" ({time.time() - started:.0f} s)")
     return metrics
 
 
 if __name__ == "__main__":
-    with common.user_errors():
+    with fileio.user_errors():
         main(parse_args())

@@ -9,7 +9,9 @@ Filed like every evaluation under the student's run dir: evals/<task>__<data-ste
 import json
 
 import cli
-from common import UserError, load_model, read_records, save_eval, user_errors
+from common import load_model
+from fileio import UserError, read_records, user_errors
+from run_record import save_eval
 from kd_losses import KD_LOSSES, canonical_rows, target_key
 
 
@@ -36,7 +38,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    from common import write_json
+    from fileio import write_json
     from kd_losses import check_vocab, heldout_kl
 
     cli.print_config("eval_kl", args)
@@ -48,8 +50,10 @@ def main(args):
     rows = rows[:args.limit] if args.limit > 0 else rows
     if args.temperature <= 0:
         raise UserError("--temperature must be > 0")
-    teacher, ttok, _ = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
-    student, tok, _ = load_model(args.student, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+    teacher, ttok, _ = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                                  max_memory_gb=args.max_memory_gb)
+    student, tok, _ = load_model(args.student, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                                 max_memory_gb=args.max_memory_gb)
     vocab = check_vocab(tok, ttok, student, teacher)
     # run
     metrics = heldout_kl(teacher, student, tok, rows, prompt_key="input", target_key=key, max_len=args.max_len,

@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 import cli
-from common import (UserError, align_special_tokens, bnb_config, check_output_dir, check_output_file, git_commit,
-                    library_versions, load_tokenizer, note, resolve_model, user_errors, write_json)
+from common import align_special_tokens, bnb_config, load_tokenizer, resolve_model, trained_precision
+from fileio import UserError, check_output_dir, check_output_file, note, user_errors, write_json
+from run_record import git_commit, library_versions
 
 # --outtype values of llama.cpp's converter, and the one 4-bit type requantised here (see requantize_gguf)
 CONVERTER_TYPES = ["f16", "bf16", "f32", "q8_0"]
@@ -82,12 +83,9 @@ def read_run(model_dir: str):
 
 
 def trained_in_4bit(run: dict) -> bool:
-    """Whether the run trained QLoRA on a 4-bit NF4 base: its --quantize allowed it and it ran on a GPU (on CPU the
-    trainers fall back to plain LoRA on unquantised weights; common.use_4bit)."""
-    args = run.get("args") or {}
-    quantize = args.get("quantize", "auto")
-    device = str(run.get("device") or "cpu")
-    return quantize != "none" and not device.startswith("cpu")
+    """Whether the run trained QLoRA on a 4-bit NF4 base: run.json's base_precision, or for older runs its
+    --quantize and device (common.trained_precision; on CPU the trainers fall back to plain LoRA)."""
+    return trained_precision(run) == "4bit"
 
 
 def merge_run(ms, *, nf4: bool, dtype: str, trust_remote_code: bool = False):

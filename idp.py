@@ -8,7 +8,8 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from common import UserError, chat_prompt, note, read_records
+from common import chat_prompt
+from fileio import UserError, note, read_records
 
 INSTRUCTION = ("Extract the information from the document below as one JSON object that conforms to the JSON Schema. "
                "Reply with the JSON object only. Use null where the schema allows it and the document does not say.")
@@ -241,7 +242,8 @@ def load_extractor(args, schema: dict):
     if not args.unconstrained:
         jg.start_worker()  # the compile worker imports xgrammar while the model loads
     model, tok, ms = common.load_model(args.model_dir, quantize=args.quantize,
-                                       trust_remote_code=args.trust_remote_code)
+                                       trust_remote_code=args.trust_remote_code,
+                                       max_memory_gb=args.max_memory_gb)
     cache = grammar = None
     if not args.unconstrained:
         cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)

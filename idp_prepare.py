@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 
 import cli
-import common
+import fileio
 import idp
 import json_grammar as jg
 
@@ -103,7 +103,7 @@ def parse_args(argv=None):
 
 def load_source(args) -> tuple[dict, list[dict], str, str]:
     """(schema, rows [{"id","split","document","gold"}], prefix, schema file name)."""
-    placed = common.read_records_placed(args.src)  # [(place: "line N" of the file or "record N", record)]
+    placed = fileio.read_records_placed(args.src)  # [(place: "line N" of the file or "record N", record)]
     rows = [r for _, r in placed]
     kind = args.dataset
     if kind == "auto":
@@ -116,7 +116,7 @@ def load_source(args) -> tuple[dict, list[dict], str, str]:
         doc = idp.check_document(r.get("document", r.get("text")), where)
         gold = r.get("gold")
         if not isinstance(gold, dict):
-            raise common.UserError(f"{where}: 'gold' must be a JSON object")
+            raise fileio.UserError(f"{where}: 'gold' must be a JSON object")
         if kind == "sroie":
             gold = {k: gold.get(k) for k in SROIE_SCHEMA["properties"]}  # the one receipt without address -> null
         elif kind == "funsd":
@@ -125,7 +125,7 @@ def load_source(args) -> tuple[dict, list[dict], str, str]:
         out.append({"id": r.get("id", n), "split": r.get("split", "train"), "document": doc, "gold": gold})
     if kind == "generic":
         if not args.schema:
-            raise common.UserError(f"{args.src}: not SROIE or FUNSD records: give the --schema their gold follows")
+            raise fileio.UserError(f"{args.src}: not SROIE or FUNSD records: give the --schema their gold follows")
         schema = jg.load_schema(args.schema)
     else:
         schema = SROIE_SCHEMA if kind == "sroie" else FUNSD_SCHEMA
@@ -134,7 +134,7 @@ def load_source(args) -> tuple[dict, list[dict], str, str]:
     for (place, _), r in zip(placed, out):
         err = next(iter(validator.iter_errors(r["gold"])), None)
         if err is not None:
-            raise common.UserError(f"{args.src}: {place} (id {r['id']}): field 'gold' does not match the schema: "
+            raise fileio.UserError(f"{args.src}: {place} (id {r['id']}): field 'gold' does not match the schema: "
                                    f"{err.message}")
     prefix = args.prefix or (f"{kind}_idp" if kind != "generic" else f"{Path(args.src).stem}_idp")
     return schema, out, prefix, f"{prefix.removesuffix('_idp')}_schema.json"
@@ -274,7 +274,7 @@ def training_rows(schema: dict, rows: list[dict], rng: random.Random):
 
 def main(args):
     out = Path(args.outdir)
-    common.check_output_dir(out, "--outdir")  # the file names depend on the source; write_outputs checks each
+    fileio.check_output_dir(out, "--outdir")  # the file names depend on the source; write_outputs checks each
     # load
     rng = random.Random(args.seed)
     if args.synthetic:
@@ -285,16 +285,16 @@ def main(args):
         test_rng = random.Random(args.seed + 1)
         test = [dict(zip(("document", "gold"), synthetic_invoice(test_rng, i)), id=f"synthetic-test-{i + 1:04d}")
                 for i in range(args.n_test)]
-        common.note("--synthetic: the invoices are invented by idp_prepare.py (demo data, not real documents)")
+        fileio.note("--synthetic: the invoices are invented by idp_prepare.py (demo data, not real documents)")
     else:
         schema, rows, prefix, schema_name = load_source(args)
         train = [r for r in rows if r["split"] == "train"]
         test = [r for r in rows if r["split"] == "test"]
         other = len(rows) - len(train) - len(test)
         if not train:
-            raise common.UserError(f"{args.src}: no records with split 'train' to train on")
+            raise fileio.UserError(f"{args.src}: no records with split 'train' to train on")
         if other:
-            common.note(f"{other} records with a split other than train/test are left out")
+            fileio.note(f"{other} records with a split other than train/test are left out")
 
     # run
     sft, kd, dpo = training_rows(schema, train, rng)
@@ -304,7 +304,7 @@ def main(args):
     files = {schema_name: schema, f"{prefix}_sft.jsonl": sft, f"{prefix}_kd.jsonl": kd, f"{prefix}_dpo.jsonl": dpo}
     if test_rows:
         files[f"{prefix}_test.jsonl"] = test_rows
-    counts = common.write_outputs({out / name: obj for name, obj in files.items()})
+    counts = fileio.write_outputs({out / name: obj for name, obj in files.items()})
     written = {name: counts[str(out / name)] for name in files}
     for name, n in written.items():
         print(f"{out / name}: {n} {'schema' if name.endswith('.json') else 'records'}")
@@ -312,5 +312,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    with common.user_errors():
+    with fileio.user_errors():
         main(parse_args())

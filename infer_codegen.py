@@ -15,7 +15,8 @@ import sys
 import codegen
 import sandbox
 import cli
-from common import UserError, load_model, user_errors, write_json
+from common import load_model
+from fileio import UserError, user_errors, write_json
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     # model
@@ -45,7 +46,8 @@ def main(args):
     # load
     from transformers import set_seed
     set_seed(args.seed)
-    model, tok, _ = load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+    model, tok, _ = load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                               max_memory_gb=args.max_memory_gb)
     # run
     answers = codegen.answer(model, tok, [args.prompt], plan_then_code=args.plan_then_code,
                              plan_tokens=args.plan_tokens, max_new_tokens=args.max_new_tokens,

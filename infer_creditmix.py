@@ -11,7 +11,9 @@ import json
 
 import creditmix as cm
 import cli
-from common import UserError, eval_run_dir, load_model, note, user_errors
+from common import load_model
+from fileio import UserError, note, user_errors
+from run_record import eval_run_dir
 from scoring import CALIBRATIONS, read_calibration, response, served_prior
 
 
@@ -38,7 +40,8 @@ def main(args):
     if args.calibration == "batch" and len(args.features) < 2:
         raise UserError("--calibration batch needs several inputs (repeat --features), or use multi_null")
     # load
-    model, tok, _ = load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+    model, tok, _ = load_model(args.model_dir, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                               max_memory_gb=args.max_memory_gb)
     # run
     raw = cm.label_scores(model, tok, [cm.prompt_for(f.strip()) for f in args.features], args.batch_size)
     recorded = read_calibration(eval_run_dir(args.model_dir, create=False)) if args.calibration == "auto" else None

@@ -9,7 +9,7 @@ import sys
 import time
 
 import cli
-import common
+import fileio
 import idp
 import json_grammar as jg
 
@@ -43,10 +43,10 @@ def read_documents(args) -> list[dict]:
     if args.document_file:
         return [{"id": None, "document": idp.read_document_file(args.document_file)}]
     out = []
-    for n, r in enumerate(common.read_records(args.input), 1):
+    for n, r in enumerate(fileio.read_records(args.input), 1):
         where = f"{args.input}: record {n}"
         if "document" not in r and "text" not in r:
-            raise common.UserError(f"{where}: missing field 'document' (or 'text')")
+            raise fileio.UserError(f"{where}: missing field 'document' (or 'text')")
         out.append({"id": r.get("id", n), "document": idp.check_document(r.get("document", r.get("text")), where)})
     return out
 
@@ -87,13 +87,13 @@ def main(args):
                   + f"\noutput was: {r['text'][:500]}", file=sys.stderr)
             sys.exit(1)
         if r["budget_closed"]:
-            common.note(f"the reply was closed early to fit --max_new_tokens {args.max_new_tokens}")
+            fileio.note(f"the reply was closed early to fit --max_new_tokens {args.max_new_tokens}")
         print(jg.canonical_json(c["json"], schema))
         return c["json"]
     rows = [{"id": d["id"], "output": c["json"] if c["schema_valid"] else None, "valid": c["schema_valid"],
              "error": c["error"], "budget_closed": r["budget_closed"], "raw": None if c["schema_valid"] else r["text"]}
             for d, c, r in zip(docs, checked, results)]
-    common.write_jsonl(args.output, rows)
+    fileio.write_jsonl(args.output, rows)
     bad = sum(not c["schema_valid"] for c in checked)
     print(f"wrote {len(rows)} extractions to {args.output} ({bad} invalid, "
           f"{sum(r['budget_closed'] for r in results)} closed early for the token budget) "
@@ -106,5 +106,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    with common.user_errors():
+    with fileio.user_errors():
         main(parse_args())

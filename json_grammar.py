@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from common import UserError, note
+from fileio import UserError, note
 
 # ----------------------------------------------------------------------------------------------------------------
 # which JSON Schema keywords are enforced

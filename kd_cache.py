@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import UserError, atomic_open, write_json
+from fileio import UserError, atomic_open, write_json
 
 ID_BITS, Q_BITS, Q_SCALE = 18, 14, 512.0   # 18 + 14 = 32 bits; 2^14 / 512 = 32 nats of range
 MIN_LOGP = -(2 ** Q_BITS - 1) / Q_SCALE

@@ -20,7 +20,8 @@ import math
 import re
 from pathlib import Path
 
-from common import UserError, encode_example, note, record_places
+from common import encode_example
+from fileio import UserError, note, record_places
 
 KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
 FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)

@@ -25,7 +25,8 @@ Three modes, one trainer (TRL's SFTTrainer, subclassed as TRL's GKDTrainer does)
 import json
 
 import cli
-from common import UserError, load_model, load_student, note, read_records, sha256_file, user_errors
+from common import load_model, load_student
+from fileio import UserError, note, read_records, sha256_file, user_errors
 from kd_losses import KD_LOSSES, add_kd_data_args, canonical_rows, load_schema, target_key
 from training import add_training_args, encode_rows, eval_source, held_out, log_callbacks, start, train_and_save
 
@@ -152,7 +153,8 @@ def main(args):
     teacher = vocab = tms = xtok = None
     if args.teacher:
         from kd_losses import check_vocab
-        teacher, ttok, tms = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+        teacher, ttok, tms = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                                         auto="4bit")  # beside training: its memory
         if args.cross_tokenizer:
             import xtok_kd
             if ttok.get_vocab() == tok.get_vocab():

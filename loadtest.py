@@ -33,7 +33,7 @@ import urllib.parse
 from pathlib import Path
 
 import cli
-from common import UserError, read_records, user_errors, write_json
+from fileio import UserError, read_records, user_errors, write_json
 
 ROOT = Path(__file__).resolve().parent
 ENDPOINTS = ["base", "sft", "kd", "dpo"]

@@ -651,7 +651,7 @@ def _missing(cmd, drop, root, seccomp_why) -> tuple[str, ...]:
 
 def _note(msg: str) -> None:
     try:
-        from common import note
+        from fileio import note
     except ImportError:  # sandbox.py also works on its own
         print(f"NOTE: {msg}", file=sys.stderr)
         return

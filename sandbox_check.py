@@ -119,7 +119,7 @@ def main(args):
                                                                    f"  ({r['passed']}/{r['candidates']} passed)"))
     # save
     if args.out:
-        from common import write_json
+        from fileio import write_json
         write_json(args.out, out)
 
 

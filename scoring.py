@@ -236,7 +236,7 @@ def read_calibration(run_dir) -> dict | None:
         rec["prior"] = np.asarray(rec["prior"], dtype=float)
         return rec
     except (ValueError, KeyError, TypeError) as e:
-        from common import UserError
+        from fileio import UserError
         raise UserError(f"{p}: not a calibration written by eval_creditmix.py ({e}); delete it or rerun "
                         "eval_creditmix.py") from None
 

@@ -37,16 +37,17 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Callable, Union
+from typing import Annotated, Any, Callable, ClassVar, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import cli
-from common import DEFAULT_STUDENT, UserError, user_errors
+from common import DEFAULT_STUDENT
+from fileio import UserError, user_errors
 from serving import ApiError, Cancelled, ClientGone, Gate, Lane, Metrics, ModelSlots, error_response, model_call, \
     wait_unless_gone
 
@@ -78,7 +79,9 @@ GRAMMARS_KEPT = 64  # distinct request schemas compiled per model before the gra
 class ServeConfig:
     """Everything the server reads from the environment, with its defaults (the variable names are in from_env)."""
     models: dict[str, str] = field(default_factory=lambda: {n: d for n, (_, _, d) in ENDPOINTS.items()})
-    quantize: str = "auto"             # QUANTIZE: auto = 4-bit NF4 on CUDA, plain weights on CPU (common.load_model)
+    quantize: str = "auto"             # QUANTIZE: auto = bf16 where it fits MAX_MEMORY_GB, an adapter on its training
+    #                                    precision, else 4-bit NF4; plain weights on CPU (common.choose_precision)
+    max_memory_gb: float = 8.0         # MAX_MEMORY_GB: GiB of GPU memory QUANTIZE=auto fits each base in (0 = free only)
     trust_remote_code: bool = False    # TRUST_REMOTE_CODE=1 allows model code from the hub
     micro_batching: bool = True        # MICRO_BATCHING=0: one forward pass per request (the load test's baseline)
     batch_wait_ms: float = 5.0         # BATCH_WAIT_MS: how long a batch waits for more requests after its first
@@ -134,6 +137,7 @@ class ServeConfig:
         return cls(
             models={n: env.get(var, "").strip() or default for n, (_, var, default) in ENDPOINTS.items()},
             quantize=quantize,
+            max_memory_gb=num("MAX_MEMORY_GB", d.max_memory_gb, float, 0),
             trust_remote_code=flag("TRUST_REMOTE_CODE", d.trust_remote_code),
             micro_batching=flag("MICRO_BATCHING", d.micro_batching),
             batch_wait_ms=num("BATCH_WAIT_MS", d.batch_wait_ms, float, 0),
@@ -248,7 +252,7 @@ def creditmix_prior(slot, tok):
     kept: only CreditMix models pay for it."""
     if slot.prior is None:
         import creditmix as cm
-        from common import eval_run_dir
+        from run_record import eval_run_dir
         from scoring import read_calibration, served_prior
         recorded = read_calibration(eval_run_dir(slot.spec, create=False))
         with model_call([slot.row_name]):
@@ -369,89 +373,109 @@ def default_new_tokens(cfg: ServeConfig) -> int:
     return min(512, cfg.max_new_tokens_cap)
 
 
-def creditmix_request(cfg: ServeConfig) -> type[BaseModel]:
-    """The CreditMix request model under this configuration's caps (they show in the OpenAPI schema)."""
-    Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_chars, pattern=NOT_BLANK)]
+# The request models. Their caps come from the server's configuration, so each model declares its fields in
+# fields(cfg) and checks them in validators that read cls.cfg: capped(model, cfg) is the model a server validates
+# with, and its OpenAPI schema shows the caps.
 
-    class CreditMixRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"features": README_FEATURES}]})
-        features: Union[Text, Annotated[list[Text], Field(min_length=1, max_length=cfg.max_items)]] = Field(
+def capped_text(cap: int):
+    """A non-blank string of at most `cap` characters, as the OpenAPI schema states it."""
+    return Annotated[str, StringConstraints(min_length=1, max_length=cap, pattern=NOT_BLANK)]
+
+
+class CreditMixRequest(BaseModel):
+    """POST /infer/{name}: one customer's features, or a list of them."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"features": README_FEATURES}]})
+    cfg: ClassVar[ServeConfig]
+
+    @classmethod
+    def fields(cls, cfg: ServeConfig) -> dict:
+        text = capped_text(cfg.max_chars)
+        return {"features": (Union[text, Annotated[list[text], Field(min_length=1, max_length=cfg.max_items)]], Field(
             description=f"one customer's features, or a list of them (at most {cfg.max_items}, each at most "
-                        f"{cfg.max_chars} characters); a list gets a list of answers in the same order")
+                        f"{cfg.max_chars} characters); a list gets a list of answers in the same order"))}
 
-        @field_validator("features", mode="before")
-        @classmethod
-        def _features(cls, v):
-            return check_texts(v, "features", cfg.max_chars, cfg.max_items)
-
-    return CreditMixRequest
+    @field_validator("features", mode="before", check_fields=False)
+    @classmethod
+    def _features(cls, v):
+        return check_texts(v, "features", cls.cfg.max_chars, cls.cfg.max_items)
 
 
-def codegen_request(cfg: ServeConfig) -> type[BaseModel]:
-    """The CodeGen request model under this configuration's caps."""
-    Text = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_chars, pattern=NOT_BLANK)]
-    default_new = default_new_tokens(cfg)
+class GenerationRequest(BaseModel):
+    """What the generating endpoints share: max_new_tokens, at most MAX_NEW_TOKENS."""
+    cfg: ClassVar[ServeConfig]
 
-    class CodeGenRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-            {"prompt": "Write a function that sorts a list.", "max_new_tokens": 256, "plan_then_code": False}]})
-        prompt: Text = Field(description=f"the coding task (at most {cfg.max_chars} characters)")
-        max_new_tokens: Annotated[int, Field(ge=1, le=cfg.max_new_tokens_cap)] = Field(
-            default_new, description=f"token budget of the answer (and of the plan), at most {cfg.max_new_tokens_cap}")
-        plan_then_code: bool = Field(False, description="write a short plan first, then code that follows it")
+    @staticmethod
+    def budget(cfg: ServeConfig, description: str) -> tuple:
+        """The max_new_tokens field; `description` names the cap as {cap}."""
+        return (Annotated[int, Field(ge=1, le=cfg.max_new_tokens_cap)],
+                Field(default_new_tokens(cfg), description=description.format(cap=cfg.max_new_tokens_cap)))
 
-        @field_validator("prompt", mode="before")
-        @classmethod
-        def _prompt(cls, v):
-            return check_text(v, "prompt", cfg.max_chars)
-
-        @field_validator("max_new_tokens", mode="before")
-        @classmethod
-        def _budget(cls, v):
-            return check_int(v, "max_new_tokens", 1, cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
-
-        @field_validator("plan_then_code", mode="before")
-        @classmethod
-        def _plan(cls, v):
-            return check_bool(v, "plan_then_code")
-
-    return CodeGenRequest
+    @field_validator("max_new_tokens", mode="before", check_fields=False)
+    @classmethod
+    def _budget(cls, v):
+        return check_int(v, "max_new_tokens", 1, cls.cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
 
 
-def idp_request(cfg: ServeConfig) -> type[BaseModel]:
-    """The IDP request model under this configuration's caps."""
-    Doc = Annotated[str, StringConstraints(min_length=1, max_length=cfg.max_document_chars, pattern=NOT_BLANK)]
-    default_new = default_new_tokens(cfg)
+class CodeGenRequest(GenerationRequest):
+    """POST /generate/codegen: a coding task, its token budget, and whether to plan first."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"prompt": "Write a function that sorts a list.", "max_new_tokens": 256, "plan_then_code": False}]})
 
-    class IdpRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-            {"document": "Invoice #INV1 date 2025-10-01 from Bar LLC total USD 50.", "max_new_tokens": 256}]})
-        document: Doc = Field(description=f"the document text (at most {cfg.max_document_chars} characters)")
-        json_schema: dict | None = Field(None, alias="schema", description=(
-            f"the JSON Schema the output must conform to (root type object); default: the server's IDP_SCHEMA "
-            f"file ({cfg.idp_schema})"))
-        max_new_tokens: Annotated[int, Field(ge=1, le=cfg.max_new_tokens_cap)] = Field(
-            default_new, description=f"token budget of the reply, at most {cfg.max_new_tokens_cap}; the JSON is "
-                                     "always closed within it")
+    @classmethod
+    def fields(cls, cfg: ServeConfig) -> dict:
+        return {
+            "prompt": (capped_text(cfg.max_chars), Field(
+                description=f"the coding task (at most {cfg.max_chars} characters)")),
+            "max_new_tokens": cls.budget(cfg, "token budget of the answer (and of the plan), at most {cap}"),
+            "plan_then_code": (bool, Field(False, description="write a short plan first, then code that follows it")),
+        }
 
-        @field_validator("document", mode="before")
-        @classmethod
-        def _document(cls, v):
-            return check_text(v, "document", cfg.max_document_chars, "MAX_DOCUMENT_CHARS")
+    @field_validator("prompt", mode="before", check_fields=False)
+    @classmethod
+    def _prompt(cls, v):
+        return check_text(v, "prompt", cls.cfg.max_chars)
 
-        @field_validator("json_schema", mode="before")
-        @classmethod
-        def _schema(cls, v):
-            if v is not None and not isinstance(v, dict):
-                raise ValueError(f"schema must be a JSON object, got {JSON_TYPE.get(type(v), type(v).__name__)}")
-            return v
+    @field_validator("plan_then_code", mode="before", check_fields=False)
+    @classmethod
+    def _plan(cls, v):
+        return check_bool(v, "plan_then_code")
 
-        @field_validator("max_new_tokens", mode="before")
-        @classmethod
-        def _budget(cls, v):
-            return check_int(v, "max_new_tokens", 1, cfg.max_new_tokens_cap, "MAX_NEW_TOKENS")
 
-    return IdpRequest
+class IdpRequest(GenerationRequest):
+    """POST /extract/idp: a document, optionally the JSON Schema of its output, and a token budget."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"document": "Invoice #INV1 date 2025-10-01 from Bar LLC total USD 50.", "max_new_tokens": 256}]})
+
+    @classmethod
+    def fields(cls, cfg: ServeConfig) -> dict:
+        return {
+            "document": (capped_text(cfg.max_document_chars), Field(
+                description=f"the document text (at most {cfg.max_document_chars} characters)")),
+            "json_schema": (dict | None, Field(None, alias="schema", description=(
+                f"the JSON Schema the output must conform to (root type object); default: the server's IDP_SCHEMA "
+                f"file ({cfg.idp_schema})"))),
+            "max_new_tokens": cls.budget(cfg, "token budget of the reply, at most {cap}; the JSON is always closed "
+                                              "within it"),
+        }
+
+    @field_validator("document", mode="before", check_fields=False)
+    @classmethod
+    def _document(cls, v):
+        return check_text(v, "document", cls.cfg.max_document_chars, "MAX_DOCUMENT_CHARS")
+
+    @field_validator("json_schema", mode="before", check_fields=False)
+    @classmethod
+    def _schema(cls, v):
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"schema must be a JSON object, got {JSON_TYPE.get(type(v), type(v).__name__)}")
+        return v
+
+
+def capped(model: type[BaseModel], cfg: ServeConfig) -> type[BaseModel]:
+    """`model` under this configuration's caps: the fields model.fields(cfg) declares, which the model's validators
+    check against cfg. It keeps the model's name (the OpenAPI schema's); a new one is built per configuration."""
+    return create_model(model.__name__, __base__=model, __module__=__name__,
+                        cfg=(ClassVar[ServeConfig], cfg), **model.fields(cfg))
 
 
 class ChatRequest(BaseModel):
@@ -473,7 +497,7 @@ class ChatRequest(BaseModel):
 class Task:
     """One row of the task table."""
     route: str                                  # the native route ({name} = the endpoint name)
-    request: Callable[[ServeConfig], type[BaseModel]]  # its request model under a configuration's caps
+    request: type[BaseModel]                    # its request model (capped(request, cfg): under cfg's caps)
     answer: type[BaseModel]                     # its response model (the README's JSON for CreditMix)
     prior: bool                                 # what loading adds: the multi-null prior (label ranking only)
     run: Callable[[list, ServeConfig], list]    # one batch of items -> one result (or ApiError) per item
@@ -481,11 +505,11 @@ class Task:
 
 
 TASKS = {
-    "creditmix": Task("/infer/{name}", creditmix_request, CreditMixAnswer, True, run_creditmix,
+    "creditmix": Task("/infer/{name}", CreditMixRequest, CreditMixAnswer, True, run_creditmix,
                       "CreditMix label (Good/Standard/Bad) by calibrated label ranking"),
-    "codegen": Task("/generate/codegen", codegen_request, CodeGenAnswer, False, run_codegen,
+    "codegen": Task("/generate/codegen", CodeGenRequest, CodeGenAnswer, False, run_codegen,
                     "Python code for a task, greedy decoding capped at max_new_tokens"),
-    "idp": Task("/extract/idp", idp_request, IdpAnswer, False, run_idp,
+    "idp": Task("/extract/idp", IdpRequest, IdpAnswer, False, run_idp,
                 "one JSON object per document, grammar-constrained by a JSON Schema and validated"),
 }
 
@@ -548,12 +572,12 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     state: dict[str, Any] = {}  # built in the lifespan: slots, lanes, stop flags
 
     default_new = default_new_tokens(cfg)
-    CreditMixRequest, CodeGenRequest, IdpRequest = (TASKS[t].request(cfg) for t in ("creditmix", "codegen", "idp"))
+    CreditMixRequest, CodeGenRequest, IdpRequest = (capped(TASKS[t].request, cfg) for t in ("creditmix", "codegen", "idp"))
 
     # ------------------------------------------------------------------ lifespan: slots, lanes, signals
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        slots = ModelSlots(cfg.quantize, cfg.trust_remote_code, cfg.load_retry_s, metrics)
+        slots = ModelSlots(cfg.quantize, cfg.trust_remote_code, cfg.load_retry_s, metrics, cfg.max_memory_gb)
         state["models"] = slots
         state["slots"] = {name: slots.slot(spec) for name, spec in cfg.models.items()}
         state["lanes"] = {}

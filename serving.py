@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from fastapi.responses import JSONResponse
 
-from common import UserError
+from fileio import UserError
 
 log = logging.getLogger("uvicorn.error.serve_creditmix")
 BASE = "__base__"  # PEFT's adapter name for "no adapter" rows in a mixed batch
@@ -181,6 +181,7 @@ class Base:
     tokenizers: dict[tuple, Any] = field(default_factory=dict)  # fingerprint -> the tokenizer endpoints share
     lock: RWLock = field(default_factory=RWLock)
     lane_toks: dict[tuple, Any] = field(default_factory=dict)  # (id of a shared tokenizer, lane) -> its copy
+    precision: tuple[str, str] | None = None  # (precision, why): common.choose_precision
 
     @property
     def peft(self) -> bool:
@@ -258,7 +259,8 @@ class Slot:
             self.state, self.error = "loaded", None
             self.loads += 1
             cfg.metrics.loads.labels(self.spec).inc()
-            log.info("loaded %s in %.1fs", self.spec, self.load_seconds)
+            log.info("loaded %s in %.1fs, precision %s (%s)", self.spec, self.load_seconds,
+                     *(self.base.precision or ("?", "?")))
             return self
 
     def unavailable(self, where: str) -> ApiError:
@@ -280,15 +282,19 @@ class Slot:
              "error": self.error}
         if self.ms is not None and self.base is not None:
             d.update(base_model=self.ms.base_spec, adapter=self.ms.adapter,
-                     device=str(next(self.model.parameters()).device), shared_base=self.base.key)
+                     device=str(next(self.model.parameters()).device), shared_base=self.base.key,
+                     precision=self.base.precision[0] if self.base.precision else None,
+                     precision_reason=self.base.precision[1] if self.base.precision else None)
         return d
 
 
 class ModelSlots:
     """Every endpoint's Slot (endpoints naming the same spec share one) and the bases they load onto."""
 
-    def __init__(self, quantize: str, trust_remote_code: bool, load_retry_s: float, metrics: "Metrics"):
+    def __init__(self, quantize: str, trust_remote_code: bool, load_retry_s: float, metrics: "Metrics",
+                 max_memory_gb: float = 8.0):
         self.quantize, self.trust_remote_code, self.load_retry_s = quantize, trust_remote_code, load_retry_s
+        self.max_memory_gb = max_memory_gb
         self.metrics = metrics
         self.slots: dict[str, Slot] = {}
         self.bases: dict[str, Base] = {}
@@ -312,11 +318,12 @@ class ModelSlots:
             raise UserError(f"{p.resolve()} does not exist (train that run first, or point the endpoint's "
                             f"MODEL_* variable elsewhere)")
         ms = resolve_model(spec)
-        key = f"{ms.base}|{self.quantize}"
+        precision = self.precision_for(ms)
+        key = f"{ms.base}|{precision[0]}"
         base = self.bases.get(key)
         if base is None:
-            model, tok, _ = load_model(ms.base, quantize=self.quantize, trust_remote_code=self.trust_remote_code)
-            base = Base(key, model, tok)
+            model, tok, _ = load_model(ms.base, trust_remote_code=self.trust_remote_code, precision=precision)
+            base = Base(key, model, tok, precision=precision)
             base.tokenizers[tokenizer_fingerprint(tok)] = tok
             install_hooks(model)
             self.bases[key] = base
@@ -330,6 +337,27 @@ class ModelSlots:
                 name = self.attach(base, ms.adapter)
             slot.adapter = name
         slot.base, slot.tok, slot.ms = base, tok, ms
+
+    def precision_for(self, ms) -> tuple[str, str]:
+        """The precision rule of the scripts (common.choose_precision: an adapter on the base precision it was trained
+        on, a base in bf16 where it fits MAX_MEMORY_GB), with one exception so endpoints keep sharing one copy of a
+        base (one batch across adapters): under QUANTIZE=auto a base endpoint takes the precision of a copy already
+        loaded, else of an endpoint whose adapter is on that base."""
+        from common import decide_precision, resolve_model
+        if ms.adapter or self.quantize != "auto":
+            return decide_precision(ms, self.quantize, max_memory_gb=self.max_memory_gb)
+        for key, base in self.bases.items():
+            if key.rsplit("|", 1)[0] == ms.base and base.precision:
+                return base.precision[0], f"shares the copy loaded for its adapters ({base.precision[1]})"
+        for spec in self.slots:
+            try:
+                other = resolve_model(spec)
+            except Exception:  # that endpoint's own load reports it
+                continue
+            if other.adapter and other.base == ms.base:
+                p = decide_precision(other, self.quantize, max_memory_gb=self.max_memory_gb)
+                return p[0], f"shares one copy with the adapter of {spec} ({p[1]})"
+        return decide_precision(ms, self.quantize, max_memory_gb=self.max_memory_gb)
 
     def attach(self, base: Base, adapter_dir: str) -> str:
         """Attach a LoRA run to the shared base under a new name (PEFT load_adapter); no batch runs meanwhile."""

@@ -8,7 +8,8 @@
 Saves the LoRA adapter (not the base weights), the tokenizer, run.json, metrics.jsonl and TensorBoard logs.
 """
 import cli
-from common import load_student, read_records, user_errors
+from common import load_student
+from fileio import read_records, user_errors
 from training import (add_training_args, encode_rows, eval_source, held_out, log_callbacks, start, train_and_save,
                       trl_config, trl_kwargs)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import kd_cache
 import cli
-from common import UserError, check_output_dir, load_model, read_records, sha256_file, user_errors, write_json
+from common import load_model
+from fileio import UserError, check_output_dir, read_records, sha256_file, user_errors, write_json
 from kd_losses import add_kd_data_args, canonical_rows, load_schema
 
 
@@ -71,7 +72,8 @@ def main(args):
     rows = read_records(args.data, required=("input", "teacher_output"), nonempty=("input", "teacher_output"))
     if args.idp_mode:
         rows = canonical_rows(rows, "teacher_output", args.data, load_schema(args.schema))
-    teacher, tok, _ = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+    teacher, tok, _ = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                                 max_memory_gb=args.max_memory_gb)
     dataset, _ = encode_rows(tok, rows, "input", "teacher_output", args.max_len, keep_whole=args.idp_mode,
                              source=args.data)
     meta = {"teacher": args.teacher, "data": args.data, "data_sha256": sha256_file(args.data),

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 import cli
-from common import (UserError, chat_prompt, check_output_file, jsonl_dumps, jsonl_lines, load_model, note,
-                    read_records_placed, user_errors)
+from common import chat_prompt, load_model
+from fileio import UserError, check_output_file, jsonl_dumps, jsonl_lines, note, read_records_placed, user_errors
 
 
 def parse_args(argv=None):
@@ -125,7 +125,8 @@ def main(args):
         return {"rows": len(rows), "generated": 0, "kept": done}
     if done:
         note(f"{out} already holds {done} of {len(rows)} rows: continuing after them")
-    model, tok, _ = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code)
+    model, tok, _ = load_model(args.teacher, quantize=args.quantize, trust_remote_code=args.trust_remote_code,
+                               max_memory_gb=args.max_memory_gb)
     torch.manual_seed(args.seed)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                system=args.system)

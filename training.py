@@ -10,9 +10,10 @@ from collections import Counter
 from pathlib import Path
 
 from cli import MODEL_SPEC, add_load_args, print_config
-from common import (DEFAULT_STUDENT, UserError, adapter_digests, check_output_dir, commit_run_dir, encode_example, final_save_dir,
-                    fsdp_enabled, is_main_process, local_model_path, note, portable_base, world_size,
-                    write_run_json)
+from common import (DEFAULT_STUDENT, encode_example, fsdp_enabled, is_main_process, loaded_precision, local_model_path,
+                    portable_base, world_size)
+from fileio import UserError, check_output_dir, note
+from run_record import adapter_digests, commit_run_dir, final_save_dir, write_run_json
 
 
 # transformers' names (OptimizerNames, SchedulerType); tests check the lists against the library's own.
@@ -35,7 +36,7 @@ def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: fl
     g = p.add_argument_group("model")
     g.add_argument("--student", default=DEFAULT_STUDENT,
                    help=f"base model: {MODEL_SPEC}; a run dir continues its adapter")
-    add_load_args(g)
+    add_load_args(g, training=True)
     g.add_argument("--lora_r", type=int, default=16, help="LoRA rank")
     g.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (the update is scaled by alpha / r)")
     g.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
@@ -144,17 +145,23 @@ def eval_source(args) -> str:
     return args.eval_data or f"{args.data} (--val_frac {args.val_frac:g})"
 
 
+def encode_counted(rows: list[dict], encode) -> tuple[list[dict], Counter]:
+    """The examples of encode(row) -> (example or None, status) over `rows`, and how many rows got each status."""
+    enc, counts = [], Counter()
+    for r in rows:
+        ex, status = encode(r)
+        counts[status] += 1
+        if ex is not None:
+            enc.append(ex)
+    return enc, counts
+
+
 def encode_rows(tok, rows: list[dict], prompt_key: str, target_key: str, max_len: int, keep_whole: bool = False,
                 source: str = "data"):
     """Tokenise (prompt, target) rows into a datasets.Dataset of input_ids/labels; count what max_len cut."""
     from datasets import Dataset
 
-    enc, counts = [], Counter()
-    for r in rows:
-        ex, status = encode_example(tok, r[prompt_key], r[target_key], max_len, keep_whole)
-        counts[status] += 1
-        if ex is not None:
-            enc.append(ex)
+    enc, counts = encode_counted(rows, lambda r: encode_example(tok, r[prompt_key], r[target_key], max_len, keep_whole))
     if counts["truncated"]:
         note(f"{counts['truncated']} of {len(rows)} rows of {source} were longer than --max_len {max_len}: "
              "their answers are cut")
@@ -402,7 +409,7 @@ def save_final(trainer, tok, args, base_model: str | None, write_record) -> None
     """The final save, complete or absent: adapter and tokenizer go into a temporary folder inside --save_dir,
     adapter_config.json names a base another machine can resolve (the hub id, or smollm2-135m; run.json keeps the
     local path), run.json (written by write_record(folder, fields)) records the adapter weights' sha256, and
-    common.commit_run_dir moves it all into place with run.json last. The loader refuses a run dir whose run.json is
+    run_record.commit_run_dir moves it all into place with run.json last. The loader refuses a run dir whose run.json is
     missing or does not match its weights."""
     from peft import PeftConfig
 
@@ -414,7 +421,8 @@ def save_final(trainer, tok, args, base_model: str | None, write_record) -> None
     if portable and portable != local_base:
         cfg.base_model_name_or_path = portable
         cfg.save_pretrained(str(tmp))
-    write_record(tmp, {"base_model_path": local_model_path(local_base), "adapter_sha256": adapter_digests(tmp)})
+    write_record(tmp, {"base_model_path": local_model_path(local_base), "adapter_sha256": adapter_digests(tmp),
+                       "base_precision": loaded_precision(trainer.model)})  # what inference's auto loads it on
     commit_run_dir(tmp, Path(args.save_dir))
 
 

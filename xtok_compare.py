@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import cli
-from common import user_errors, write_jsonl
+from fileio import user_errors, write_jsonl
 
 
 def parse_args(argv=None):

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from common import CHATML_TEMPLATE, UserError, encode_example, end_of_turn_token, note
+from common import CHATML_TEMPLATE, encode_example, end_of_turn_token
+from fileio import UserError, note
 
 XTOK_LOSSES = ("gold", "uld")
 

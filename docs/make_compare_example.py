@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import cli  # noqa: E402
-from common import atomic_open, user_errors, write_json  # noqa: E402
+from fileio import atomic_open, user_errors, write_json  # noqa: E402
 import compare_runs  # noqa: E402
 
 LABELS = ["Good", "Standard", "Bad"]

@@ -14,6 +14,8 @@ import xgrammar as xgr
 
 import cli
 import common
+import fileio
+import run_record
 import idp
 import json_grammar as jg
 
@@ -48,7 +50,7 @@ def main(args):
     cache = jg.GrammarCache(tok, vocab_size=model.config.vocab_size)
     grammar = cache.compile(schema, 32)
     limit = idp.input_token_limit(model, tok, 0, args.max_new_tokens)
-    docs = [r.get("document", r.get("text")) for r in common.read_records(args.data)][:args.n_docs]
+    docs = [r.get("document", r.get("text")) for r in fileio.read_records(args.data)][:args.n_docs]
     prompts = [idp.document_prompt(tok, schema, d, limit, quiet=True)[0] for d in docs]
     bs = args.batch_size
     batches = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
@@ -91,7 +93,7 @@ def main(args):
                 for name, s in TIMES.items():
                     t[name] += s
     base = total["plain"]["step"] / total["plain"]["steps"]
-    print(f"{args.model_dir} on {common.device_name()}, batch {bs}, {sum(steps)} steps per round, "
+    print(f"{args.model_dir} on {run_record.device_name()}, batch {bs}, {sum(steps)} steps per round, "
           f"{args.repeats} rounds; ms per step")
     print(f"{'':<18} {'step':>7} {'vs plain':>8} {'processor':>9} {'wait':>6} {'fill':>6} {'mask':>6} {'rest':>6}")
     for k, t in total.items():

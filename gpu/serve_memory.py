@@ -77,8 +77,8 @@ def main(args):
     slots = serving.ModelSlots("auto", False, 30, serving.Metrics())
     endpoints = {}
     rows = []
-    for name, spec in specs.items():
-        s = slots.slot(spec)
+    registered = {name: slots.slot(spec) for name, spec in specs.items()}  # all first, as serve_creditmix does
+    for name, s in registered.items():
         slots.load(s)
         endpoints[name] = s
         mem = gib(torch.cuda.max_memory_allocated()) if cuda else None

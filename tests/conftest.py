@@ -14,6 +14,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_model: runs the embedded SmolLM2-135M (slower; few)")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU")
+    config.addinivalue_line("markers", "slow: tens of seconds on a 2-core CPU (trainers run as commands)")
 
 
 def build_tiny_model(out: Path, seed: int = 0, **overrides) -> Path:
@@ -56,7 +57,7 @@ def write_creditmix_sample(outdir: Path, per_class: dict | None = None, seed: in
     """A small synthetic CreditMix source plus its prepared files (creditmix_prepare.py) in outdir."""
     import creditmix_prepare
     import make_sample_data
-    from common import write_json
+    from fileio import write_json
     rows = make_sample_data.creditmix_dataset(per_class or {"Good": 20, "Standard": 30, "Bad": 16}, seed)
     src = outdir / "creditmix_dataset.json"
     write_json(src, rows)
@@ -134,3 +135,14 @@ def stop_server(client) -> None:
         client.proc.wait(15)
     except subprocess.TimeoutExpired:
         client.proc.kill()
+
+
+def metric(client, name: str, **labels) -> float:
+    """The sum of a live server's /metrics samples named `name` with these labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+    total = 0.0
+    for fam in text_string_to_metric_families(client.get("/metrics").text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total

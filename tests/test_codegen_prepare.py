@@ -9,7 +9,7 @@ import pytest
 import codegen
 import codegen_prepare
 import sandbox
-from common import UserError
+from fileio import UserError
 from conftest import shared_data
 
 MBPP_ROWS = [

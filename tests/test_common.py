@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import common
-from common import UserError
+import fileio
+from fileio import UserError
 from conftest import ROOT
 
 
@@ -40,30 +41,30 @@ def test_read_records_names_file_and_line(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_text('{"input": "a", "output": "b"}\n\n{"input": "a" "output": "b"}\n')
     with pytest.raises(UserError, match=r"d.jsonl:3: invalid JSON"):
-        common.read_records(p)
+        fileio.read_records(p)
     p.write_text('{"input": "a", "output": "b"}\n{"input": "a"}\n')
     with pytest.raises(UserError, match=r"line 2: missing field 'output'"):
-        common.read_records(p, required=("input", "output"))
+        fileio.read_records(p, required=("input", "output"))
     p.write_text('{"input": "", "output": "b"}\n')
     with pytest.raises(UserError, match=r"line 1: field 'input' must be a non-empty string"):
-        common.read_records(p, nonempty=("input",))
+        fileio.read_records(p, nonempty=("input",))
     with pytest.raises(UserError, match="not found"):
-        common.read_records(tmp_path / "missing.jsonl")
+        fileio.read_records(tmp_path / "missing.jsonl")
     p.write_text("\n")
     with pytest.raises(UserError, match="no records"):
-        common.read_records(p)
+        fileio.read_records(p)
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     p = tmp_path / "out.jsonl"
-    common.write_jsonl(p, [{"a": 1}])
+    fileio.write_jsonl(p, [{"a": 1}])
 
     def rows():
         yield {"a": 2}
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        common.write_jsonl(p, rows())
+        fileio.write_jsonl(p, rows())
     assert p.read_text() == '{"a": 1}\n'
     assert [f.name for f in tmp_path.iterdir()] == ["out.jsonl"]  # no temp file left
 
@@ -86,7 +87,7 @@ def test_tokens_aligned_and_completion_only_labels(tiny_model_dir):
 
 
 def test_cpu_fallback_says_so_once_when_training(capsys, monkeypatch):
-    monkeypatch.setattr(common, "_notes_said", set())  # notes are once per process: start from none said
+    monkeypatch.setattr(fileio, "_notes_said", set())  # notes are once per process: start from none said
     assert common.use_4bit("auto", "cpu", training=True) is False
     assert common.use_4bit("auto", "cpu", training=True) is False
     assert capsys.readouterr().err.count("4-bit QLoRA needs a CUDA GPU") == 1
@@ -95,7 +96,7 @@ def test_cpu_fallback_says_so_once_when_training(capsys, monkeypatch):
 
 
 def test_inference_on_cpu_says_nothing_about_qlora(tiny_model_dir, capsys, monkeypatch):
-    monkeypatch.setattr(common, "_notes_said", set())
+    monkeypatch.setattr(fileio, "_notes_said", set())
     model, _, _ = common.load_model(str(tiny_model_dir), device="cpu")  # inference: nothing trains
     assert "4-bit" not in capsys.readouterr().err
     assert next(model.parameters()).dtype == common.compute_dtype("cpu")
@@ -106,7 +107,7 @@ def test_inference_on_cpu_says_nothing_about_qlora(tiny_model_dir, capsys, monke
 def exits_2(fn, capsys) -> str:
     """Run fn as a script's main runs (under user_errors): it must exit 2 with one line on stderr; returns it."""
     with pytest.raises(SystemExit) as e:
-        with common.user_errors():
+        with fileio.user_errors():
             fn()
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err and err[-1].startswith("error: ")
@@ -120,13 +121,13 @@ SEPARATORS = "a\u2028b\u2029c\x85d"  # line separators for str.splitlines(), ord
 def test_jsonl_round_trips_unicode_line_separators(tmp_path):
     rows = [{"input": SEPARATORS, "output": "Good"}, {"input": "plain", "output": "Bad"}]
     p = tmp_path / "d.jsonl"
-    common.write_jsonl(p, rows)
-    assert common.read_records(p) == rows
+    fileio.write_jsonl(p, rows)
+    assert fileio.read_records(p) == rows
     assert len(p.read_text(encoding="utf-8").splitlines()) == 2  # escaped: even splitlines() readers see 2 lines
     # a file with the characters raw (json.dumps(ensure_ascii=False), as other tools write) reads back too
     p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    assert common.read_records(p) == rows
-    assert common.record_places(p) == ["line 1", "line 2"]
+    assert fileio.read_records(p) == rows
+    assert fileio.record_places(p) == ["line 1", "line 2"]
 
 
 def test_errors_name_the_file_line_with_blank_lines_counted(tmp_path):
@@ -134,24 +135,24 @@ def test_errors_name_the_file_line_with_blank_lines_counted(tmp_path):
     p.write_text('{"input": "a", "output": "b"}\n\n{"input": "a\u2028x", "output": "b"}\n\n{"input": "c"}\n',
                  encoding="utf-8")
     with pytest.raises(UserError, match=r"d.jsonl: line 5: missing field 'output'"):
-        common.read_records(p, required=("input", "output"))
-    assert common.record_places(p) == ["line 1", "line 3", "line 5"]
+        fileio.read_records(p, required=("input", "output"))
+    assert fileio.record_places(p) == ["line 1", "line 3", "line 5"]
 
 
 def test_non_utf8_jsonl_is_one_line(tmp_path, capsys):
     p = tmp_path / "d.jsonl"
     p.write_bytes(b'{"input": "a", "output": "b"}\n{"input": "caf\xe9", "output": "b"}\n')
-    line = exits_2(lambda: common.read_records(p), capsys)
+    line = exits_2(lambda: fileio.read_records(p), capsys)
     assert "d.jsonl:2: not UTF-8 text (byte 0xe9 at column 15)" in line
 
 
 def test_write_outputs_all_or_none(tmp_path):
     (tmp_path / "b.jsonl").mkdir()  # one output path blocked by a folder
     with pytest.raises(UserError, match=r"b.jsonl is a folder"):
-        common.write_outputs({tmp_path / "a.jsonl": [{"x": 1}], tmp_path / "b.jsonl": [{"x": 2}],
+        fileio.write_outputs({tmp_path / "a.jsonl": [{"x": 1}], tmp_path / "b.jsonl": [{"x": 2}],
                               tmp_path / "c.json": {"y": 1}})
     assert sorted(f.name for f in tmp_path.iterdir()) == ["b.jsonl"]  # nothing else written, no temp files
-    counts = common.write_outputs({tmp_path / "a.jsonl": [{"x": 1}, {"x": 2}], tmp_path / "c.json": {"y": 1}})
+    counts = fileio.write_outputs({tmp_path / "a.jsonl": [{"x": 1}, {"x": 2}], tmp_path / "c.json": {"y": 1}})
     assert counts == {str(tmp_path / "a.jsonl"): 2, str(tmp_path / "c.json"): 1}
     assert json.loads((tmp_path / "c.json").read_text()) == {"y": 1}
 
@@ -159,10 +160,10 @@ def test_write_outputs_all_or_none(tmp_path):
 def test_output_checks(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="is a file, not a folder"):
-        common.check_output_dir(tmp_path / "f")
+        fileio.check_output_dir(tmp_path / "f")
     with pytest.raises(UserError, match="is a file, not a folder"):
-        common.check_output_file(tmp_path / "f" / "out.jsonl")
-    assert common.check_output_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
+        fileio.check_output_file(tmp_path / "f" / "out.jsonl")
+    assert fileio.check_output_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
     assert not (tmp_path / "new").exists()  # checking creates nothing
 
 
@@ -182,9 +183,9 @@ def read_only_dir(tmp_path):
 def test_read_only_output_is_refused(tmp_path):
     ro = read_only_dir(tmp_path)
     with pytest.raises(UserError, match="cannot write in"):
-        common.check_output_dir(ro / "run")
+        fileio.check_output_dir(ro / "run")
     with pytest.raises(UserError, match="cannot write in"):
-        common.check_output_file(ro / "out.jsonl")
+        fileio.check_output_file(ro / "out.jsonl")
 
 
 def test_path_shaped_model_that_does_not_exist_fails_at_once(tmp_path, monkeypatch):
@@ -199,7 +200,7 @@ def test_path_shaped_model_that_does_not_exist_fails_at_once(tmp_path, monkeypat
 
 
 def _run_load(spec, env):
-    code = f"import common\nwith common.user_errors():\n    common.load_model({spec!r})"
+    code = f"import common, fileio\nwith fileio.user_errors():\n    common.load_model({spec!r})"
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **env})
 
@@ -249,7 +250,79 @@ def test_garbage_run_json_is_one_line(tmp_path, capsys, tiny_model_dir):
 
 def test_user_errors_exit_code(capsys):
     with pytest.raises(SystemExit) as e:
-        with common.user_errors():
+        with fileio.user_errors():
             raise UserError("bad thing in x.jsonl line 3")
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "error: bad thing in x.jsonl line 3"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# precision: bf16 where it fits, 4-bit where it must
+
+GIB = 2 ** 30
+
+
+def test_base_loads_bf16_where_it_fits_and_4bit_where_it_must():
+    choose = common.choose_precision
+    # Qwen2.5-3B in bf16 (~5.8 GiB + margin) fits the 8 GB card; a 7B (~14 GiB) does not
+    prec, why = choose("auto", "cuda", weights=int(5.8 * GIB), max_memory_gb=8, free=70 * GIB)
+    assert prec == "bf16" and "fits --max_memory_gb 8" in why
+    prec, why = choose("auto", "cuda", weights=14 * GIB, max_memory_gb=8, free=70 * GIB)
+    assert prec == "4bit" and "--max_memory_gb 8" in why
+    # the smaller of the budget and the GPU's free memory decides
+    assert choose("auto", "cuda", weights=3 * GIB, max_memory_gb=80, free=2 * GIB)[0] == "4bit"
+    assert "free" in choose("auto", "cuda", weights=3 * GIB, max_memory_gb=80, free=2 * GIB)[1]
+    assert choose("auto", "cuda", weights=3 * GIB, max_memory_gb=0, free=10 * GIB)[0] == "bf16"
+    # the margin counts: weights alone under the budget, weights + margin over it
+    assert choose("auto", "cuda", weights=int(7.5 * GIB), max_memory_gb=8, free=None)[0] == "4bit"
+    assert choose("auto", "cuda", weights=None, max_memory_gb=8)[0] == "4bit"  # size unknown
+    # explicit flags win; the CPU stays unquantised; training keeps QLoRA
+    assert choose("4bit", "cuda", weights=GIB // 4)[0] == "4bit"
+    assert choose("none", "cuda", weights=14 * GIB, max_memory_gb=8)[0] == "bf16"
+    assert choose("auto", "cpu", weights=GIB, dtype="fp32")[0] == "fp32"
+    assert choose("4bit", "cpu", dtype="fp32")[0] == "fp32"
+    assert choose("auto", "cuda", weights=GIB // 4, training=True)[0] == "4bit"
+    with pytest.raises(common.UserError):
+        choose("8bit", "cuda")
+
+
+def test_adapter_loads_on_the_precision_it_was_trained_on(tmp_path):
+    choose, read = common.choose_precision, common.adapter_precision
+    run = tmp_path / "run"
+    run.mkdir()
+    assert read(run) is None  # a bare adapter folder: unknown, 4-bit as its QLoRA training most likely was
+    assert choose("auto", "cuda", adapter=True, trained_on=None)[0] == "4bit"
+    common.write_json(run / "run.json", {"base_precision": "4bit", "args": {"quantize": "auto"}, "device": "H200"})
+    prec, why = choose("auto", "cuda", adapter=True, trained_on=read(run))
+    assert prec == "4bit" and "trained on the 4-bit base" in why
+    assert choose("none", "cuda", adapter=True, trained_on=read(run))[0] == "bf16"  # the flag wins
+    common.write_json(run / "run.json", {"base_precision": "bf16"})
+    assert choose("auto", "cuda", adapter=True, trained_on=read(run), weights=40 * GIB)[0] == "bf16"
+    assert choose("4bit", "cuda", adapter=True, trained_on=read(run))[0] == "4bit"
+    # older runs (no base_precision): their --quantize and device say it
+    common.write_json(run / "run.json", {"args": {"quantize": "auto"}, "device": "NVIDIA H100 80GB HBM3"})
+    assert read(run) == "4bit"
+    common.write_json(run / "run.json", {"args": {"quantize": "none"}, "device": "NVIDIA H100 80GB HBM3"})
+    assert read(run) == "bf16"
+    common.write_json(run / "run.json", {"args": {"quantize": "auto"}, "device": "cpu (2 cores)"})
+    assert read(run) == "fp32"
+
+
+def test_weight_bytes_from_safetensors_and_config(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert common.weight_bytes(str(tiny_model_dir)) == 2 * n
+    # a folder with config.json only: estimated from the sizes (exact for this Llama shape)
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    assert common.weight_bytes(str(tmp_path)) == 2 * n
+
+
+def test_training_records_the_base_precision_and_inference_follows_it(tiny_sft_run, tiny_model_dir, capsys):
+    rec = json.loads((tiny_sft_run / "run.json").read_text())
+    assert rec["base_precision"] == "fp32"  # on this CPU: plain LoRA on fp32 weights
+    ms = common.resolve_model(str(tiny_sft_run))
+    prec, why = common.decide_precision(ms, "auto", "cuda", dtype="torch.bfloat16")
+    assert prec == "bf16" and "unquantised (fp32)" in why
+    _, _, ms = common.load_model(str(tiny_model_dir), device="cpu")
+    assert ms.precision[0] == "fp32"
+    assert capsys.readouterr().err.count("precision: fp32 for ") == 1

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import compare_runs
-from common import UserError
+from fileio import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = ["Good", "Standard", "Bad"]
@@ -305,10 +305,10 @@ def test_docs_example_command_makes_its_picture(tmp_path):
 
 
 def test_reads_what_common_writes(tmp_path, monkeypatch):
-    """The run record and evaluation files as the trainers and evals write them (common.write_run_json/save_eval)."""
+    """The run record and evaluation files as the trainers and evals write them (run_record.write_run_json/save_eval)."""
     import time
 
-    import common
+    import run_record
     runs = tmp_path / "runs"
     monkeypatch.setenv("DISTILL_SLM_RUNS", str(runs))
     data = tmp_path / "creditmix_sft.jsonl"
@@ -319,10 +319,10 @@ def test_reads_what_common_writes(tmp_path, monkeypatch):
     sft.mkdir(parents=True)
     (sft / "adapter_config.json").write_text("{}")  # what makes save_eval file the evaluation in the run dir
     (sft / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
-    common.write_run_json(sft, script="sft_train.py", method="sft", args={"epochs": 1}, base_model="smollm2-135m",
+    run_record.write_run_json(sft, script="sft_train.py", method="sft", args={"epochs": 1}, base_model="smollm2-135m",
                           data=data, metrics={"train_loss": 1.75, "train_steps": 2}, started=time.time() - 3)
-    common.save_eval(str(sft), "creditmix", dataset, {}, creditmix_metrics(0.8, 0.79), script="eval_creditmix.py")
-    common.save_eval("smollm2-135m", "creditmix", dataset, {}, creditmix_metrics(0.33, 0.3), script="eval_creditmix.py")
+    run_record.save_eval(str(sft), "creditmix", dataset, {}, creditmix_metrics(0.8, 0.79), script="eval_creditmix.py")
+    run_record.save_eval("smollm2-135m", "creditmix", dataset, {}, creditmix_metrics(0.33, 0.3), script="eval_creditmix.py")
     res = compare(runs, "--out", tmp_path / "report")
     rows = rows_by_run(res)
     assert sorted(rows) == ["base-smollm2-135m", "creditmix_sft"]

@@ -10,7 +10,7 @@ import pytest
 import cli
 import common
 import training
-from common import UserError
+from fileio import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

@@ -6,8 +6,12 @@ import pytest
 
 import creditmix as cm
 import creditmix_prepare
-from common import UserError
+from fileio import UserError
 from conftest import shared_data, write_creditmix_sample
+
+
+class DataRead(Exception):
+    """Raised in place of loading the student: the script got past reading its data."""
 
 
 def read(p):
@@ -111,7 +115,7 @@ def test_missing_file_exits_2(tmp_path):
 
 
 def exits_2(fn, capsys) -> str:
-    from common import user_errors
+    from fileio import user_errors
     with pytest.raises(SystemExit) as e:
         with user_errors():
             fn()
@@ -145,9 +149,6 @@ def test_unicode_line_separators_survive_prepare_and_training_reads(tmp_path, mo
     run(["--src", str(src), "--outdir", str(tmp_path), "--val_per_class", "1"])
     texts = [r["input"] for name in ("sft", "val") for r in read(tmp_path / f"creditmix_{name}.jsonl")]
     assert any("Writer\u2028Editor\u2029x\x85y" in t for t in texts)
-
-    class DataRead(Exception):
-        pass
 
     def stop(*a, **kw):  # sft_train read and checked its data: stop before the model loads
         raise DataRead()

@@ -73,22 +73,9 @@ class Command:
 # ----------------------------------------------------------------------------------------------------------------
 # reading pages
 
-def split_comment(line: str) -> tuple[str, str]:
-    """(code, comment) of one shell line: the comment starts at a # outside quotes, after a blank or at the start."""
-    quote = None
-    for i, ch in enumerate(line):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
-            return line[:i].rstrip(), line[i:]
-    return line.rstrip(), ""
-
-
-def open_quote(text: str) -> bool:
-    """Whether text ends inside a quoted string (so the shell reads the next line as part of the command)."""
+def scan_quotes(text: str) -> tuple[int | None, str | None]:
+    """(where a shell comment starts: a # outside quotes, after a blank or at the start, else None; the quote still
+    open at the end of text, else None)."""
     quote = None
     for i, ch in enumerate(text):
         if quote:
@@ -97,8 +84,19 @@ def open_quote(text: str) -> bool:
         elif ch in "'\"":
             quote = ch
         elif ch == "#" and (i == 0 or text[i - 1].isspace()):
-            return False  # the rest is a comment
-    return quote is not None
+            return i, None
+    return None, quote
+
+
+def split_comment(line: str) -> tuple[str, str]:
+    """(code, comment) of one shell line."""
+    i, _ = scan_quotes(line)
+    return (line.rstrip(), "") if i is None else (line[:i].rstrip(), line[i:])
+
+
+def open_quote(text: str) -> bool:
+    """Whether text ends inside a quoted string (so the shell reads the next line as part of the command)."""
+    return scan_quotes(text)[1] is not None
 
 
 def fenced_blocks(path: Path):
@@ -530,20 +528,21 @@ def test_help_shows_every_default(script, monkeypatch):
     assert not missing, f"python {script} --help hides these defaults: {', '.join(missing)}"
 
 
+class ParserBuilt(Exception):
+    """Raised in place of parsing: capture_parser has the script's ArgumentParser."""
+
+
 def capture_parser(script: str, monkeypatch) -> argparse.ArgumentParser:
     """The ArgumentParser script.parse_args builds (stopped before parsing)."""
     seen = []
 
-    class Stop(Exception):
-        pass
-
     def grab(self, args=None, namespace=None):
         seen.append(self)
-        raise Stop
+        raise ParserBuilt
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", grab)
     module = importlib.import_module(Path(script).stem)
-    with pytest.raises(Stop):
+    with pytest.raises(ParserBuilt):
         module.parse_args([])
     return seen[0]
 

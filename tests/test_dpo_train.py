@@ -9,7 +9,8 @@ import torch
 
 import dpo_train
 import dpo_trainer
-from common import UserError, chat_prompt, encode_example, load_model, load_tokenizer, resolve_model, write_jsonl
+from common import chat_prompt, encode_example, load_model, load_tokenizer, resolve_model
+from fileio import UserError, write_jsonl
 
 # A consistent preference the tiny model can learn in a few steps: always "Good" over "Bad".
 TOY = [{"prompt": f"Customer {i}: income {1000 * i}. Return only the label.", "chosen": "Good", "rejected": "Bad"}

@@ -9,7 +9,7 @@ import pytest
 import codegen
 import eval_codegen
 import sandbox
-from common import UserError
+from fileio import UserError
 from conftest import shared_data
 
 # A HumanEval-format problem set of our own (the real one is read below when ../shared/data exists).

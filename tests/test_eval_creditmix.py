@@ -3,7 +3,7 @@ import json
 import pytest
 
 import eval_creditmix
-from common import UserError
+from fileio import UserError
 
 
 def run(argv):

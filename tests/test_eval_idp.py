@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import common
+import fileio
 import eval_idp
 import idp
 import json_grammar as jg
@@ -68,7 +68,7 @@ def test_missing_field_vs_wrong_value():
 
 def test_record_formats(tmp_path):
     p = tmp_path / "mixed.jsonl"
-    common.write_jsonl(p, [
+    fileio.write_jsonl(p, [
         {"id": "r1", "split": "test", "text": "ACME\nTOTAL 5.00", "gold": {"company": "ACME", "total": "5.00"}},
         {"id": "r2", "split": "train", "document": "x", "gold": {"company": "B"}},
         {"id": "r3", "split": "test", "input": "<the whole user message>", "output": '{"company":"C"}'},
@@ -88,15 +88,15 @@ def test_record_formats(tmp_path):
 ])
 def test_bad_records(tmp_path, rows, message):
     p = tmp_path / "bad.jsonl"
-    common.write_jsonl(p, rows)
-    with pytest.raises(common.UserError, match=message):
+    fileio.write_jsonl(p, rows)
+    with pytest.raises(fileio.UserError, match=message):
         idp.read_eval_records(p)
 
 
 def test_split_without_split_field(tmp_path):
     p = tmp_path / "d.jsonl"
-    common.write_jsonl(p, [{"document": "x", "gold": {}}])
-    with pytest.raises(common.UserError, match="records have no 'split' field"):
+    fileio.write_jsonl(p, [{"document": "x", "gold": {}}])
+    with pytest.raises(fileio.UserError, match="records have no 'split' field"):
         idp.read_eval_records(p, split="test")
 
 
@@ -108,7 +108,7 @@ def files(tmp_path):
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps(SCHEMA))
     data = tmp_path / "receipts_test.jsonl"
-    common.write_jsonl(data, [
+    fileio.write_jsonl(data, [
         {"id": i, "split": "test", "text": f"SHOP {i}\nJALAN {i}\nTOTAL {i}.00",
          "gold": {"company": f"SHOP {i}", "total": f"{i}.00", "address": None if i == 2 else f"JALAN {i}"}}
         for i in range(3)] + [{"id": 9, "split": "train", "text": "t", "gold": {"company": "T"}}])
@@ -144,7 +144,7 @@ def test_unconstrained_eval_reports_invalid_output(tiny_model_dir, files):
 
 def test_missing_schema_is_a_user_error(tiny_model_dir, files, tmp_path):
     _, data = files
-    with pytest.raises(common.UserError, match="schema file not found"):
+    with pytest.raises(fileio.UserError, match="schema file not found"):
         eval_idp.main(eval_idp.parse_args(["--model_dir", str(tiny_model_dir), "--data", str(data),
                                            "--schema", str(tmp_path / "nope.json")]))
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import common
+import fileio
 import export
 
 # eight chat prompts for the greedy comparison (the README's three tasks and plain chat)
@@ -52,7 +53,7 @@ def make_lora_run(base: str, out: Path, *, device: str = "cpu (2 cores)", scale:
             p.data = torch.randn(p.shape, generator=g) * scale
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    common.write_json(out / "run.json", {"script": "sft_train.py", "method": "sft", "base_model": base,
+    fileio.write_json(out / "run.json", {"script": "sft_train.py", "method": "sft", "base_model": base,
                                          "args": {"quantize": "auto", "max_len": 512}, "device": device})
     return out
 
@@ -139,20 +140,20 @@ def test_a_4bit_run_is_merged_onto_its_nf4_weights(tmp_path, tiny_model_dir):
 # refusals and atomic output
 
 def test_refusals(tmp_path, tiny_model_dir, tiny_run):
-    with pytest.raises(common.UserError, match="no LoRA adapter"):  # a plain model folder
+    with pytest.raises(fileio.UserError, match="no LoRA adapter"):  # a plain model folder
         run_export("--model_dir", tiny_model_dir, "--to", "merged", "--out", tmp_path / "a")
     (tmp_path / "unfinished").mkdir()
-    common.write_json(tmp_path / "unfinished" / "run.json", {"base_model": "smollm2-135m"})
-    with pytest.raises(common.UserError, match="without a saved adapter"):
+    fileio.write_json(tmp_path / "unfinished" / "run.json", {"base_model": "smollm2-135m"})
+    with pytest.raises(fileio.UserError, match="without a saved adapter"):
         run_export("--model_dir", tmp_path / "unfinished", "--to", "merged", "--out", tmp_path / "b")
     unknown = tmp_path / "unknown_base"
     unknown.mkdir()
     for f in tiny_run.iterdir():
         (unknown / f.name).write_bytes(f.read_bytes())
-    common.write_json(unknown / "run.json", {"base_model": "no-such-model"})
-    with pytest.raises(common.UserError, match="unknown model 'no-such-model'"):
+    fileio.write_json(unknown / "run.json", {"base_model": "no-such-model"})
+    with pytest.raises(fileio.UserError, match="unknown model 'no-such-model'"):
         run_export("--model_dir", unknown, "--to", "merged", "--out", tmp_path / "c")
-    with pytest.raises(common.UserError, match="ending in .gguf"):
+    with pytest.raises(fileio.UserError, match="ending in .gguf"):
         run_export("--model_dir", tiny_run, "--to", "gguf", "--out", tmp_path / "d")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unfinished", "unknown_base"]  # nothing written
 
@@ -173,9 +174,9 @@ def test_failure_leaves_nothing_and_overwrite_replaces(tmp_path, tiny_run, monke
 
     def broken(merged, out_file, outtype, converter, work):
         out_file.write_bytes(b"GGUF half")  # a converter dying mid-file
-        raise common.UserError("llama.cpp's converter failed")
+        raise fileio.UserError("llama.cpp's converter failed")
     monkeypatch.setattr(export, "convert_to_gguf", broken)
-    with pytest.raises(common.UserError, match="converter failed"):
+    with pytest.raises(fileio.UserError, match="converter failed"):
         run_export("--model_dir", tiny_run, "--to", "gguf", "--out", out)
     assert list(out.parent.iterdir()) == []  # no output, no temp folder
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import common
+import fileio
 import idp
 import idp_prepare
 import json_grammar as jg
@@ -53,7 +53,7 @@ def test_repo_samples_match_the_repo_schema():
     root = idp_prepare.__file__.rsplit("/", 1)[0]
     schema = jg.load_schema(f"{root}/data/idp_schema.json")
     assert schema == idp_prepare.INVOICE_SCHEMA
-    for r in common.read_records(f"{root}/data/idp_sft.jsonl"):
+    for r in fileio.read_records(f"{root}/data/idp_sft.jsonl"):
         assert r["input"].startswith(idp.idp_user_message(schema, ""))
         assert r["output"] == jg.canonical_json(json.loads(r["output"]), schema)
 
@@ -63,7 +63,7 @@ def test_generic_source_with_schema(tmp_path):
               "required": ["name"]}
     (tmp_path / "s.json").write_text(json.dumps(schema))
     src = tmp_path / "people.jsonl"
-    common.write_jsonl(src, [{"id": 1, "split": "train", "text": "Ann, 31", "gold": {"age": 31, "name": "Ann"}},
+    fileio.write_jsonl(src, [{"id": 1, "split": "train", "text": "Ann, 31", "gold": {"age": 31, "name": "Ann"}},
                              {"id": 2, "split": "test", "text": "Bob", "gold": {"name": "Bob"}},
                              {"id": 3, "text": "Cy, 5", "gold": {"name": "Cy", "age": 5}}])
     written = idp_prepare.main(idp_prepare.parse_args(["--src", str(src), "--schema", str(tmp_path / "s.json"),
@@ -84,10 +84,10 @@ def test_generic_source_with_schema(tmp_path):
 def test_bad_sources(tmp_path, rows, extra, message):
     (tmp_path / "s.json").write_text(json.dumps({"type": "object", "properties": {"name": {"type": "string"}}}))
     src = tmp_path / "src.jsonl"
-    common.write_jsonl(src, rows)
+    fileio.write_jsonl(src, rows)
     argv = ["--src", str(src), "--outdir", str(tmp_path / "out")]
     argv += ["--schema", str(tmp_path / "s.json")] if extra else []
-    with pytest.raises(common.UserError, match=message):
+    with pytest.raises(fileio.UserError, match=message):
         idp_prepare.main(idp_prepare.parse_args(argv))
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
@@ -96,7 +96,7 @@ def test_sroie_train_split_only(tmp_path):
     src = shared_data("idp/sroie.jsonl")
     written = idp_prepare.main(idp_prepare.parse_args(["--src", str(src), "--outdir", str(tmp_path)]))
     assert written["sroie_idp_sft.jsonl"] == 626 and written["sroie_idp_test.jsonl"] == 347
-    real = {r["id"]: r for r in common.read_records(src)}
+    real = {r["id"]: r for r in fileio.read_records(src)}
     sft = _read(tmp_path / "sroie_idp_sft.jsonl")
     test = _read(tmp_path / "sroie_idp_test.jsonl")
     assert all(real[r["id"]]["split"] == "train" for r in sft)
@@ -121,13 +121,13 @@ def test_funsd_pairs(tmp_path):
 def test_one_blocked_output_writes_nothing(tmp_path):
     out = tmp_path / "out"
     (out / "idp_dpo.jsonl").mkdir(parents=True)
-    with pytest.raises(common.UserError, match=r"idp_dpo.jsonl is a folder"):
+    with pytest.raises(fileio.UserError, match=r"idp_dpo.jsonl is a folder"):
         idp_prepare.main(idp_prepare.parse_args(["--synthetic", "--n", "4", "--n_test", "2", "--outdir", str(out)]))
     assert sorted(p.name for p in out.iterdir()) == ["idp_dpo.jsonl"]
 
 
 def test_outdir_that_is_a_file_is_refused_before_reading(tmp_path):
     (tmp_path / "out").write_text("x")
-    with pytest.raises(common.UserError, match="--outdir .*out is a file, not a folder"):
+    with pytest.raises(fileio.UserError, match="--outdir .*out is a file, not a folder"):
         idp_prepare.main(idp_prepare.parse_args(["--src", str(tmp_path / "missing.jsonl"), "--outdir",
                                                  str(tmp_path / "out")]))

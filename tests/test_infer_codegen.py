@@ -4,7 +4,8 @@ import pytest
 
 import codegen
 import infer_codegen
-from common import UserError, load_model
+from common import load_model
+from fileio import UserError
 
 SORT = "def sort_list(xs):\n    return sorted(xs)"
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import infer_creditmix
-from common import UserError
+from fileio import UserError
 
 FEATURES = ("Age: 23.0, Occupation: Scientist, Annual Income: 19114.12, Outstanding Debt: 809.98, "
             "Credit Utilization Ratio: 35.03, Payment Behaviour: Low_spent_Small_value_payments")

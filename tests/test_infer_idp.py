@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import common
+import fileio
 import idp
 import infer_idp
 import json_grammar as jg
@@ -56,7 +57,7 @@ def test_repo_schema_and_document_file(tiny_model_dir, tmp_path, capsys):
 
 def test_batch_input_output(tiny_model_dir, schema_file, tmp_path, capsys):
     src = tmp_path / "docs.jsonl"
-    common.write_jsonl(src, [{"id": "a", "document": README_DOC}, {"text": "Receipt total 3.20 EUR"},
+    fileio.write_jsonl(src, [{"id": "a", "document": README_DOC}, {"text": "Receipt total 3.20 EUR"},
                              {"id": 7, "document": "x " * 50}])
     out = tmp_path / "preds.jsonl"
     run(tiny_model_dir, schema_file, "--input", str(src), "--output", str(out), "--batch_size", "2")
@@ -92,31 +93,31 @@ def test_long_document_is_truncated_with_a_note(tiny_model_dir, schema_file, cap
     (["--document_file", "/nonexistent/doc.txt"], "document file not found"),
 ])
 def test_bad_documents(tiny_model_dir, schema_file, args, message):
-    with pytest.raises(common.UserError, match=message):
+    with pytest.raises(fileio.UserError, match=message):
         run(tiny_model_dir, schema_file, *args)
 
 
 def test_unreadable_and_empty_document_files(tiny_model_dir, schema_file, tmp_path):
     binary = tmp_path / "scan.pdf"
     binary.write_bytes(b"%PDF-1.4\xff\xfe\x00\x81")
-    with pytest.raises(common.UserError, match="cannot read document file .*scan.pdf as UTF-8"):
+    with pytest.raises(fileio.UserError, match="cannot read document file .*scan.pdf as UTF-8"):
         run(tiny_model_dir, schema_file, "--document_file", str(binary))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    with pytest.raises(common.UserError, match="empty.txt: the document is empty"):
+    with pytest.raises(fileio.UserError, match="empty.txt: the document is empty"):
         run(tiny_model_dir, schema_file, "--document_file", str(empty))
 
 
 def test_input_record_without_document(tiny_model_dir, schema_file, tmp_path):
     src = tmp_path / "docs.jsonl"
-    common.write_jsonl(src, [{"document": "ok"}, {"id": 2, "body": "no document field"}])
-    with pytest.raises(common.UserError, match="docs.jsonl: record 2: missing field 'document'"):
+    fileio.write_jsonl(src, [{"document": "ok"}, {"id": 2, "body": "no document field"}])
+    with pytest.raises(fileio.UserError, match="docs.jsonl: record 2: missing field 'document'"):
         run(tiny_model_dir, schema_file, "--input", str(src), "--output", str(tmp_path / "o.jsonl"))
     assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_budget_too_small_for_any_valid_json(tiny_model_dir, schema_file):
-    with pytest.raises(common.UserError, match="--max_new_tokens 5 is too small"):
+    with pytest.raises(fileio.UserError, match="--max_new_tokens 5 is too small"):
         infer_idp.main(infer_idp.parse_args(["--model_dir", str(tiny_model_dir), "--schema", str(schema_file),
                                              "--document", README_DOC, "--max_new_tokens", "5"]))
 
@@ -156,8 +157,8 @@ def test_output_flags_go_together():
 
 def test_input_record_with_empty_document(tiny_model_dir, schema_file, tmp_path):
     src = tmp_path / "docs.jsonl"
-    common.write_jsonl(src, [{"document": "ok"}, {"document": ""}])
-    with pytest.raises(common.UserError, match="docs.jsonl: record 2: the document is empty"):
+    fileio.write_jsonl(src, [{"document": "ok"}, {"document": ""}])
+    with pytest.raises(fileio.UserError, match="docs.jsonl: record 2: the document is empty"):
         run(tiny_model_dir, schema_file, "--input", str(src), "--output", str(tmp_path / "o.jsonl"))
 
 

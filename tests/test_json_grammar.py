@@ -5,6 +5,7 @@ import json
 import pytest
 
 import common
+import fileio
 import json_grammar as jg
 
 NESTED = {
@@ -69,7 +70,7 @@ def test_supported_schemas_pass():
     ({"type": "object", "properties": {"a": {"type": "string", "maxLength": -1}}}, ["'maxLength'", "/properties/a"]),
 ])
 def test_invalid_schema_names_keyword_and_path(schema, words):
-    with pytest.raises(common.UserError, match="invalid JSON Schema") as e:
+    with pytest.raises(fileio.UserError, match="invalid JSON Schema") as e:
         jg.check_schema(schema)
     for w in words:
         assert w in str(e.value)
@@ -94,13 +95,13 @@ def test_invalid_schema_names_keyword_and_path(schema, words):
 ])
 def test_unsupported_keywords_are_refused_with_their_path(extra, word):
     schema = {"type": "object", **extra}
-    with pytest.raises(common.UserError) as e:
+    with pytest.raises(fileio.UserError) as e:
         jg.check_schema(schema)
     assert word in str(e.value)
 
 
 def test_root_must_be_an_object():
-    with pytest.raises(common.UserError, match="root must be an object"):
+    with pytest.raises(fileio.UserError, match="root must be an object"):
         jg.check_schema({"type": "array", "items": {"type": "string"}})
 
 
@@ -110,11 +111,11 @@ def test_unknown_keyword_is_a_note(capsys):
 
 
 def test_load_schema_errors(tmp_path):
-    with pytest.raises(common.UserError, match="not found"):
+    with pytest.raises(fileio.UserError, match="not found"):
         jg.load_schema(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text('{"type": "object",\n "properties": }')
-    with pytest.raises(common.UserError, match=r"bad.json:2: invalid JSON"):
+    with pytest.raises(fileio.UserError, match=r"bad.json:2: invalid JSON"):
         jg.load_schema(bad)
 
 
@@ -185,17 +186,21 @@ def test_closing_string_completes_any_prefix(tiny, name, prefix):
 # ----------------------------------------------------------------------------------------------------------------
 # constrained generation with a random model: valid whatever the model prefers, within the budget
 
+class Bias:
+    """A logits processor that adds `strength` to the scores of token ids `ids`."""
+
+    def __init__(self, ids: list[int], strength: float):
+        self.ids, self.strength = ids, strength
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.ids] += self.strength
+        return scores
+
+
 def _bias_processor(tok, text: str, strength: float = 30.0):
     """Makes the model love the tokens of `text` (digits, letters, brackets): the grammar and the budget guard must
     still deliver a valid document."""
-    from transformers import LogitsProcessor
-    ids = sorted({i for ch in text for i in tok.encode(ch, add_special_tokens=False)})
-
-    class Bias(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            scores[:, ids] += strength
-            return scores
-    return Bias()
+    return Bias(sorted({i for ch in text for i in tok.encode(ch, add_special_tokens=False)}), strength)
 
 
 def _generate(model, tok, cache, grammar, prompts, max_new_tokens, bias=None, max_string_chars=0):
@@ -248,7 +253,7 @@ def test_generate_helper_batches_and_keeps_order(tiny):
 def test_budget_below_the_smallest_document_is_refused(tiny):
     model, tok, cache = tiny
     g = cache.compile(NESTED, 8)
-    with pytest.raises(common.UserError, match="--max_new_tokens 3 is too small"):
+    with pytest.raises(fileio.UserError, match="--max_new_tokens 3 is too small"):
         jg.BudgetJsonProcessor(cache, g, 1, 3)
 
 
@@ -261,7 +266,7 @@ def test_compile_is_cached_per_schema(tiny):
 
 def test_uncompilable_pattern_is_a_user_error(tiny):
     _, _, cache = tiny
-    with pytest.raises(common.UserError, match="cannot compile"):
+    with pytest.raises(fileio.UserError, match="cannot compile"):
         cache.compile({"type": "object", "properties": {"a": {"type": "string", "pattern": "^(a|b"}}}, 8)
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import common
+import fileio
 import kd_losses
-from common import UserError
+from fileio import UserError
 from conftest import build_tiny_model
 
 
@@ -165,7 +166,7 @@ def test_canonical_rows_names_file_and_line(tmp_path):
     p = tmp_path / "kd.jsonl"
     p.write_text(json.dumps({"input": "a", "teacher_output": "Good"}) + "\n\n"
                  + json.dumps({"input": "b", "teacher_output": '{"x": 1,}'}) + "\n")
-    rows = common.read_records(p)
+    rows = fileio.read_records(p)
     with pytest.raises(UserError, match=r"kd\.jsonl: line 3: field 'teacher_output'"):
         kd_losses.canonical_rows(rows, "teacher_output", p)
 

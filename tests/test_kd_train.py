@@ -6,7 +6,7 @@ import pytest
 
 import kd_train
 import kd_trainer
-from common import UserError
+from fileio import UserError
 from conftest import build_tiny_model
 
 

@@ -14,8 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from common import UserError
-from conftest import start_server, stop_server
+from fileio import UserError
+from conftest import metric, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
@@ -50,16 +50,6 @@ def server(tiny_model_dir, tmp_path_factory):
     client.specs = {"base": str(tiny_model_dir), "dpo": str(dpo)}
     yield client
     stop_server(client)
-
-
-def metric(client, name: str, **labels) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-    total = 0.0
-    for fam in text_string_to_metric_families(client.get("/metrics").text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def infer(client, endpoint="base", features=FEATURES, **kw):
@@ -229,6 +219,8 @@ def test_models_health_and_metrics(server):
         ("MODEL_BASE", server.specs["base"])
     assert set(eps) >= {"/infer/base", "/infer/sft", "/infer/kd", "/infer/dpo"}
     infer(server)
+    base = server.get("/models").json()["endpoints"]["/infer/base"]
+    assert base["precision"] == "fp32" and base["precision_reason"].startswith("on cpu")  # common.choose_precision
     infer(server, features="")
     r = server.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain")
@@ -302,7 +294,8 @@ def test_config_from_env():
     cfg = ServeConfig.from_env({})
     assert cfg.models["base"] == "Qwen/Qwen2.5-3B-Instruct" and cfg.models["sft"] == "runs/creditmix_sft"
     assert cfg.models["kd"] == "runs/creditmix_kd" and cfg.models["dpo"] == "runs/creditmix_dpo"
-    assert cfg.micro_batching and cfg.api_key is None
+    assert cfg.micro_batching and cfg.api_key is None and cfg.max_memory_gb == 8
+    assert ServeConfig.from_env({"MAX_MEMORY_GB": "24"}).max_memory_gb == 24
     cfg = ServeConfig.from_env({"MODEL_BASE": "smollm2-135m", "MICRO_BATCHING": "0", "PRELOAD": "all"})
     assert cfg.models["base"] == "smollm2-135m" and not cfg.micro_batching and "kd" in cfg.preload
     for env, says in [({"BATCH_WAIT_MS": "soon"}, "BATCH_WAIT_MS"), ({"MAX_BATCH": "0"}, "at least 1"),
@@ -310,3 +303,23 @@ def test_config_from_env():
                       ({"MICRO_BATCHING": "maybe"}, "MICRO_BATCHING")]:
         with pytest.raises(UserError, match=says):
             ServeConfig.from_env(env)
+
+
+def test_a_base_endpoint_shares_the_precision_of_its_adapters(tiny_model_dir, tiny_sft_run, monkeypatch):
+    """QUANTIZE=auto: an adapter loads on what it was trained on; a base endpoint of the same base takes that
+    precision too, so the endpoints share one copy (one batch across adapters); alone it follows the fit rule."""
+    import common
+    import serving
+
+    def decide(ms, quantize, device=None, **kw):  # as on a GPU: the adapter trained in 4-bit, the base would fit bf16
+        return ("4bit", "trained on the 4-bit base") if ms.adapter else ("bf16", "fits")
+    monkeypatch.setattr(common, "decide_precision", decide)
+    base = common.resolve_model(str(tiny_model_dir))
+    alone = serving.ModelSlots("auto", False, 30, serving.Metrics())
+    alone.slot(str(tiny_model_dir))
+    assert alone.precision_for(base) == ("bf16", "fits")
+    both = serving.ModelSlots("auto", False, 30, serving.Metrics())
+    both.slot(str(tiny_model_dir)), both.slot(str(tiny_sft_run))
+    prec, why = both.precision_for(base)
+    assert prec == "4bit" and "shares one copy with the adapter" in why
+    assert serving.ModelSlots("none", False, 30, serving.Metrics()).precision_for(base) == ("bf16", "fits")

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import BaseModel
 
-from conftest import build_tiny_model, start_server, stop_server
+from conftest import build_tiny_model, metric, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "k-123"
@@ -71,16 +72,6 @@ def server(models, tmp_path_factory):
     c.models = models
     yield c
     stop(c)
-
-
-def metric(client, name: str, **labels) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-    total = 0.0
-    for fam in text_string_to_metric_families(client.get("/metrics").text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def wait_loaded(client, paths, seconds=120):
@@ -322,13 +313,13 @@ def test_openai_json_schema_replies_are_always_schema_valid(oai):
             jsonschema.validate(json.loads(r.choices[0].message.content), schema)  # a random model: the grammar
 
 
+class Invoice(BaseModel):
+    """What a client asks the IDP endpoint for through openai's parse(response_format=...)."""
+    vendor: str
+    total: float
+
+
 def test_openai_structured_output_parse_with_pydantic(oai):
-    from pydantic import BaseModel
-
-    class Invoice(BaseModel):
-        vendor: str
-        total: float
-
     r = oai.chat.completions.parse(model="idp", max_tokens=40, response_format=Invoice,
                                    messages=[{"role": "user", "content": DOCS[0]}])
     assert isinstance(r.choices[0].message.parsed, Invoice)

@@ -2,11 +2,14 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import TrainerCallback
 
 import common
+import fileio
+import run_record
 import sft_train
 import training
-from common import UserError
+from fileio import UserError
 
 
 def test_smoke_writes_adapter_run_json_and_logs(tiny_sft_run, tiny_model_dir):
@@ -26,16 +29,17 @@ class Killed(Exception):
     pass
 
 
+class KillAfterFirstCheckpoint(TrainerCallback):
+    """Kills training right after its first checkpoint is saved."""
+
+    def on_save(self, args, state, control, **kw):
+        raise Killed()
+
+
 def test_resume_continues_from_checkpoint(tmp_path, tiny_model_dir, creditmix_dir, monkeypatch):
     argv = ["--student", str(tiny_model_dir), "--data", str(creditmix_dir / "creditmix_sft.jsonl"),
             "--save_dir", str(tmp_path / "run"), "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1"]
-    from transformers import TrainerCallback
-
-    class KillAfterFirstCheckpoint(TrainerCallback):
-        def on_save(self, args, state, control, **kw):
-            raise Killed()
-
     real = training.log_callbacks
     monkeypatch.setattr(sft_train, "log_callbacks", lambda d: real(d) + [KillAfterFirstCheckpoint()])
     with pytest.raises(Killed):
@@ -122,7 +126,7 @@ def test_max_minutes_stops_early_and_saves(tmp_path, tiny_model_dir, creditmix_d
 def exits_2(fn, capsys) -> str:
     """Run fn as a script's main runs (under user_errors): exit 2 with one line on stderr, which is returned."""
     with pytest.raises(SystemExit) as e:
-        with common.user_errors():
+        with fileio.user_errors():
             fn()
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err[-1].startswith("error: ") and not any("Traceback" in x for x in err)
@@ -143,7 +147,7 @@ def infer(run):
 def test_run_json_records_the_adapter_digest(tiny_sft_run):
     run = json.loads((tiny_sft_run / "run.json").read_text())
     assert run["adapter_sha256"] == {"adapter_model.safetensors":
-                                     common.sha256_file(tiny_sft_run / "adapter_model.safetensors")}
+                                     fileio.sha256_file(tiny_sft_run / "adapter_model.safetensors")}
     assert not list(tiny_sft_run.glob(".final-*"))  # the temporary folder of the final save is gone
 
 
@@ -156,11 +160,11 @@ def test_resumed_run_killed_during_final_save_keeps_the_finished_run(tmp_path, t
     def killed():
         raise Killed()
 
-    real = common.library_versions
-    monkeypatch.setattr(common, "library_versions", killed)  # dies while the final save writes run.json
+    real = run_record.library_versions
+    monkeypatch.setattr(run_record, "library_versions", killed)  # dies while the final save writes run.json
     with pytest.raises(Killed):
         sft_train.main(sft_train.parse_args(sft_argv(tiny_model_dir, creditmix_dir, run, 4) + ["--resume"]))
-    monkeypatch.setattr(common, "library_versions", real)
+    monkeypatch.setattr(run_record, "library_versions", real)
     # the run dir still is the finished 2-step run: its weights are the ones its run.json describes
     assert json.loads((run / "run.json").read_text())["metrics"]["train_steps"] == 2
     assert (run / "adapter_model.safetensors").read_bytes() == weights
@@ -183,10 +187,10 @@ def test_run_killed_while_moving_the_final_save_into_place_is_refused(tmp_path, 
             raise Killed()
         return real(src, dst)
 
-    monkeypatch.setattr(common.os, "replace", replace)
+    monkeypatch.setattr(run_record.os, "replace", replace)
     with pytest.raises(Killed):
         sft_train.main(sft_train.parse_args(sft_argv(tiny_model_dir, creditmix_dir, run, 2)))
-    monkeypatch.setattr(common.os, "replace", real)
+    monkeypatch.setattr(run_record.os, "replace", real)
     assert (run / "adapter_model.safetensors").is_file() and not (run / "run.json").exists()
     line = exits_2(lambda: infer(run), capsys)
     assert f"{run}: no run.json: the run's final save did not finish" in line and "--resume" in line

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import common
+import fileio
 import speedups
-from common import UserError
+from fileio import UserError
 
 
 def test_auto_picks_compile_on_cuda_only_and_nothing_on_a_cpu(monkeypatch):
@@ -18,14 +19,14 @@ def test_auto_picks_compile_on_cuda_only_and_nothing_on_a_cpu(monkeypatch):
 
 
 def test_a_cuda_only_kernel_asked_for_on_a_cpu_is_dropped_with_a_note(monkeypatch, capsys):
-    monkeypatch.setattr(common, "_notes_said", set())  # notes are said once per process
+    monkeypatch.setattr(fileio, "_notes_said", set())  # notes are said once per process
     monkeypatch.setenv(speedups.ENV, "liger,compile,tiled_mlp")
     assert speedups.choose(cuda=False) == ("tiled_mlp",)
     assert "liger, compile: CUDA only" in capsys.readouterr().err
 
 
 def test_missing_liger_is_said_and_skipped(monkeypatch, capsys):
-    monkeypatch.setattr(common, "_notes_said", set())
+    monkeypatch.setattr(fileio, "_notes_said", set())
     monkeypatch.setattr(speedups, "liger_available", lambda: False)
     assert speedups.choose(cuda=True, spec="liger") == ()
     assert "pip install liger-kernel" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import torch
 import kd_cache
 import kd_train
 import teacher_cache
-from common import UserError
+from fileio import UserError
 from conftest import build_tiny_model
 
 ROWS = [{"input": f"Customer {i}: income {1000 * i}. Return only the label.",

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import teacher_generate as tg
-from common import UserError
+from fileio import UserError
 
 
 def write_rows(path, n):

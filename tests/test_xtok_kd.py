@@ -10,7 +10,7 @@ import pytest
 
 import kd_train
 import xtok_kd
-from common import UserError
+from fileio import UserError
 from kd_losses import divergence
 from xtok_compare import metaspace_tokenizer, tiny_llama
 
