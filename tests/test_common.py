@@ -9,7 +9,7 @@ import pytest
 
 import common
 import fileio
-from fileio import UserError
+from fileio import UserError, write_json
 from conftest import ROOT
 
 
@@ -292,19 +292,19 @@ def test_adapter_loads_on_the_precision_it_was_trained_on(tmp_path):
     run.mkdir()
     assert read(run) is None  # a bare adapter folder: unknown, 4-bit as its QLoRA training most likely was
     assert choose("auto", "cuda", adapter=True, trained_on=None)[0] == "4bit"
-    common.write_json(run / "run.json", {"base_precision": "4bit", "args": {"quantize": "auto"}, "device": "H200"})
+    write_json(run / "run.json", {"base_precision": "4bit", "args": {"quantize": "auto"}, "device": "H200"})
     prec, why = choose("auto", "cuda", adapter=True, trained_on=read(run))
     assert prec == "4bit" and "trained on the 4-bit base" in why
     assert choose("none", "cuda", adapter=True, trained_on=read(run))[0] == "bf16"  # the flag wins
-    common.write_json(run / "run.json", {"base_precision": "bf16"})
+    write_json(run / "run.json", {"base_precision": "bf16"})
     assert choose("auto", "cuda", adapter=True, trained_on=read(run), weights=40 * GIB)[0] == "bf16"
     assert choose("4bit", "cuda", adapter=True, trained_on=read(run))[0] == "4bit"
     # older runs (no base_precision): their --quantize and device say it
-    common.write_json(run / "run.json", {"args": {"quantize": "auto"}, "device": "NVIDIA H100 80GB HBM3"})
+    write_json(run / "run.json", {"args": {"quantize": "auto"}, "device": "NVIDIA H100 80GB HBM3"})
     assert read(run) == "4bit"
-    common.write_json(run / "run.json", {"args": {"quantize": "none"}, "device": "NVIDIA H100 80GB HBM3"})
+    write_json(run / "run.json", {"args": {"quantize": "none"}, "device": "NVIDIA H100 80GB HBM3"})
     assert read(run) == "bf16"
-    common.write_json(run / "run.json", {"args": {"quantize": "auto"}, "device": "cpu (2 cores)"})
+    write_json(run / "run.json", {"args": {"quantize": "auto"}, "device": "cpu (2 cores)"})
     assert read(run) == "fp32"
 
 
