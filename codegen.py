@@ -189,6 +189,19 @@ def load_problems(path, split: str | None = None) -> list[Problem]:
     return out
 
 
+def task_text(p: Problem) -> str:
+    """What a task asks, normalised for comparison across files (MBPP's description; else the task as shown)."""
+    return " ".join(str(p.meta.get("text") or p.task).lower().split())
+
+
+def exclude_eval_tasks(train: list[Problem], held_out: list[Problem]) -> tuple[list[Problem], list[str]]:
+    """(train tasks kept, ids left out): a task whose id or text is also an evaluation (or test-split) task is
+    dropped. Real MBPP has three: train tasks 602, 704 and 872 ask word for word what test tasks 217, 248, 216 ask."""
+    ids, texts = {p.task_id for p in held_out}, {task_text(p) for p in held_out}
+    kept = [p for p in train if p.task_id not in ids and task_text(p) not in texts]
+    return kept, sorted({p.task_id for p in train} - {p.task_id for p in kept})
+
+
 def _need(r: dict, fields: tuple[str, ...], path, i: int) -> None:
     for f in fields:
         if f not in r:

@@ -27,7 +27,7 @@ from pathlib import Path
 import codegen
 import sandbox
 import cli
-from fileio import UserError, check_output_file, read_records, sha256_file, user_errors, write_outputs
+from fileio import UserError, check_output_file, note, read_records, sha256_file, user_errors, write_outputs
 
 SYNTHETIC_SOURCE = "synthetic (codegen_prepare.py --synthetic): made-up tasks, not MBPP"
 
@@ -223,6 +223,12 @@ def load_tasks(args) -> tuple[list[codegen.Problem], dict]:
         problems.append(p)
     if not problems:
         raise UserError(f"{args.src}: no rows in split '{args.split}'")
+    # a training task that asks what a test-split task asks would leak the evaluation into training
+    test = [codegen.mbpp_problem(r) for r in rows if r.get("split") == "test"]
+    problems, src["excluded_test_duplicates"] = codegen.exclude_eval_tasks(problems, test)
+    if src["excluded_test_duplicates"]:
+        note(f"{len(src['excluded_test_duplicates'])} training tasks ask what a test-split task asks and are left "
+             f"out: {', '.join(src['excluded_test_duplicates'])}")
     return problems[:args.limit] if args.limit else problems, src
 
 

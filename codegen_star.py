@@ -112,19 +112,6 @@ def load_train_tasks(path: str, split: str) -> list[codegen.Problem]:
     return problems
 
 
-def task_text(p: codegen.Problem) -> str:
-    """What a task asks, normalised for comparison across files (MBPP's description; else the task as shown)."""
-    return " ".join(str(p.meta.get("text") or p.task).lower().split())
-
-
-def exclude_eval_tasks(train: list[codegen.Problem], held_out: list[codegen.Problem]):
-    """(train tasks kept, ids left out): a task whose id or text is also an evaluation (or test-split) task is
-    dropped."""
-    ids, texts = {p.task_id for p in held_out}, {task_text(p) for p in held_out}
-    kept = [p for p in train if p.task_id not in ids and task_text(p) not in texts]
-    return kept, sorted({p.task_id for p in train} - {p.task_id for p in kept})
-
-
 def check_no_eval_tasks(rows: list[dict], held_out_ids: set[str], where: str) -> None:
     """The last check before a training file is written: no row comes from an evaluation or test-split task."""
     leaked = sorted({r["task_id"] for r in rows if r["task_id"] in held_out_ids})
@@ -358,7 +345,7 @@ def main(args):
     save = check_output_dir(args.save_dir)
     # load
     evals, held = held_out_tasks(args)
-    train, excluded = exclude_eval_tasks(load_train_tasks(args.train_data, args.train_split), held)
+    train, excluded = codegen.exclude_eval_tasks(load_train_tasks(args.train_data, args.train_split), held)
     train = train[:args.limit] if args.limit else train
     if not train:
         raise UserError(f"--train_data {args.train_data}: no training tasks left")

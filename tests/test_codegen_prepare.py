@@ -89,6 +89,17 @@ def test_mutants_are_single_edits_that_parse():
     assert muts == codegen_prepare.mutants(code, 20, random.Random(0))     # seeded: reproducible
 
 
+def test_a_train_task_asking_what_a_test_task_asks_is_left_out(tmp_path):
+    """Real MBPP has three (train 602, 704, 872 = test 217, 248, 216): training on one would leak MBPP-test."""
+    dup = {**MBPP_ROWS[0], "task_id": 5, "prompt": "A  test-split task that must never be trained on."}
+    src = tmp_path / "mbpp.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in MBPP_ROWS[:3] + [dup]))
+    rep = codegen_prepare.main(codegen_prepare.parse_args(["--src", str(src), "--outdir", str(tmp_path / "out"),
+                                                           "--timeout", "3"]))
+    assert rep["excluded_test_duplicates"] == ["5"]
+    assert [r["source"] for r in read(tmp_path / "out" / "codegen_sft.jsonl")] == ["mbpp/1", "mbpp/2"]
+
+
 def test_real_mbpp_uses_the_train_split_only(tmp_path):
     src = shared_data("codegen/mbpp.jsonl")
     codegen_prepare.main(codegen_prepare.parse_args(["--src", str(src), "--outdir", str(tmp_path), "--limit", "4",

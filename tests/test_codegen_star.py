@@ -72,11 +72,11 @@ def test_evaluation_and_test_split_tasks_never_reach_training(tmp_path):
     args = codegen_star.parse_args(["--train_data", str(train_file), "--eval_data", str(he), "--save_dir", "x"])
     evals, held = codegen_star.held_out_tasks(args)
     assert {p.task_id for p in held} == {"T/0", "11"}  # HumanEval, and the train file's own MBPP test split
-    train, excluded = codegen_star.exclude_eval_tasks(codegen_star.load_train_tasks(str(train_file), "train"), held)
+    train, excluded = codegen.exclude_eval_tasks(codegen_star.load_train_tasks(str(train_file), "train"), held)
     assert excluded == ["700"] and "11" not in {p.task_id for p in train}
     # a train row carrying an evaluation task's id is dropped too
     same_id = codegen_star.load_train_tasks(write_jsonl(tmp_path / "t2.jsonl", [dict(TASKS[0], task_id=11)]), "train")
-    assert codegen_star.exclude_eval_tasks(same_id, held) == ([], ["11"])
+    assert codegen.exclude_eval_tasks(same_id, held) == ([], ["11"])
     # and the last check before a file is written refuses a held-out row outright
     with pytest.raises(RuntimeError, match="held-out tasks"):
         codegen_star.check_no_eval_tasks([{"task_id": "11"}], {p.task_id for p in held}, "codegen_sft.jsonl")
