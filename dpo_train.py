@@ -25,8 +25,9 @@ import shutil
 from pathlib import Path
 
 import cli
-from common import encode_example, load_student, lora_config, resolve_model
+from common import encode_example, load_student, lora_config
 from fileio import UserError, note, read_records_placed, user_errors
+from models import resolve_model
 from dpo_trainer import build_trainer
 from training import (add_training_args, encode_counted, eval_source, gradient_checkpointing_on, held_out,
                       log_callbacks, start, train_and_save)

@@ -19,8 +19,9 @@ import numpy as np
 
 import creditmix as cm
 import cli
-from common import load_model, resolve_model, world_size
+from common import load_model, world_size
 from fileio import UserError, need_file, read_records, user_errors, write_json
+from models import resolve_model
 from run_record import data_record, eval_run_dir, save_eval
 from scoring import CALIBRATION_FILE, CALIBRATIONS, choose_calibration, prior_for
 

@@ -25,8 +25,10 @@ import time
 from pathlib import Path
 
 import cli
-from common import align_special_tokens, bnb_config, load_tokenizer, resolve_model, trained_precision
+from common import bnb_config, load_tokenizer
 from fileio import UserError, check_output_dir, check_output_file, note, user_errors, write_json
+from models import align_special_tokens, resolve_model
+from precision import trained_precision
 from run_record import git_commit, library_versions
 
 # --outtype values of llama.cpp's converter, and the one 4-bit type requantised here (see requantize_gguf)
@@ -84,7 +86,7 @@ def read_run(model_dir: str):
 
 def trained_in_4bit(run: dict) -> bool:
     """Whether the run trained QLoRA on a 4-bit NF4 base: run.json's base_precision, or for older runs its
-    --quantize and device (common.trained_precision; on CPU the trainers fall back to plain LoRA)."""
+    --quantize and device (precision.trained_precision; on CPU the trainers fall back to plain LoRA)."""
     return trained_precision(run) == "4bit"
 
 

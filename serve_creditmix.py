@@ -10,7 +10,7 @@ Endpoints: POST /infer/{base,sft,kd,dpo} {"features": "…"} -> the README's JSO
 answers); POST /generate/codegen; POST /extract/idp; GET /v1/models, POST /v1/chat/completions (OpenAI API, model =
 an endpoint name); GET /health, /models, /metrics (Prometheus). docs/serving.md has the details. Configuration is
 environment variables only (read once when the app is created; see ServeConfig.from_env): MODEL_BASE / MODEL_SFT /
-MODEL_KD / MODEL_DPO / MODEL_CODEGEN / MODEL_IDP pick the model behind each endpoint (any spec common.resolve_model
+MODEL_KD / MODEL_DPO / MODEL_CODEGEN / MODEL_IDP pick the model behind each endpoint (any spec models.resolve_model
 takes: hub id, folder, run dir, .gguf, smollm2-135m); MICRO_BATCHING, BATCH_WAIT_MS, MAX_BATCH tune batching;
 API_KEY turns on bearer-token auth for everything but /health; the MAX_* variables are the limits.
 
@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_mod
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import cli
-from common import DEFAULT_STUDENT
+from models import DEFAULT_STUDENT
 from fileio import UserError, user_errors
 from serving import ApiError, Cancelled, ClientGone, Gate, Lane, Metrics, ModelSlots, error_response, model_call, \
     wait_unless_gone
@@ -80,7 +80,7 @@ class ServeConfig:
     """Everything the server reads from the environment, with its defaults (the variable names are in from_env)."""
     models: dict[str, str] = field(default_factory=lambda: {n: d for n, (_, _, d) in ENDPOINTS.items()})
     quantize: str = "auto"             # QUANTIZE: auto = bf16 where it fits MAX_MEMORY_GB, an adapter on its training
-    #                                    precision, else 4-bit NF4; plain weights on CPU (common.choose_precision)
+    #                                    precision, else 4-bit NF4; plain weights on CPU (precision.choose_precision)
     max_memory_gb: float = 8.0         # MAX_MEMORY_GB: GiB of GPU memory QUANTIZE=auto fits each base in (0 = free only)
     trust_remote_code: bool = False    # TRUST_REMOTE_CODE=1 allows model code from the hub
     micro_batching: bool = True        # MICRO_BATCHING=0: one forward pass per request (the load test's baseline)

@@ -181,7 +181,7 @@ class Base:
     tokenizers: dict[tuple, Any] = field(default_factory=dict)  # fingerprint -> the tokenizer endpoints share
     lock: RWLock = field(default_factory=RWLock)
     lane_toks: dict[tuple, Any] = field(default_factory=dict)  # (id of a shared tokenizer, lane) -> its copy
-    precision: tuple[str, str] | None = None  # (precision, why): common.choose_precision
+    precision: tuple[str, str] | None = None  # (precision, why): precision.choose_precision
 
     @property
     def peft(self) -> bool:
@@ -308,7 +308,8 @@ class ModelSlots:
 
     def load(self, slot: Slot) -> None:
         """On the loader thread: resolve the spec, load its base once, attach its adapter by name."""
-        from common import align_special_tokens, load_model, load_tokenizer, resolve_model
+        from common import load_model, load_tokenizer
+        from models import align_special_tokens, resolve_model
 
         spec = slot.spec
         p = Path(spec)
@@ -339,11 +340,12 @@ class ModelSlots:
         slot.base, slot.tok, slot.ms = base, tok, ms
 
     def precision_for(self, ms) -> tuple[str, str]:
-        """The precision rule of the scripts (common.choose_precision: an adapter on the base precision it was trained
+        """The precision rule of the scripts (precision.choose_precision: an adapter on the base precision it was trained
         on, a base in bf16 where it fits MAX_MEMORY_GB), with one exception so endpoints keep sharing one copy of a
         base (one batch across adapters): under QUANTIZE=auto a base endpoint takes the precision of a copy already
         loaded, else of an endpoint whose adapter is on that base."""
-        from common import decide_precision, resolve_model
+        from models import resolve_model
+        from precision import decide_precision
         if ms.adapter or self.quantize != "auto":
             return decide_precision(ms, self.quantize, max_memory_gb=self.max_memory_gb)
         for key, base in self.bases.items():

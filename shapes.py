@@ -36,6 +36,7 @@ def random_model_dir(config: str, cache: str | os.PathLike, tokenizer: str) -> P
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import common
+    import models
     cfg = CONFIGS.get(config) or json.loads(Path(config).read_text())
     out = Path(cache) / (config if config in CONFIGS else Path(config).stem)
     if (out / "config.json").is_file():
@@ -47,7 +48,7 @@ def random_model_dir(config: str, cache: str | os.PathLike, tokenizer: str) -> P
     model.save_pretrained(tmp)
     src = Path(tokenizer)
     tok = AutoTokenizer.from_pretrained(src) if (src / "tokenizer.json").is_file() else \
-        common.load_tokenizer(common.resolve_model(tokenizer))  # tokenizer files alone: a GPU machine has no model
+        common.load_tokenizer(models.resolve_model(tokenizer))  # tokenizer files alone: a GPU machine has no model
     tok.save_pretrained(tmp)
     os.replace(tmp, out)
     return out

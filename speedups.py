@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from common import UserError, note
+from fileio import UserError, note
 
 KERNELS = ("liger", "compile", "tiled_mlp")
 ENV = "DISTILL_SLM_KERNELS"

@@ -1,4 +1,4 @@
-"""Fill `teacher_output` with a teacher's answers: batched generation (left padding) from any model common.py
+"""Fill `teacher_output` with a teacher's answers: batched generation (left padding) from any model models.py
 resolves, written as {"input", "teacher_output", ...the row's other fields} for kd_train.py's sequence-level KD.
 
     python teacher_generate.py --teacher smollm2-135m --data data/creditmix_kd.jsonl --out runs/creditmix_teacher_kd.jsonl --max_new_tokens 8

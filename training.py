@@ -10,9 +10,10 @@ from collections import Counter
 from pathlib import Path
 
 from cli import MODEL_SPEC, add_load_args, print_config
-from common import (DEFAULT_STUDENT, encode_example, fsdp_enabled, is_main_process, loaded_precision, local_model_path,
-                    portable_base, world_size)
+from common import encode_example, fsdp_enabled, is_main_process, world_size
 from fileio import UserError, check_output_dir, note
+from models import DEFAULT_STUDENT, local_model_path, portable_base
+from precision import loaded_precision
 from run_record import adapter_digests, commit_run_dir, final_save_dir, write_run_json
 
 

@@ -93,8 +93,8 @@ def tiny_llama(out: Path, tok, seed: int, head_scale: float = 1.0, **cfg) -> Pat
 def tiny_pair(folder: Path, texts: list[str], seed: int) -> tuple[Path, Path]:
     from transformers import AutoTokenizer
 
-    import common
-    stok = AutoTokenizer.from_pretrained(common.embedded_model_dir())
+    import models
+    stok = AutoTokenizer.from_pretrained(models.embedded_model_dir())
     student = tiny_llama(folder / "tiny-student", stok, seed)
     teacher = tiny_llama(folder / "tiny-teacher", metaspace_tokenizer(texts), seed + 1, head_scale=40.0)
     return student, teacher

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from common import CHATML_TEMPLATE, encode_example, end_of_turn_token
+from common import CHATML_TEMPLATE, encode_example
 from fileio import UserError, note
+from models import end_of_turn_token
 
 XTOK_LOSSES = ("gold", "uld")
 

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python; D=../shared/data
-G=$($PY -c "import common; print(common.embedded_gguf_path())")
+G=$($PY -c "import models; print(models.embedded_gguf_path())")
 rm -rf .carry && mkdir -p .carry/p1 .carry/p2 .carry/tok .carry/idp
 head -c 40000000 "$G" > .carry/p1/gguf.part1
 tail -c +40000001 "$G" > .carry/p2/gguf.part2
@@ -22,6 +22,6 @@ cp $P/data_idp/sroie_idp_test.jsonl $P/data_idp/sroie_schema.json .carry/idp/
 $PY codegen_prepare.py --src $D/codegen/mbpp.jsonl --outdir $P/data_code 2> >(tail -n 1 >&2)
 cp $D/codegen/humaneval.jsonl $D/codegen/mbpp.jsonl $P/
 tar czf .carry/p2/prepared.tgz -C "$P" . && rm -rf "$P"
-T=$($PY -c "import common; print(common.embedded_model_dir())")
+T=$($PY -c "import models; print(models.embedded_model_dir())")
 cp "$T"/tokenizer.json "$T"/tokenizer_config.json "$T"/chat_template.jinja .carry/tok/
 du -sh .carry/*

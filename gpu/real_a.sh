@@ -14,7 +14,7 @@ LIM=${LIMIT:+--limit $LIMIT}
 CM="--per_device_train_batch_size $B --gradient_accumulation_steps 1 --lr 1e-3 --max_len 512 --logging_steps 20 --save_steps 100000 --gradient_checkpointing off --max_steps $ST --max_minutes $MIN"
 GEN="--per_device_train_batch_size $(( B / 4 )) --gradient_accumulation_steps 2 --lr 5e-4 --logging_steps 10 --save_steps 100000 --gradient_checkpointing off --max_steps $ST --max_minutes $MIN"
 t0=$(date +%s); log() { echo "[$(( $(date +%s) - t0 ))s] $*" | tee -a $R/logs/timeline.txt; }
-[ "$M" = smollm2-135m ] && python3 -c "import common; print(common.embedded_model_dir())"
+[ "$M" = smollm2-135m ] && python3 -c "import models; print(models.embedded_model_dir())"
 # watchdog: past DEADLINE seconds stop what still runs, so the logs and run records still come back
 log train + base evals
 $DL python3 sft_train.py --student $M --data $R/data_cm6/creditmix_sft.jsonl --save_dir $R/cm6_sft --epochs 6 $CM > $R/logs/cm6_sft.log 2>&1 &

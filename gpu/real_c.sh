@@ -8,7 +8,7 @@ M=${M:-smollm2-135m}; P=${P:-/tmp/carry/prep}; R=${R:-runs}; MIN=${MIN:-5}; EP=$
 export DISTILL_SLM_RUNS=$R
 mkdir -p $R/logs && cp -r $P/data_cm* $R/
 CM="--per_device_train_batch_size 32 --gradient_accumulation_steps 1 --lr 1e-3 --max_len 512 --logging_steps 20 --save_steps 100000 --gradient_checkpointing off --epochs $EP --max_minutes $MIN"
-$DL python3 -c "import common; print(common.embedded_model_dir())" >/dev/null 2>&1
+$DL python3 -c "import models; print(models.embedded_model_dir())" >/dev/null 2>&1
 for f in cm6 cm20; do
   $DL python3 sft_train.py --student $M --data $R/data_$f/creditmix_sft.jsonl --save_dir $R/${f}_sft6 $CM > $R/logs/${f}_sft6.log 2>&1 &
 done

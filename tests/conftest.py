@@ -22,8 +22,8 @@ def build_tiny_model(out: Path, seed: int = 0, **overrides) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    import common
-    tok = AutoTokenizer.from_pretrained(common.embedded_model_dir())
+    import models
+    tok = AutoTokenizer.from_pretrained(models.embedded_model_dir())
     cfg = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)

@@ -9,23 +9,25 @@ import pytest
 
 import common
 import fileio
+import models
+import precision
 from fileio import UserError, write_json
 from conftest import ROOT
 
 
 def test_resolve_model_kinds(tmp_path, tiny_model_dir):
-    assert common.resolve_model(str(tiny_model_dir)).base == str(tiny_model_dir)
-    hub = common.resolve_model("Qwen/Qwen2.5-3B-Instruct")
+    assert models.resolve_model(str(tiny_model_dir)).base == str(tiny_model_dir)
+    hub = models.resolve_model("Qwen/Qwen2.5-3B-Instruct")
     assert (hub.base, hub.adapter) == ("Qwen/Qwen2.5-3B-Instruct", None)
     run = tmp_path / "run"
     run.mkdir()
     (run / "run.json").write_text("{}")
     with pytest.raises(UserError, match="without a saved adapter"):
-        common.resolve_model(str(run))
+        models.resolve_model(str(run))
     with pytest.raises(UserError, match="unknown model"):
-        common.resolve_model("no-such-model")
+        models.resolve_model("no-such-model")
     with pytest.raises(UserError, match="neither a model folder"):
-        common.resolve_model(str(tmp_path))
+        models.resolve_model(str(tmp_path))
 
 
 def test_run_dir_resolves_base_from_run_json(tmp_path, tiny_model_dir):
@@ -33,7 +35,7 @@ def test_run_dir_resolves_base_from_run_json(tmp_path, tiny_model_dir):
     run.mkdir()
     (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/elsewhere/gone"}))
     (run / "run.json").write_text(json.dumps({"base_model": str(tiny_model_dir)}))
-    ms = common.resolve_model(str(run))
+    ms = models.resolve_model(str(run))
     assert ms.base == str(tiny_model_dir) and ms.adapter == str(run)
 
 
@@ -88,18 +90,18 @@ def test_tokens_aligned_and_completion_only_labels(tiny_model_dir):
 
 def test_cpu_fallback_says_so_once_when_training(capsys, monkeypatch):
     monkeypatch.setattr(fileio, "_notes_said", set())  # notes are once per process: start from none said
-    assert common.use_4bit("auto", "cpu", training=True) is False
-    assert common.use_4bit("auto", "cpu", training=True) is False
+    assert precision.use_4bit("auto", "cpu", training=True) is False
+    assert precision.use_4bit("auto", "cpu", training=True) is False
     assert capsys.readouterr().err.count("4-bit QLoRA needs a CUDA GPU") == 1
-    assert common.use_4bit("none", "cuda") is False
-    assert common.use_4bit("auto", "cuda") is True
+    assert precision.use_4bit("none", "cuda") is False
+    assert precision.use_4bit("auto", "cuda") is True
 
 
 def test_inference_on_cpu_says_nothing_about_qlora(tiny_model_dir, capsys, monkeypatch):
     monkeypatch.setattr(fileio, "_notes_said", set())
     model, _, _ = common.load_model(str(tiny_model_dir), device="cpu")  # inference: nothing trains
     assert "4-bit" not in capsys.readouterr().err
-    assert next(model.parameters()).dtype == common.compute_dtype("cpu")
+    assert next(model.parameters()).dtype == precision.compute_dtype("cpu")
     common.load_model(str(tiny_model_dir), device="cpu", for_training=True)
     assert capsys.readouterr().err.count("4-bit QLoRA needs a CUDA GPU") == 1
 
@@ -192,11 +194,11 @@ def test_path_shaped_model_that_does_not_exist_fails_at_once(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     for spec in ["runs/nope", "./nope", "../nope", str(tmp_path / "nope"), "a/b/c"]:
         with pytest.raises(UserError, match=f"model '{re.escape(spec)}' does not exist"):
-            common.resolve_model(spec)
+            models.resolve_model(spec)
     (tmp_path / "models").mkdir()  # a folder that exists here: models/x is a path, not a hub id
     with pytest.raises(UserError, match="does not exist"):
-        common.resolve_model("models/x")
-    assert common.resolve_model("Qwen/Qwen2.5-3B-Instruct").base == "Qwen/Qwen2.5-3B-Instruct"
+        models.resolve_model("models/x")
+    assert models.resolve_model("Qwen/Qwen2.5-3B-Instruct").base == "Qwen/Qwen2.5-3B-Instruct"
 
 
 def _run_load(spec, env):
@@ -223,9 +225,9 @@ def test_random_bytes_named_gguf_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DISTILL_SLM_CACHE", str(tmp_path / "cache"))
     p = tmp_path / "model.gguf"
     p.write_bytes(os.urandom(4096))
-    assert "model.gguf: not a GGUF file" in exits_2(lambda: common.resolve_model(str(p)), capsys)
+    assert "model.gguf: not a GGUF file" in exits_2(lambda: models.resolve_model(str(p)), capsys)
     p.write_bytes(b"GGUF" + os.urandom(4096))  # the magic, then garbage: the reader's own error, as one line
-    assert "model.gguf: cannot read this GGUF file" in exits_2(lambda: common.resolve_model(str(p)), capsys)
+    assert "model.gguf: cannot read this GGUF file" in exits_2(lambda: models.resolve_model(str(p)), capsys)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -237,7 +239,7 @@ def test_garbage_adapter_config_without_run_json_is_one_line(tmp_path, capsys, c
     run = tmp_path / "run"
     run.mkdir()
     (run / "adapter_config.json").write_text(content)
-    assert re.search(message, exits_2(lambda: common.resolve_model(str(run)), capsys))
+    assert re.search(message, exits_2(lambda: models.resolve_model(str(run)), capsys))
 
 
 def test_garbage_run_json_is_one_line(tmp_path, capsys, tiny_model_dir):
@@ -245,7 +247,7 @@ def test_garbage_run_json_is_one_line(tmp_path, capsys, tiny_model_dir):
     run.mkdir()
     (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model_dir)}))
     (run / "run.json").write_bytes(b"\x00\xff garbage")
-    assert "run.json:1: not UTF-8 text" in exits_2(lambda: common.resolve_model(str(run)), capsys)
+    assert "run.json:1: not UTF-8 text" in exits_2(lambda: models.resolve_model(str(run)), capsys)
 
 
 def test_user_errors_exit_code(capsys):
@@ -263,7 +265,7 @@ GIB = 2 ** 30
 
 
 def test_base_loads_bf16_where_it_fits_and_4bit_where_it_must():
-    choose = common.choose_precision
+    choose = precision.choose_precision
     # Qwen2.5-3B in bf16 (~5.8 GiB + margin) fits the 8 GB card; a 7B (~14 GiB) does not
     prec, why = choose("auto", "cuda", weights=int(5.8 * GIB), max_memory_gb=8, free=70 * GIB)
     assert prec == "bf16" and "fits --max_memory_gb 8" in why
@@ -282,12 +284,12 @@ def test_base_loads_bf16_where_it_fits_and_4bit_where_it_must():
     assert choose("auto", "cpu", weights=GIB, dtype="fp32")[0] == "fp32"
     assert choose("4bit", "cpu", dtype="fp32")[0] == "fp32"
     assert choose("auto", "cuda", weights=GIB // 4, training=True)[0] == "4bit"
-    with pytest.raises(common.UserError):
+    with pytest.raises(UserError):
         choose("8bit", "cuda")
 
 
 def test_adapter_loads_on_the_precision_it_was_trained_on(tmp_path):
-    choose, read = common.choose_precision, common.adapter_precision
+    choose, read = precision.choose_precision, precision.adapter_precision
     run = tmp_path / "run"
     run.mkdir()
     assert read(run) is None  # a bare adapter folder: unknown, 4-bit as its QLoRA training most likely was
@@ -311,17 +313,17 @@ def test_adapter_loads_on_the_precision_it_was_trained_on(tmp_path):
 def test_weight_bytes_from_safetensors_and_config(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
     n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
-    assert common.weight_bytes(str(tiny_model_dir)) == 2 * n
+    assert precision.weight_bytes(str(tiny_model_dir)) == 2 * n
     # a folder with config.json only: estimated from the sizes (exact for this Llama shape)
     (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
-    assert common.weight_bytes(str(tmp_path)) == 2 * n
+    assert precision.weight_bytes(str(tmp_path)) == 2 * n
 
 
 def test_training_records_the_base_precision_and_inference_follows_it(tiny_sft_run, tiny_model_dir, capsys):
     rec = json.loads((tiny_sft_run / "run.json").read_text())
     assert rec["base_precision"] == "fp32"  # on this CPU: plain LoRA on fp32 weights
-    ms = common.resolve_model(str(tiny_sft_run))
-    prec, why = common.decide_precision(ms, "auto", "cuda", dtype="torch.bfloat16")
+    ms = models.resolve_model(str(tiny_sft_run))
+    prec, why = precision.decide_precision(ms, "auto", "cuda", dtype="torch.bfloat16")
     assert prec == "bf16" and "unquantised (fp32)" in why
     _, _, ms = common.load_model(str(tiny_model_dir), device="cpu")
     assert ms.precision[0] == "fp32"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import cli
-import common
+import models
 import training
 from fileio import UserError
 
@@ -288,7 +288,7 @@ def test_held_out_evaluation_and_early_stopping(tmp_path, monkeypatch):
     assert all((best[k] == saved[k]).all() for k in best)
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["overridden"]["max_steps"] == 2 and run["args"]["max_steps"] == 8
-    assert common.resolve_model(str(out)).adapter == str(out)
+    assert models.resolve_model(str(out)).adapter == str(out)
 
 
 def readme_table() -> list[tuple[str, str]]:

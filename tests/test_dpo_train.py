@@ -9,8 +9,9 @@ import torch
 
 import dpo_train
 import dpo_trainer
-from common import chat_prompt, encode_example, load_model, load_tokenizer, resolve_model
+from common import chat_prompt, encode_example, load_model, load_tokenizer
 from fileio import UserError, write_jsonl
+from models import resolve_model
 
 # A consistent preference the tiny model can learn in a few steps: always "Good" over "Bad".
 TOY = [{"prompt": f"Customer {i}: income {1000 * i}. Return only the label.", "chosen": "Good", "rejected": "Bad"}

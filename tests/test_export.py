@@ -14,6 +14,7 @@ import pytest
 import common
 import fileio
 import export
+import models
 
 # eight chat prompts for the greedy comparison (the README's three tasks and plain chat)
 PROMPTS = [
@@ -122,7 +123,7 @@ def test_a_4bit_run_is_merged_onto_its_nf4_weights(tmp_path, tiny_model_dir):
     run_dir = make_lora_run(str(tiny_model_dir), tmp_path / "qlora", device="NVIDIA H100 80GB HBM3")
     q = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16, device_map={"": "cpu"},
                                              quantization_config=common.bnb_config(torch.bfloat16))
-    tok = common.load_tokenizer(common.resolve_model(str(run_dir)))
+    tok = common.load_tokenizer(models.resolve_model(str(run_dir)))
     ref = logits(PeftModel.from_pretrained(q, run_dir).eval(), tok, TEXTS)
 
     summary = run_export("--model_dir", run_dir, "--to", "merged", "--out", tmp_path / "trained", "--dtype", "fp32")
@@ -189,7 +190,7 @@ def test_failure_leaves_nothing_and_overwrite_replaces(tmp_path, tiny_run, monke
 
 
 def test_converter_tokenizer_json_only_touches_byte_level_bpe_with_byte_fallback():
-    tok = json.loads((common.embedded_model_dir() / "tokenizer.json").read_text())
+    tok = json.loads((models.embedded_model_dir() / "tokenizer.json").read_text())
     fixed = export.converter_tokenizer_json(tok)
     assert tok["model"]["byte_fallback"] and not fixed["model"]["byte_fallback"]
     assert fixed["decoder"]["type"] == "ByteLevel" and fixed["model"]["vocab"] == tok["model"]["vocab"]
@@ -254,7 +255,7 @@ def test_tiny_gguf_and_ollama_folder(tmp_path, tiny_run):
     assert s["tensor_types"]["Q4_0"] == 14 and s["tensor_types"]["Q8_0"] == 1  # 2 layers x 7 projections; embedding
     modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./model-q4_0.gguf\n")
-    tok = common.load_tokenizer(common.resolve_model(str(tiny_run)))
+    tok = common.load_tokenizer(models.resolve_model(str(tiny_run)))
     system = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False).split("\n")[1]
     assert f'SYSTEM """{system.removesuffix("<|im_end|>")}"""' in modelfile  # the template's default system prompt
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and "PARAMETER num_ctx 512" in modelfile  # run's --max_len
@@ -297,7 +298,7 @@ def test_smollm2_merged_logits_equal_the_runs(smollm2_merged):
 @pytest.mark.real_model
 def test_smollm2_gguf_greedy_tokens_equal_the_merged_models(smollm2_merged, tmp_path):
     run_dir, merged, _ = smollm2_merged
-    tok = common.load_tokenizer(common.resolve_model(str(run_dir)))
+    tok = common.load_tokenizer(models.resolve_model(str(run_dir)))
     prompts = [common.chat_prompt(tok, p) for p in PROMPTS]
     want = hf_greedy(*plain_load(merged), prompts)
     assert sum(len(w["ids"]) for w in want) > 8 * 4  # the comparison has tokens to compare

@@ -220,7 +220,7 @@ def test_models_health_and_metrics(server):
     assert set(eps) >= {"/infer/base", "/infer/sft", "/infer/kd", "/infer/dpo"}
     infer(server)
     base = server.get("/models").json()["endpoints"]["/infer/base"]
-    assert base["precision"] == "fp32" and base["precision_reason"].startswith("on cpu")  # common.choose_precision
+    assert base["precision"] == "fp32" and base["precision_reason"].startswith("on cpu")  # precision.choose_precision
     infer(server, features="")
     r = server.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain")
@@ -308,13 +308,14 @@ def test_config_from_env():
 def test_a_base_endpoint_shares_the_precision_of_its_adapters(tiny_model_dir, tiny_sft_run, monkeypatch):
     """QUANTIZE=auto: an adapter loads on what it was trained on; a base endpoint of the same base takes that
     precision too, so the endpoints share one copy (one batch across adapters); alone it follows the fit rule."""
-    import common
+    import models
+    import precision
     import serving
 
     def decide(ms, quantize, device=None, **kw):  # as on a GPU: the adapter trained in 4-bit, the base would fit bf16
         return ("4bit", "trained on the 4-bit base") if ms.adapter else ("bf16", "fits")
-    monkeypatch.setattr(common, "decide_precision", decide)
-    base = common.resolve_model(str(tiny_model_dir))
+    monkeypatch.setattr(precision, "decide_precision", decide)
+    base = models.resolve_model(str(tiny_model_dir))
     alone = serving.ModelSlots("auto", False, 30, serving.Metrics())
     alone.slot(str(tiny_model_dir))
     assert alone.precision_for(base) == ("bf16", "fits")

