@@ -340,10 +340,10 @@ class ModelSlots:
         slot.base, slot.tok, slot.ms = base, tok, ms
 
     def precision_for(self, ms) -> tuple[str, str]:
-        """The precision rule of the scripts (precision.choose_precision: an adapter on the base precision it was trained
-        on, a base in bf16 where it fits MAX_MEMORY_GB), with one exception so endpoints keep sharing one copy of a
-        base (one batch across adapters): under QUANTIZE=auto a base endpoint takes the precision of a copy already
-        loaded, else of an endpoint whose adapter is on that base."""
+        """The precision rule of the scripts (precision.choose_precision: an adapter on the base precision it was
+        trained on, a base in bf16 where it fits MAX_MEMORY_GB), with one exception so endpoints keep sharing one copy
+        of a base (one batch across adapters): under QUANTIZE=auto a base endpoint takes the precision of a copy
+        already loaded, else of an endpoint whose adapter is on that base."""
         from models import resolve_model
         from precision import decide_precision
         if ms.adapter or self.quantize != "auto":
