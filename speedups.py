@@ -8,8 +8,9 @@ functions.
   (chunked log-probs on the answer tokens) and refuses Liger's, which would replace the model's forward. CUDA only.
 - compile: regional torch.compile of each decoder layer (one compiled graph reused by every layer); fuses the
   elementwise work around the 4-bit matmuls (norms, RoPE, LoRA dropout/scale/add, SiLU x up): 40% fewer kernels and
-  25% less GPU time per step, though a micro-batch of one 2,048-token row stays bound by the CPU's launching. CUDA only; the default there. A layer dynamo cannot
-  compile runs eagerly (suppress_errors), so a new model type trains, only slower.
+  25% less GPU time per step, though a micro-batch of one 2,048-token row stays bound by the CPU's launching. CUDA
+  only; the default there. A layer dynamo cannot compile runs eagerly (suppress_errors), so a new model type
+  trains, only slower.
 - tiled_mlp: the MLP runs over the tokens in tiles of `TILE_TOKENS` and recomputes each tile in backward, so the
   [tokens, intermediate] tensors exist for one tile at a time (a 32,768 x 11,008 bf16 intermediate is 688 MiB, and
   the MLP holds several). Opt-in only (see `choose`).
@@ -175,7 +176,9 @@ class GraphedStep:
     captured once per input shape as a CUDA graph and replayed: the step's ~9,000 kernel launches and the Python,
     dispatcher and guard work around them (about 80% of a 2,048-token micro-batch of the 3B shape on an H200, which
     is busy only ~20% of the time: bench.py --profile) become one launch. The first `warmup` calls of a shape run
-    eagerly (cuBLAS workspaces, compilation), the next is captured and replayed.
+    eagerly (cuBLAS workspaces, compilation), the last of them with CUDA's sync debugging set to raise, so an op that
+    waits for the GPU (.item(), boolean indexing, a copy to the CPU), which a capture cannot hold, is named with
+    where it is called; the next call is captured and replayed.
     The caller keeps every .grad allocated (zero_grad(set_to_none=False)): the graph writes into those tensors.
     CUDA only; shapes must repeat (fixed-length rows) for the graphs to pay."""
 
@@ -187,7 +190,7 @@ class GraphedStep:
         entry = self.graphs.setdefault(key, {"seen": 0})
         if entry["seen"] < self.warmup:
             entry["seen"] += 1
-            return self.fn(**tensors)
+            return self.fn(**tensors) if entry["seen"] < self.warmup else self._no_syncs(tensors)
         if "graph" not in entry:
             static = {k: v.clone() for k, v in tensors.items()}
             graph = torch.cuda.CUDAGraph()
@@ -199,3 +202,17 @@ class GraphedStep:
             entry["static"][k].copy_(v)
         entry["graph"].replay()
         return entry["out"]
+
+    def _no_syncs(self, tensors):
+        import traceback
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return self.fn(**tensors)
+        except RuntimeError as e:
+            frames = [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}"
+                      for f in traceback.extract_tb(e.__traceback__)]
+            raise RuntimeError(f"this step cannot be captured as a CUDA graph: {str(e).splitlines()[0]} at "
+                               f"{' <- '.join(reversed(frames[-5:]))}") from e
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
