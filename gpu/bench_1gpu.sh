@@ -2,9 +2,7 @@
 # Memory and speed of the trainers (SFT, KD, DPO) and the label-ranking scorer on a random-weight Qwen2.5-3B-shaped
 # model (4-bit), one CUDA GPU, one table (docs/performance.md, "Trainers on one GPU"). Any CUDA machine with
 # requirements.txt installed:   bash gpu/bench_1gpu.sh        (rows in $OUT, default runs/gpu)
-set -u
-OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"; L=${L:-$OUT/log.txt}
-type within >/dev/null 2>&1 || within() { "$@"; }   # dev/setup.sh's time budget on a borrowed machine, else plain
+. "$(dirname "$0")/env.sh"
 B="python3 bench.py --tokenizer ${TOKENIZER:-smollm2-135m} --model_cache ${MODEL_CACHE:-/tmp/bench_models} --out $OUT/bench.jsonl"
 b() { within $B "$@" >>$L 2>&1; }
 b --cases matmul,sft_baseline,sft,sft_auto --seq 2048 --batch 1 --accum 8 --steps 2

@@ -3,11 +3,7 @@
 # then constrained-decoding overhead (bench_idp.py) on random-weight Qwen2.5-3B- and SmolLM2-135M-shaped models
 # (it compares the same number of decoding steps with and without the grammar, so the weights do not matter).
 # docs: "More than one GPU". Any 2-GPU CUDA machine with requirements.txt installed:   bash gpu/multi.sh
-set -u
-OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"; L=${L:-$OUT/log.txt}
-type within >/dev/null 2>&1 || within() { "$@"; }   # dev/setup.sh's time budget on a borrowed machine, else plain
-D=${IDP_DATA:-data}; T=${MODEL_CACHE:-/tmp/bench_models}
-[ -f $D/sroie_idp_test.jsonl ] && DOCS=$D/sroie_idp_test.jsonl || DOCS=$D/idp_test.jsonl
+. "$(dirname "$0")/env.sh"
 C="--tokenizer ${TOKENIZER:-smollm2-135m} --model_cache $T"
 A="python3 -m accelerate.commands.launch --num_processes 2"
 within python3 bench.py --cases matmul $C >>$L 2>&1     # builds the 3B-shaped model once

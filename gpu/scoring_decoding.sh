@@ -4,11 +4,7 @@
 #   bash gpu/scoring_decoding.sh          (IDP_DATA: folder of sroie_idp_test.jsonl, default data/ = the sample)
 # Environment: CONFIGS (shapes), IDP_ARGS (more bench_idp.py arguments, e.g. "--repeats 4 --control"),
 # SCORE=0 (skip the label-ranking case), BUDGET (seconds).
-set -u
-OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"; L=${L:-$OUT/log.txt}
-type within >/dev/null 2>&1 || within() { "$@"; }   # dev/setup.sh's time budget on a borrowed machine, else plain
-D=${IDP_DATA:-data}; T=${MODEL_CACHE:-/tmp/bench_models}
-[ -f $D/sroie_idp_test.jsonl ] && DOCS=$D/sroie_idp_test.jsonl || DOCS=$D/idp_test.jsonl
+. "$(dirname "$0")/env.sh"
 B="python3 bench.py --tokenizer ${TOKENIZER:-smollm2-135m} --model_cache $T --out $OUT/bench.jsonl"
 I="python3 bench_idp.py --data $DOCS --batch_sizes 1 8 --n_docs 8 --max_new_tokens 128"
 for cfg in ${CONFIGS:-smollm2-135m qwen2.5-3b}; do

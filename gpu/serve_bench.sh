@@ -4,9 +4,7 @@
 # scoring of one mixed-adapter batch against one batch per adapter (in-process), and the load test at 8 and 32
 # clients over the four endpoints. Any CUDA machine with requirements.txt installed:
 #   bash gpu/serve_bench.sh          (TOKENIZER: tokenizer files or a model spec, default smollm2-135m)
-set -u
-OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"; L=${L:-$OUT/log.txt}
-type within >/dev/null 2>&1 || within() { "$@"; }   # dev/setup.sh's time budget on a borrowed machine, else plain
+. "$(dirname "$0")/env.sh"
 W=${MODEL_CACHE:-/tmp/serve_memory}
 within python3 gpu/serve_memory.py --shape qwen2.5-3b --cap_gb 8 --tokenizer ${TOKENIZER:-smollm2-135m} --work $W \
   --batch 32 --out $OUT/serve_memory.json >$OUT/serve_memory.txt 2>>$L

@@ -7,9 +7,7 @@
 #   UNSLOTH_SITE=/tmp/unsloth_site bash gpu/speed_table.sh          # about 20 minutes on an H200
 # Rows land in $OUT/bench.jsonl (default runs/gpu), the table is printed at the end. PART=1 or PART=2 runs one half
 # (the two device calls the published table came from); PART=3 the rows not measured yet.
-set -u
-OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"; L=${L:-$OUT/log.txt}
-type within >/dev/null 2>&1 || within() { "$@"; }   # dev/setup.sh's time budget on a borrowed machine, else plain
+. "$(dirname "$0")/env.sh"
 B="python3 bench.py --out $OUT/bench.jsonl --tokenizer ${TOKENIZER:-smollm2-135m} --model_cache ${MODEL_CACHE:-/tmp/bench_models}"
 run() { within $B "$@"; }
 S="--seq 2048 --batch 1 --accum 8 --steps 2"
