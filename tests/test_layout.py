@@ -1,6 +1,7 @@
 """House rules a reader of the code relies on, checked over every Python file of the project: each class is
-defined at module level (importable, found where its module is read, built once), and no function outside the
-server runs past 120 lines (the server's create_app keeps its routes as closures over the app's state)."""
+defined at module level (importable, found where its module is read, built once), no function outside the
+server runs past 120 lines (the server's create_app keeps its routes as closures over the app's state), and no
+script imports another script (what two scripts share lives in a module)."""
 import ast
 from pathlib import Path
 
@@ -30,6 +31,21 @@ def long_functions(path: Path, root: Path = ROOT) -> list[str]:
             for f in functions(tree) if f.end_lineno - f.lineno + 1 > MAX_FUNCTION_LINES]
 
 
+def is_script(path: Path) -> bool:
+    return "if __name__ == \"__main__\":" in path.read_text(encoding="utf-8")
+
+
+def imported_scripts(path: Path, scripts: set[str]) -> list[str]:
+    """The top-level scripts `path` imports (anywhere in it, inside functions too)."""
+    names = set()
+    for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(n, ast.Import):
+            names |= {a.name.split(".")[0] for a in n.names}
+        elif isinstance(n, ast.ImportFrom) and n.module and not n.level:
+            names.add(n.module.split(".")[0])
+    return sorted(names & (scripts - {path.stem}))
+
+
 def test_the_checks_see_what_they_look_for(tmp_path):
     p = tmp_path / "x.py"
     p.write_text("def f():\n    class A:\n        pass\n" + "    x = 1\n" * MAX_FUNCTION_LINES)
@@ -37,6 +53,8 @@ def test_the_checks_see_what_they_look_for(tmp_path):
     assert long_functions(p, tmp_path) == [f"x.py:1 f() is {MAX_FUNCTION_LINES + 3} lines"]
     p.write_text("class A:\n    def f(self):\n        pass\n")
     assert classes_inside_functions(p, tmp_path) == [] and long_functions(p, tmp_path) == []
+    p.write_text("def main():\n    from sft_train import read_rows\n    import json, dpo_train.x\n")
+    assert imported_scripts(p, {"sft_train", "dpo_train", "x"}) == ["dpo_train", "sft_train"]
 
 
 def test_no_class_is_defined_inside_a_function():
@@ -47,3 +65,11 @@ def test_no_class_is_defined_inside_a_function():
 def test_no_function_outside_the_server_is_longer_than_120_lines():
     found = [line for p in project_files() if p.name not in SERVER for line in long_functions(p)]
     assert not found, "split these into named steps:\n" + "\n".join(found)
+
+
+def test_no_script_imports_a_script():
+    top = sorted(ROOT.glob("*.py"))
+    scripts = {p.stem for p in top if is_script(p)}
+    assert {"sft_train", "bench", "serve_creditmix"} <= scripts
+    found = [f"{p.name} imports {', '.join(m)}" for p in top for m in [imported_scripts(p, scripts)] if m]
+    assert not found, "move what they share into a module:\n" + "\n".join(found)
