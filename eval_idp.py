@@ -1,5 +1,6 @@
-"""Evaluate IDP extraction: JSON-valid and schema-valid rates, per-field exact match (raw and after whitespace/case
-normalisation), micro/macro field F1; grammar-constrained by default, --unconstrained to see what the grammar buys.
+"""Evaluate IDP extraction: JSON-valid and schema-valid rates, per-field exact match (raw, after whitespace/case
+normalisation, and canonical: dates and amounts compared as values where they parse), micro/macro field F1;
+grammar-constrained by default, --unconstrained to see what the grammar buys.
 
     python eval_idp.py --model_dir runs/sft_idp --data data/idp_test.jsonl --schema data/idp_schema.json --out metrics.json
     python eval_idp.py --model_dir smollm2-135m --data ../shared/data/idp/sroie.jsonl --split test --schema data/sroie_schema.json --limit 40
@@ -45,13 +46,18 @@ def print_table(m: dict) -> None:
     print(f"\n{m['n']} documents, {'constrained' if m['constrained'] else 'unconstrained'} decoding")
     print(f"JSON-valid {m['json_valid_rate']:.1%}   schema-valid {m['schema_valid_rate']:.1%}   "
           f"cut off by the budget {m['cut_off_rate']:.1%}   closed early for the budget {m['budget_closed_rate']:.1%}")
-    fem = m["field_exact_match"]
-    width = max([len(f) for f in fem["raw"]] + [12])
-    print(f"{'field':<{width}}  {'EM raw':>7}  {'EM norm':>7}  {'F1 norm':>7}")
+    fem, ff1 = m["field_exact_match"], m["field_f1"]
+    width = max([len(f) for f in fem["raw"]] + [15])
+    print(f"{'field':<{width}}  {'EM raw':>7}  {'EM norm':>7}  {'EM canon':>8}  {'F1 norm':>7}  {'F1 canon':>8}")
     for f in fem["raw"]:
-        print(f"{f:<{width}}  {fem['raw'][f]:7.3f}  {fem['normalized'][f]:7.3f}  {m['field_f1']['normalized'][f]:7.3f}")
+        print(f"{f:<{width}}  {fem['raw'][f]:7.3f}  {fem['normalized'][f]:7.3f}  {fem['canonical'][f]:8.3f}  "
+              f"{ff1['normalized'][f]:7.3f}  {ff1['canonical'][f]:8.3f}")
     for k in ("exact_match", "doc_exact_match", "micro_f1", "macro_f1"):
-        print(f"{k:<{width}}  {m[k]['raw']:7.3f}  {m[k]['normalized']:7.3f}")
+        print(f"{k:<{width}}  {m[k]['raw']:7.3f}  {m[k]['normalized']:7.3f}  {m[k]['canonical']:8.3f}")
+    for f, c in m["canonical_parsed"].items():
+        print(f"canonical {f}: {c['gold']} of {c['gold_values']} gold and {c['pred']} of {c['pred_values']} "
+              f"predicted values read as {'a date' if idp.field_kind(f) == 'date' else 'an amount'}; the rest "
+              f"compared as normalised text")
 
 
 def main(args):

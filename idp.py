@@ -1,11 +1,14 @@
 """IDP helpers shared by infer_idp.py, eval_idp.py and idp_prepare.py: the one user message (schema + document +
 instruction) that training rows and inference both use, document reading and fitting into the context, evaluation
-records, and field-level metrics (exact match raw and normalised, micro/macro F1)."""
+records, and field-level metrics (exact match raw, normalised and canonical, micro/macro F1)."""
 from __future__ import annotations
 
+import datetime
 import json
+import re
 import unicodedata
 from collections import Counter
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from common import chat_prompt
@@ -168,16 +171,126 @@ def leaves(obj, prefix: str = "") -> dict[str, list]:
     return out
 
 
-def value_key(v, normalized: bool) -> str:
+MODES = ("raw", "normalized", "canonical")
+
+
+def _text(v) -> str:
+    return " ".join(unicodedata.normalize("NFKC", str(v)).split()).casefold()
+
+
+def value_key(v, mode: str, field: str = "") -> str:
     """Raw: the JSON value as written ("50" and 50 differ). Normalised: strings NFKC, case-folded, whitespace
-    collapsed; numbers as floats (50 == 50.0)."""
-    if not normalized:
+    collapsed; numbers as floats (50 == 50.0). Canonical: normalised, except that a date field's value that
+    parse_date reads is its ISO date and an amount field's value that parse_amount reads is its decimal (see
+    canonical_value); field is the leaf path, e.g. "date" or "line_items[].amount"."""
+    if mode == "raw":
         return json.dumps(v, ensure_ascii=False)
+    if mode == "canonical":
+        c = canonical_value(v, field)
+        if c is not None:
+            return c
     if isinstance(v, bool) or v is None:
         return json.dumps(v)
     if isinstance(v, (int, float)):
         return repr(float(v))
-    return " ".join(unicodedata.normalize("NFKC", str(v)).split()).casefold()
+    return _text(v)
+
+
+def field_kind(field: str) -> str | None:
+    """"date" for a field whose last name is or ends in 'date' (date, invoice_date); "amount" for one whose last name
+    contains total, amount, price or tax (total, subtotal, line_items[].amount); else None."""
+    name = field.rsplit(".", 1)[-1].replace("[]", "").casefold()
+    if name.endswith("date"):
+        return "date"
+    if any(w in name for w in ("total", "amount", "price", "tax")):
+        return "amount"
+    return None
+
+
+def canonical_value(v, field: str) -> str | None:
+    """The canonical form of a date or amount field's value (ISO date, decimal), or None where the field is neither
+    or the value does not parse unambiguously (it is then compared as normalised text)."""
+    kind = field_kind(field)
+    if kind == "date" and isinstance(v, str):
+        return parse_date(v)
+    if kind == "amount":
+        return parse_amount(v)
+    return None
+
+
+# SROIE's receipts are Malaysian: day before month, two-digit years are 20YY. Hand-written rather than
+# dateutil.parser because that guesses: it fills missing parts from a default date and swaps day and month where the
+# day-first reading is invalid ("12/28/2017"), while the metric must leave anything it cannot read one way as text.
+_MONTHS = {m: i for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov",
+                                      "dec"), 1)}
+_MONTH_NAMES = {**_MONTHS, "sept": 9, "january": 1, "february": 2, "march": 3, "april": 4, "june": 6, "july": 7,
+                "august": 8, "september": 9, "october": 10, "november": 11, "december": 12}
+_MON = "(?P<mon>" + "|".join(sorted(_MONTH_NAMES, key=len, reverse=True)) + r")\.?"
+_YEAR = r"(?P<y>\d{4}|\d{2})"
+_DATE_FORMATS = [re.compile(x) for x in (
+    r"(?P<y>\d{4})(?P<sep>[-/.])(?P<m>\d{1,2})(?P=sep)(?P<d>\d{1,2})",  # 2018-12-25, 2018/02/22
+    rf"(?P<d>\d{{1,2}})(?P<sep>[-/.])(?P<m>\d{{1,2}})(?P=sep){_YEAR}",  # 25/12/2018, 12-01-19, 11.02.18, 5/3/2018
+    rf"(?P<d>\d{{1,2}})(?P<sep>[-/. ]?){_MON}(?P=sep) ?{_YEAR}",  # 25 DEC 2018, 24-MAR-2018, 02/JAN/2017, 28 MAR 18
+    rf"{_MON} (?P<d>\d{{1,2}}),? {_YEAR}",  # OCT 3, 2016
+    r"(?P<y>(?:19|20)\d\d)(?P<m>\d\d)(?P<d>\d\d)",  # 20180304
+    r"(?P<d>\d\d)(?P<m>\d\d)(?P<y>(?:19|20)\d\d)",  # 25032018
+)]
+
+
+def parse_date(s: str) -> str | None:
+    """s as an ISO date (YYYY-MM-DD) where it reads as exactly one calendar date under SROIE's convention (day first,
+    two-digit years 20YY, ISO and year-first YYYY/MM/DD, English month names), else None. The whole string must be
+    the date (one pair of enclosing parentheses allowed): "25/12/2018 10:30", "12/28/2017" (no 28th month) and
+    "31/02/2018" give None. (Should two formats ever read one string as different dates, that is None too.)"""
+    t = _text(s)
+    if t.startswith("(") and t.endswith(")"):
+        t = t[1:-1].strip()
+    found = set()
+    for fmt in _DATE_FORMATS:
+        m = fmt.fullmatch(t)
+        if not m:
+            continue
+        g = m.groupdict()
+        year = int(g["y"]) + (2000 if len(g["y"]) == 2 else 0)
+        month = _MONTH_NAMES[g["mon"]] if g.get("mon") else int(g["m"])
+        try:
+            found.add(datetime.date(year, month, int(g["d"])))
+        except ValueError:  # no such day or month
+            pass
+    return found.pop().isoformat() if len(found) == 1 else None
+
+
+# a currency before or after the number, a sign before either; thousands separators only in the one reading that is
+# unambiguous (1,234.50: comma groups of three followed by a decimal point); "1,234" and "12,50" are left as text
+_AMOUNT = re.compile(r"(?P<s1>[-+]?) ?(?P<pre>rm|myr|\$)? ?(?P<s2>[-+]?) ?"
+                     r"(?P<num>\d{1,3}(?:,\d{3})+\.\d+|\d+(?:\.\d+)?|\.\d+) ?(?P<post>rm|myr)?")
+
+
+def parse_amount(v) -> str | None:
+    """v as a decimal with two places ("RM 1,007.50" -> "1007.50", "$8.2" and 8.2 -> "8.20"; more places are kept:
+    "9.005"), where it reads unambiguously as one amount (see _AMOUNT), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        t = repr(v)
+        sign = ""
+    elif isinstance(v, str):
+        m = _AMOUNT.fullmatch(_text(v))
+        if not m or (m["s1"] and m["s2"]) or (m["pre"] and m["post"]):
+            return None
+        t, sign = m["num"].replace(",", ""), m["s1"] or m["s2"]
+    else:
+        return None
+    try:
+        d = Decimal(t)
+        if not d.is_finite():
+            return None
+        d = -d if sign == "-" else d
+        q = d.quantize(Decimal("0.01"))
+    except InvalidOperation:  # more digits than the context holds
+        return None
+    q = q if q == d else d
+    return format(abs(q) if q == 0 else q, "f")
 
 
 def _f1(tp: int, n_pred: int, n_gold: int) -> tuple[float, float, float]:
@@ -191,18 +304,28 @@ def field_metrics(preds: list, golds: list[dict]) -> dict:
     Per field and document the values form a multiset: exact match = the multisets are equal (both empty counts),
     true positives = their intersection. Micro F1 pools all fields' counts; macro F1 averages the per-field F1 over
     fields that have a gold value somewhere. (Multiset matching per field, so counts are kept by hand rather than
-    with scikit-learn's label-array F1.) Every score is given raw and normalised (see value_key)."""
+    with scikit-learn's label-array F1.) Every score is given raw, normalised and canonical (see value_key);
+    canonical_parsed counts, per date and amount field, the gold and predicted values canonical mode read as a
+    date or amount."""
     if len(preds) != len(golds):
         raise ValueError("preds and golds differ in length")
     out = {"n": len(golds)}
-    for mode in ("raw", "normalized"):
-        norm = mode == "normalized"
+    pred_leaves = [leaves(p) if isinstance(p, dict) else {} for p in preds]
+    gold_leaves = [leaves(g) for g in golds]
+    parsed: dict[str, dict[str, int]] = {}
+    for side, docs in (("gold", gold_leaves), ("pred", pred_leaves)):
+        for fields in docs:
+            for f, vs in fields.items():
+                if field_kind(f):
+                    c = parsed.setdefault(f, {"gold": 0, "gold_values": 0, "pred": 0, "pred_values": 0})
+                    c[side] += sum(canonical_value(v, f) is not None for v in vs)
+                    c[f"{side}_values"] += len(vs)
+    out["canonical_parsed"] = dict(sorted(parsed.items()))
+    for mode in MODES:
         per = []
-        for p, g in zip(preds, golds):
-            pl = leaves(p) if isinstance(p, dict) else {}
-            gl = leaves(g)
-            per.append(({f: Counter(value_key(v, norm) for v in vs) for f, vs in pl.items()},
-                        {f: Counter(value_key(v, norm) for v in vs) for f, vs in gl.items()}))
+        for pl, gl in zip(pred_leaves, gold_leaves):
+            per.append(({f: Counter(value_key(v, mode, f) for v in vs) for f, vs in pl.items()},
+                        {f: Counter(value_key(v, mode, f) for v in vs) for f, vs in gl.items()}))
         gold_fields = sorted({f for _, gl in per for f in gl})
         all_fields = sorted(set(gold_fields) | {f for pl, _ in per for f in pl})
         counts = {f: [0, 0, 0] for f in all_fields}  # tp, n_pred, n_gold
