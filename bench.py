@@ -112,10 +112,11 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-KERNEL_KINDS = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),  # before matmul: cutlass inside
+# first match wins: Inductor names a kernel after the ops it fuses (triton_red_fused_..._gemm_4bit_...), and flash
+# attention's templates name cutlass
+KERNEL_KINDS = (("compiled (triton)", ("triton",)), ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
                 ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "wgmma", "cublas", "splitk")),
-                ("4-bit dequantise", ("dequant",)),
-                ("compiled (triton)", ("triton",)), ("copy / memset", ("memcpy", "memset")),
+                ("4-bit dequantise", ("dequant",)), ("copy / memset", ("memcpy", "memset")),
                 ("reductions / softmax", ("reduce", "softmax", "logsumexp", "norm")))
 
 

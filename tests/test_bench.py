@@ -95,3 +95,24 @@ def test_kd_and_dpo_cases_time_the_trainers_on_cpu(tmp_path, tiny_model_dir):
         row = bench.run_one(args)
         assert row["status"] == "ok", row
         assert row["tokens_per_s"] > 0 and row["kernels"] == []  # no speed-up runs on a CPU by default
+
+
+def test_kd_from_the_cache_runs_and_the_profile_says_where_time_goes(tmp_path, tiny_model_dir):
+    """kd_cached: KD from the teacher's cached top-k (the teacher freed first) within the issue's 300 bytes per answer
+    token; --profile writes a report of the profiled step beside the row."""
+    rows = bench.main(bench.parse_args(["--shape", "tiny", "--seq", "48", "--accum", "1", "--steps", "1",
+                                        "--cases", "kd_cached,sft", "--tokenizer", str(tiny_model_dir),
+                                        "--model_cache", str(tmp_path / "m"), "--profile", str(tmp_path / "prof")]))
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert rows[0]["top_k"] == 64 and 258 <= rows[0]["cache_bytes_per_token"] <= 300
+    report = (tmp_path / "prof" / "prof_sft.txt").read_text()
+    assert report.startswith("sft, seq 48, one optimizer step: wall ") and "Self CPU" in report
+    assert rows[1]["prof_wall_s"] > 0 and rows[1]["kernels_per_step"] == 0  # no GPU kernels on a CPU
+
+
+def test_kernel_kinds_go_by_what_ran_not_by_words_in_template_names():
+    assert bench.kernel_kind("void pytorch_flash::flash_bwd_dq_dk_dv_loop<Flash_bwd_kernel_traits, cutlass::bf16>") \
+        == "attention"
+    assert bench.kernel_kind("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN") == "matmul"
+    assert bench.kernel_kind("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>") == "4-bit dequantise"
+    assert bench.kernel_kind("triton_red_fused__to_copy_add_gemm_4bit_mean_mul_0") == "compiled (triton)"
