@@ -4,7 +4,9 @@ PY := .venv/bin/python
 DEMO := runs/demo
 # Demo training budget: 48 steps x 8 rows (about half an epoch of the synthetic sample) fits ~5 minutes on 2 CPU cores.
 DEMO_STEPS ?= 48
-# Extra eval_creditmix.py flags for the demo's two evaluations (tests/test_docs.py passes --limit 2 to stay cheap).
+# Extra sft_train.py / eval_creditmix.py flags for the demo's training and its two evaluations (tests/test_docs.py
+# passes --per_device_train_batch_size 1 and --limit 2 to stay cheap).
+DEMO_TRAIN_ARGS ?=
 DEMO_EVAL_ARGS ?=
 
 .PHONY: setup demo test bench clean-demo
@@ -24,7 +26,7 @@ setup: .venv/.installed
 demo: setup
 	$(PY) creditmix_prepare.py --src data/creditmix_dataset.json --outdir $(DEMO)/data
 	$(PY) sft_train.py --student smollm2-135m --data $(DEMO)/data/creditmix_sft.jsonl --save_dir $(DEMO)/creditmix_sft \
-	    --max_steps $(DEMO_STEPS) --per_device_train_batch_size 8 --gradient_accumulation_steps 1 --lr 1e-3 --logging_steps 4
+	    --max_steps $(DEMO_STEPS) --per_device_train_batch_size 8 --gradient_accumulation_steps 1 --lr 1e-3 --logging_steps 4 $(DEMO_TRAIN_ARGS)
 	DISTILL_SLM_RUNS=$(DEMO) $(PY) eval_creditmix.py --model_dir smollm2-135m --data $(DEMO)/data/creditmix_val.jsonl $(DEMO_EVAL_ARGS)
 	$(PY) eval_creditmix.py --model_dir $(DEMO)/creditmix_sft --data $(DEMO)/data/creditmix_val.jsonl $(DEMO_EVAL_ARGS)
 	$(PY) compare_runs.py $(DEMO)/base-smollm2-135m $(DEMO)/creditmix_sft --task creditmix --out $(DEMO)/report

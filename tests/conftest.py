@@ -17,6 +17,34 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: tens of seconds on a 2-core CPU (trainers run as commands)")
 
 
+# The suite runs on pytest-xdist workers (pytest.ini: -n 2 --dist loadgroup). The longest tests go first, so that
+# they run beside the many short ones instead of ending the run alone on one worker (longest first, as measured on
+# 2 CPU cores with --durations). A module whose module-scoped fixture is costly (a live server, a real-model merge)
+# marks itself xdist_group so that one worker builds it once.
+LONGEST_FIRST = (
+    "test_docs.py::test_readme_commands_run_as_two_step_variants",
+    "test_export.py",
+    "test_config.py::test_quick_recipe_trains_two_steps",
+    "test_bench.py::test_bench_idp_measures_constrained_against_plain_decoding_on_cpu",
+    "test_config.py::test_held_out_evaluation_and_early_stopping",
+    "test_bench.py::test_bench_runs_the_trainer_and_scorer_paths_on_cpu",
+    "test_distributed.py",
+    "test_serve_reliability.py",
+    "test_serve_creditmix.py",
+    "test_xtok_kd.py::test_compare_prints_both_losses",
+    "test_dpo_train.py::test_sft_adapter_is_the_reference",
+    "test_sandbox_check.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.nodeid.split("/")[-1].split("[")[0]
+        return next((i for i, key in enumerate(LONGEST_FIRST) if name == key or name.startswith(key + "::")
+                     or (key.endswith(".py") and name.startswith(key))), len(LONGEST_FIRST))
+    items.sort(key=rank)  # stable: the rest keep their order
+
+
 def build_tiny_model(out: Path, seed: int = 0, **overrides) -> Path:
     """A 2-layer Llama with SmolLM2's tokenizer and vocabulary, random weights, saved as safetensors."""
     import torch

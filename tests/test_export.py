@@ -16,6 +16,8 @@ import fileio
 import export
 import models
 
+pytestmark = pytest.mark.xdist_group("test_export")  # its costly module fixtures: on one worker
+
 # eight chat prompts for the greedy comparison (the README's three tasks and plain chat)
 PROMPTS = [
     "What is 2+2?",

@@ -17,6 +17,8 @@ import pytest
 from fileio import UserError
 from conftest import metric, start_server, stop_server
 
+pytestmark = pytest.mark.xdist_group("test_serve_creditmix")  # its module fixture (a server): one worker
+
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -20,6 +20,8 @@ from pydantic import BaseModel
 
 from conftest import build_tiny_model, metric, start_server, stop_server
 
+pytestmark = pytest.mark.xdist_group("test_serve_reliability")  # its module fixtures (servers): one worker
+
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "k-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
