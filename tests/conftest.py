@@ -10,6 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+# Under pytest-xdist each worker gets its share of the cores for torch (and the scripts the tests start, which inherit
+# it): two workers each running 2 OpenMP threads on 2 cores spin against each other and run the tiny-model tests
+# several times slower. Set before torch is imported; an OMP_NUM_THREADS of your own wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_model: runs the embedded SmolLM2-135M (slower; few)")

@@ -29,7 +29,7 @@ def test_bench_idp_measures_constrained_against_plain_decoding_on_cpu(tmp_path, 
     res = bench_idp.main(bench_idp.parse_args([
         "--model_dir", str(tiny_model_dir), "--data", str(data / "idp_test.jsonl"),
         "--schemas", str(data / "sroie_schema.json"),
-        "--n_docs", "2", "--batch_sizes", "1", "2", "--max_new_tokens", "48", "--repeats", "2", "--control",
+        "--n_docs", "2", "--batch_sizes", "1", "2", "--max_new_tokens", "16", "--repeats", "2", "--control",
         "--out", str(out)]))
     rows = res["decode"]
     assert [r["batch_size"] for r in rows] == [1, 2]

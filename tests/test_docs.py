@@ -577,8 +577,8 @@ def option_dest(option: str) -> str | None:
 
 @pytest.mark.real_model
 def test_readme_commands_run_as_two_step_variants(tmp_path):
-    """make demo (2 SFT steps of one row), the commands it prints, then every unmarked README command, in order, in a copy of
-    the tracked files with the venv's python first on PATH (what `source .venv/bin/activate` does)."""
+    """make demo (2 SFT steps of one row), the commands it prints, then every unmarked README command, in order, in a
+    copy of the tracked files with the venv's python first on PATH (what `source .venv/bin/activate` does)."""
     clone = tmp_path / "clone"
     for rel in sorted(tracked()):
         src = ROOT / rel
