@@ -26,7 +26,8 @@ setup: .venv/.installed
 demo: setup
 	$(PY) creditmix_prepare.py --src data/creditmix_dataset.json --outdir $(DEMO)/data
 	$(PY) sft_train.py --student smollm2-135m --data $(DEMO)/data/creditmix_sft.jsonl --save_dir $(DEMO)/creditmix_sft \
-	    --max_steps $(DEMO_STEPS) --per_device_train_batch_size 8 --gradient_accumulation_steps 1 --lr 1e-3 --logging_steps 4 $(DEMO_TRAIN_ARGS)
+	    --max_steps $(DEMO_STEPS) --per_device_train_batch_size 8 --gradient_accumulation_steps 1 --lr 1e-3 --logging_steps 4 \
+	    $(DEMO_TRAIN_ARGS)
 	DISTILL_SLM_RUNS=$(DEMO) $(PY) eval_creditmix.py --model_dir smollm2-135m --data $(DEMO)/data/creditmix_val.jsonl $(DEMO_EVAL_ARGS)
 	$(PY) eval_creditmix.py --model_dir $(DEMO)/creditmix_sft --data $(DEMO)/data/creditmix_val.jsonl $(DEMO_EVAL_ARGS)
 	$(PY) compare_runs.py $(DEMO)/base-smollm2-135m $(DEMO)/creditmix_sft --task creditmix --out $(DEMO)/report

@@ -206,11 +206,14 @@ def test_converter_tokenizer_json_only_touches_byte_level_bpe_with_byte_fallback
 
 def llama_cpp_greedy(gguf: Path, prompts: list[str], max_tokens: int = NEW_TOKENS) -> list[dict]:
     """Greedy completions from llama.cpp (xllamacpp's in-process llama.cpp server): token ids and prompt length."""
+    import torch
     import xllamacpp as xlc
     params = xlc.CommonParams()
     params.model.path = str(gguf)
     params.n_ctx, params.n_parallel, params.warmup = 1024, 1, False
-    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = min(2, os.cpu_count() or 1)
+    # torch's thread count (OMP_NUM_THREADS, one per pytest-xdist worker on 2 cores: tests/conftest.py): llama.cpp's
+    # threads busy-wait on each other, and one more than its share of the cores makes it several times slower
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = torch.get_num_threads()
     server = xlc.Server(params)
     out = []
     for prompt in prompts:
