@@ -715,7 +715,10 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
             def on_batch(flat):
                 for path, n in _groups(flat, lambda x: x[0]).items():
                     metrics.batch_size.labels(path).observe(len(n))
-            state["lanes"][key] = Lane(key, task, lambda items: TASKS[task].run(items, cfg), cfg.max_batch,
+            def run(items):  # as a reader of the base: an adapter attach (the writer) never runs during a batch
+                with slot.base.lock.read():
+                    return TASKS[task].run(items, cfg)
+            state["lanes"][key] = Lane(key, task, run, cfg.max_batch,
                                        cfg.max_batch_tokens, cfg.batch_wait_ms / 1000, cfg.max_queue,
                                        state["stop"], metrics, on_batch)
         return state["lanes"][key]
