@@ -376,9 +376,18 @@ def case_sft_graph(args):
     labels = torch.tensor([r["labels"] for r in rows], device=dev)
     denom = float((labels[:, 1:] != -100).sum())
 
+    # transformers builds the causal mask differently while a CUDA stream captures (its is_tracing() counts a capture
+    # as tracing, so the no-mask fast path is skipped and a packed-sequence mask is built): the compiled layers would
+    # then see a mask they were not compiled for and recompile inside the capture. A ready 4-D mask is used as given,
+    # the same way in the warm-up and in the capture.
+    causal = torch.ones(args.seq, args.seq, dtype=torch.bool, device=dev).tril()[None, None]
+    causal = causal.expand(args.batch, 1, -1, -1)
+
     def micro(input_ids, labels):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out = model(input_ids=input_ids, labels=labels, use_cache=False, fused_lm_head=True)
+        # autocast's weight-cast cache must be off inside a CUDA graph capture (PyTorch's CUDA-graphs notes)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda", cache_enabled=False):
+            out = model(input_ids=input_ids, labels=labels, attention_mask=causal, use_cache=False,
+                        fused_lm_head=True)
             loss = -out.log_probs.sum() / denom
         loss.backward()
         return loss.detach()

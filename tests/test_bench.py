@@ -101,13 +101,14 @@ def test_kd_from_the_cache_runs_and_the_profile_says_where_time_goes(tmp_path, t
     """kd_cached: KD from the teacher's cached top-k (the teacher freed first) within the issue's 300 bytes per answer
     token; --profile writes a report of the profiled step beside the row."""
     rows = bench.main(bench.parse_args(["--shape", "tiny", "--seq", "48", "--accum", "1", "--steps", "1",
-                                        "--cases", "kd_cached,sft", "--tokenizer", str(tiny_model_dir),
+                                        "--cases", "kd_cached,sft,sft_graph", "--tokenizer", str(tiny_model_dir),
                                         "--model_cache", str(tmp_path / "m"), "--profile", str(tmp_path / "prof")]))
     assert all(r["status"] == "ok" for r in rows), rows
     assert rows[0]["top_k"] == 64 and 258 <= rows[0]["cache_bytes_per_token"] <= 300
     report = (tmp_path / "prof" / "prof_sft.txt").read_text()
     assert report.startswith("sft, seq 48, one optimizer step: wall ") and "Self CPU" in report
     assert rows[1]["prof_wall_s"] > 0 and rows[1]["kernels_per_step"] == 0  # no GPU kernels on a CPU
+    assert rows[2]["kernels"] == ["own_loop"] and rows[2]["tokens_per_s"] > 0  # CUDA graphs need CUDA: the eager loop
 
 
 def test_kernel_kinds_go_by_what_ran_not_by_words_in_template_names():
