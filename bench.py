@@ -361,7 +361,8 @@ def case_sft_graph(args):
     trainer = SFTTrainer(model=model, args=trl_config(SFTConfig, kw), train_dataset=Dataset.from_list(rows),
                          processing_class=tok)
     kernels = prepare_trainer(trainer, ns)
-    if os.environ.get("BENCH_GRAPH", "1") == "1":
+    graphs = os.environ.get("BENCH_GRAPH", "1") == "1" and torch.cuda.is_available()
+    if graphs:
         from compat import score_every_position
         score_every_position()  # no boolean indexing inside the captured step
     model = trainer.model
@@ -392,7 +393,6 @@ def case_sft_graph(args):
         loss.backward()
         return loss.detach()
 
-    graphs = os.environ.get("BENCH_GRAPH", "1") == "1" and dev.type == "cuda"
     step = speedups.GraphedStep(micro) if graphs else micro
     b = args.batch
 
@@ -406,11 +406,13 @@ def case_sft_graph(args):
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    # untimed: one warm-up step, or as many as the graph's eager warm-up and its capture take
+    untimed = -(-(step.warmup + 1) // args.accum) if graphs else 1
     times = []
-    for _ in range(args.steps + 1 + (1 if graphs and args.accum < 3 else 0)):
+    for _ in range(untimed + args.steps):
         one_step()
         times.append(time.perf_counter())
-    s = (times[-1] - times[-1 - args.steps]) / args.steps
+    s = (times[-1] - times[untimed - 1]) / args.steps
     row = {"tokens_per_s": round(args.seq * b * args.accum / s, 1), "params": params, "batch": b,
            "accum": args.accum, "kernels": list(kernels) + (["cuda_graph"] if graphs else ["own_loop"]),
            "lora_dropout": args.lora_dropout, **mem()}
@@ -454,6 +456,17 @@ def _train_timed(trainer, ns, args) -> tuple[float, tuple, dict]:
     return timer.seconds_per_step(skip_last=bool(prof)), kernels, fields
 
 
+KD_FLAGS = dict(kd_loss="forward_kl", jsd_beta=0.5, temperature=1.0, alpha=0.5, lmbda=0.0, max_new_tokens=1)
+
+
+def _kd_timed(trainer, ns, args, params: int, **extra) -> dict:
+    """The kd cases' row: seconds per optimizer step of `trainer` (_train_timed) as tokens/s, with the memory."""
+    s, kernels, prof = _train_timed(trainer, ns, args)
+    return {"tokens_per_s": round(args.seq * args.batch * args.accum / s, 1), "params": params,
+            "batch": args.batch, "accum": args.accum, "kernels": list(kernels), "lora_dropout": args.lora_dropout,
+            **extra, **mem(), **prof}
+
+
 def case_kd(args, full_logits=False):
     """Logit KD (forward KL, alpha 0.5) with the model as both the 4-bit student (fresh LoRA) and a second, frozen
     4-bit teacher, on synthetic rows (loss on every token: the largest KD workload for --seq), through kd_train.py's
@@ -471,16 +484,11 @@ def case_kd(args, full_logits=False):
     teacher, ttok, _ = common.load_model(str(path), quantize="4bit" if _cuda() else "auto")
     vocab = check_vocab(tok, ttok, model, teacher)
     ns, kw = trainer_args(args, tempfile.mkdtemp(), args.batch, args.accum)
-    kd = argparse.Namespace(**vars(ns), kd_loss="forward_kl", jsd_beta=0.5, temperature=1.0, alpha=0.5, lmbda=0.0,
-                            max_new_tokens=1)
     rows = synthetic_rows(args.seq, args.batch * args.accum * (args.steps + 1), model.config.vocab_size)
-    trainer = build_trainer(kd, model, tok, Dataset.from_list(rows), teacher=teacher, vocab=vocab, callbacks=[],
-                            config=trl_config(SFTConfig, kw), full_logits=full_logits)
-    params = n_params(trainer.model) + n_params(teacher) // 3
-    s, kernels, prof = _train_timed(trainer, ns, args)
-    return {"tokens_per_s": round(args.seq * args.batch * args.accum / s, 1), "params": params,
-            "batch": args.batch, "accum": args.accum, "kernels": list(kernels), "lora_dropout": args.lora_dropout,
-            **mem(), **prof}
+    trainer = build_trainer(argparse.Namespace(**vars(ns), **KD_FLAGS), model, tok, Dataset.from_list(rows),
+                            teacher=teacher, vocab=vocab, callbacks=[], config=trl_config(SFTConfig, kw),
+                            full_logits=full_logits)
+    return _kd_timed(trainer, ns, args, n_params(trainer.model) + n_params(teacher) // 3)
 
 
 def case_kd_cached(args):
@@ -503,25 +511,21 @@ def case_kd_cached(args):
     dataset = Dataset.from_list(rows)
     out = Path(tempfile.mkdtemp()) / "cache"
     out.mkdir()
-    kd_cache.write_shards(teacher, tok, dataset, out, top_k=args.top_k, shard_rows=len(rows), batch_size=1)
+    kd_cache.write_shards(teacher, tok, dataset, out, top_k=args.top_k, temperature=KD_FLAGS["temperature"],
+                          shard_rows=len(rows), batch_size=1)
     kd_cache.finish(out, {"teacher": str(path), "rows": len(rows), "shard_rows": len(rows), "top_k": args.top_k})
     cache_bytes = sum(p.stat().st_size for p in out.glob("shard-*.npz"))
     del teacher
     gc.collect()
-    torch.cuda.empty_cache() if _cuda() else None
+    if _cuda():
+        torch.cuda.empty_cache()
     model, tok, _ = common.load_student(str(path), lora_dropout=args.lora_dropout)
     ns, kw = trainer_args(args, tempfile.mkdtemp(), args.batch, args.accum)
-    kd = argparse.Namespace(**vars(ns), kd_loss="forward_kl", jsd_beta=0.5, temperature=1.0, alpha=0.5, lmbda=0.0,
-                            max_new_tokens=1)
-    trainer = build_trainer(kd, model, tok, dataset.add_column("kd_row", list(range(len(rows)))),
-                            cache=kd_cache.TeacherCache(out), callbacks=[],
-                            config=trl_config(SFTConfig, {**kw, "remove_unused_columns": False}))
-    params = n_params(trainer.model)
-    s, kernels, prof = _train_timed(trainer, ns, args)
-    return {"tokens_per_s": round(args.seq * args.batch * args.accum / s, 1), "params": params,
-            "batch": args.batch, "accum": args.accum, "kernels": list(kernels), "lora_dropout": args.lora_dropout,
-            "top_k": args.top_k, "cache_bytes_per_token": round(cache_bytes / (len(rows) * (args.seq - 1)), 1),
-            **mem(), **prof}
+    trainer = build_trainer(argparse.Namespace(**vars(ns), **KD_FLAGS), model, tok,
+                            dataset.add_column("kd_row", list(range(len(rows)))), cache=kd_cache.TeacherCache(out),
+                            callbacks=[], config=trl_config(SFTConfig, {**kw, "remove_unused_columns": False}))
+    return _kd_timed(trainer, ns, args, n_params(trainer.model), top_k=args.top_k,
+                     cache_bytes_per_token=round(cache_bytes / (len(rows) * (args.seq - 1)), 1))
 
 
 def case_dpo(args):

@@ -189,6 +189,10 @@ def load_problems(path, split: str | None = None) -> list[Problem]:
     return out
 
 
+# MBPP's rows a training file may be built from, by --split / --train_split (its test split is for evaluation only)
+MBPP_TRAIN_SPLITS = {"train": {"train"}, "prompt": {"prompt"}, "train+prompt": {"train", "prompt"}}
+
+
 def task_text(p: Problem) -> str:
     """What a task asks, normalised for comparison across files (MBPP's description; else the task as shown)."""
     return " ".join(str(p.meta.get("text") or p.task).lower().split())

@@ -46,7 +46,7 @@ def parse_args(argv=None):
     # data
     p.add_argument("--src", default=None, help="mbpp.jsonl (MBPP's fields: task_id, prompt, code, test_list, "
                                                "test_setup_code, split)")
-    p.add_argument("--split", default="train", choices=["train", "prompt", "train+prompt"],
+    p.add_argument("--split", default="train", choices=list(codegen.MBPP_TRAIN_SPLITS),
                    help="MBPP rows to use (the test split is for evaluation only)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N tasks")
     p.add_argument("--synthetic", action="store_true", help="write a small generated sample instead of MBPP")
@@ -213,7 +213,7 @@ def load_tasks(args) -> tuple[list[codegen.Problem], dict]:
             raise UserError("give --src mbpp.jsonl, or --synthetic for a generated sample")
         rows = read_records(args.src, required=("task_id", "prompt", "code", "test_list"))
         src = {"src": str(args.src), "src_sha256": sha256_file(args.src), "split": args.split}
-    splits = {"train": {"train"}, "prompt": {"prompt"}, "train+prompt": {"train", "prompt"}}[args.split]
+    splits = codegen.MBPP_TRAIN_SPLITS[args.split]
     problems = []
     for r in rows:
         if r.get("split", "train") not in splits:

@@ -49,7 +49,7 @@ def parse_args(argv=None):
     cli.add_load_args(g)
     g = p.add_argument_group("data")
     g.add_argument("--train_data", required=True, help="MBPP-shaped JSONL (task_id, prompt, code, test_list, split)")
-    g.add_argument("--train_split", default="train", choices=["train", "prompt", "train+prompt"],
+    g.add_argument("--train_split", default="train", choices=list(codegen.MBPP_TRAIN_SPLITS),
                    help="MBPP rows sampled for training (the test split never is)")
     g.add_argument("--limit", type=int, default=0, help="use only the first N training tasks; 0 = all")
     g.add_argument("--eval_data", nargs="*", default=[],
@@ -105,7 +105,7 @@ def load_train_tasks(path: str, split: str) -> list[codegen.Problem]:
     if every[0].kind != "mbpp":
         raise UserError(f"--train_data {path}: not MBPP-shaped (task_id, prompt, code, test_list, split); "
                         "HumanEval and the + sets are for evaluation only")
-    splits = {"train": {"train"}, "prompt": {"prompt"}, "train+prompt": {"train", "prompt"}}[split]
+    splits = codegen.MBPP_TRAIN_SPLITS[split]
     problems = [p for p in every if (p.meta.get("split") or "train") in splits]
     if not problems:
         raise UserError(f"--train_data {path}: no rows in split '{split}'")

@@ -62,7 +62,7 @@ def teacher_topk(h, head, *, k: int, temperature: float = 1.0, scale: float = 1.
     import torch
     ids, logp, tail = [], [], []
     for i in range(0, h.shape[0], chunk):
-        z = _logits(h[i:i + chunk], head, scale, softcap) / temperature
+        z = _logits(h[i:i + chunk], head.weight, getattr(head, "bias", None), scale, softcap) / temperature
         lp = torch.log_softmax(z, -1)
         v, x = lp.topk(min(k, lp.shape[-1]), -1)
         rest = torch.log1p(-v.exp().sum(-1).clamp(max=1 - 1e-7)).clamp(min=TAIL_FLOOR)
@@ -74,12 +74,15 @@ def teacher_topk(h, head, *, k: int, temperature: float = 1.0, scale: float = 1.
     return np.concatenate(ids), np.concatenate(logp), np.concatenate(tail)
 
 
-def _logits(h, head, scale, softcap):
-    """fp32 logits from a matmul in the head's dtype (bf16 on a GPU, as the live KD path's tiles): no fp32 copy of
-    a [vocab, hidden] head."""
+def _logits(h, w, b, scale: float = 1.0, softcap=None):
+    """fp32 logits of hidden states h through the head's weight w and bias b, from a matmul in the head's dtype (bf16
+    on a GPU, as the live KD path's tiles): no fp32 copy of a [vocab, hidden] head. Shared by the cache's writer and
+    the cached loss, so both see the same logits."""
     import torch
     import torch.nn.functional as F
-    z = F.linear(h.to(head.weight.dtype), head.weight, getattr(head, "bias", None)).float() * scale
+    z = F.linear(h.to(w.dtype), w, b).float()
+    if scale != 1.0:
+        z = z * scale
     return softcap * torch.tanh(z / softcap) if softcap else z
 
 
@@ -200,12 +203,7 @@ def finish(out: Path, meta: dict) -> None:
 
 def _chunk_terms(h, w, b, ids, logp_t, tail_t, targets, temperature, scale, softcap):
     import torch
-    import torch.nn.functional as F
-    z = F.linear(h.to(w.dtype), w, b).float()  # the head's dtype (bf16 on a GPU), fp32 from here on
-    if scale != 1.0:
-        z = z * scale
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
+    z = _logits(h, w, b, scale, softcap)
     lse = torch.logsumexp(z, -1)
     if temperature == 1.0:
         logq = z.gather(1, ids) - lse[:, None]

@@ -163,7 +163,8 @@ def make_adapters(base: str, folder: str) -> dict[str, str]:
 
 def start_server(args, mode: str, log_path: Path):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "MODEL_BASE": args.model, **MODES[mode],
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # the caller's packages too
+    env = {**os.environ, "PYTHONPATH": path, "MODEL_BASE": args.model, **MODES[mode],
            "BATCH_WAIT_MS": str(args.batch_wait_ms), "MAX_BATCH": str(args.max_batch)}
     env.update({f"MODEL_{e.upper()}": args.model for e in args.endpoints})
     env.update({f"MODEL_{e.upper()}": m for e, m in args.adapters.items()})
