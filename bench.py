@@ -607,7 +607,7 @@ def run_one(args) -> dict:
         row.update(CASES[args.one](args))
         row["status"] = "ok"
     except Exception as e:  # a case that OOMs or breaks is a row in the table, not a crash of the bench
-        row.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0][:320]}" if str(e) else
+        row.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0][:640]}" if str(e) else
                    type(e).__name__)
     return row
 
@@ -707,6 +707,8 @@ def main(args):
                                                  "status": "crashed", "error": (r.stderr.strip().splitlines()
                                                                                 or ["?"])[-1][:160]}
         rows.append(row)
+        if row.get("status") != "ok":  # what the case's process said last, for the why
+            print("\n".join(r.stderr.strip().splitlines()[-30:]), file=sys.stderr)
         print(json.dumps(row), file=sys.stderr, flush=True)
     from fileio import write_json
     from run_record import device_name

@@ -171,6 +171,16 @@ def _set_rng_state(device, state):
 # ----------------------------------------------------------------------------------------------------------------
 # CUDA graphs
 
+def _why(e: BaseException) -> str:
+    """The innermost exception's first line and the last frames where it was raised (a failed capture's own error
+    is only 'operation failed due to a previous error during capture')."""
+    import traceback
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    frames = [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(e.__traceback__)]
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]} at {' <- '.join(reversed(frames[-6:]))}"
+
+
 class GraphedStep:
     """A training micro-step fn(**tensors) -> loss (forward and backward; the gradients accumulate into .grad)
     captured once per input shape as a CUDA graph and replayed: the step's ~9,000 kernel launches and the Python,
@@ -190,13 +200,22 @@ class GraphedStep:
         entry = self.graphs.setdefault(key, {"seen": 0})
         if entry["seen"] < self.warmup:
             entry["seen"] += 1
-            return self.fn(**tensors) if entry["seen"] < self.warmup else self._no_syncs(tensors)
+            # on a side stream, as PyTorch's CUDA-graphs notes ask (lazy per-stream state is made before the capture)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.fn(**tensors) if entry["seen"] < self.warmup else self._no_syncs(tensors)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
         if "graph" not in entry:
             static = {k: v.clone() for k, v in tensors.items()}
             graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize()
-            with torch.cuda.graph(graph):  # records the kernels; nothing runs until replay
-                out = self.fn(**static)
+            try:  # records the kernels; nothing runs until replay. thread_local: other threads' CUDA calls are legal
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    out = self.fn(**static)
+            except RuntimeError as e:
+                raise RuntimeError(f"CUDA graph capture failed: {_why(e)}") from e
             entry.update(graph=graph, static=static, out=out)
         for k, v in tensors.items():
             entry["static"][k].copy_(v)
@@ -204,15 +223,11 @@ class GraphedStep:
         return entry["out"]
 
     def _no_syncs(self, tensors):
-        import traceback
         prev = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:
             return self.fn(**tensors)
         except RuntimeError as e:
-            frames = [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}"
-                      for f in traceback.extract_tb(e.__traceback__)]
-            raise RuntimeError(f"this step cannot be captured as a CUDA graph: {str(e).splitlines()[0]} at "
-                               f"{' <- '.join(reversed(frames[-5:]))}") from e
+            raise RuntimeError(f"this step cannot be captured as a CUDA graph: {_why(e)}") from e
         finally:
             torch.cuda.set_sync_debug_mode(prev)
