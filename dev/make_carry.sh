@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # DEV ONLY (plumbing for a borrowed GPU machine: see dev/setup.sh). Build .carry/ (git-ignored) for the device calls, each under the 64 MiB a call carries:
-#   p1: the embedded model's GGUF, first 40 MB (carried with .whl and tok in the first call)
+#   p1: the embedded model's GGUF, first 37.5 MB (fits one call with .whl, .whl_serve and tok)
 #   p2: the GGUF's rest + prepared.tgz: the real data (../shared/data, never committed) already converted here by the
 #       project's prepare scripts (the sandbox checks of codegen_prepare.py take minutes on this CPU, seconds there
 #       would still cost device time), plus HumanEval and MBPP for the evaluations
@@ -12,8 +12,8 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python; D=../shared/data
 G=$($PY -c "import models; print(models.embedded_gguf_path())")
 rm -rf .carry && mkdir -p .carry/p1 .carry/p2 .carry/tok .carry/idp
-head -c 40000000 "$G" > .carry/p1/gguf.part1
-tail -c +40000001 "$G" > .carry/p2/gguf.part2
+head -c 37500000 "$G" > .carry/p1/gguf.part1
+tail -c +37500001 "$G" > .carry/p2/gguf.part2
 P=$(mktemp -d)
 $PY creditmix_prepare.py --src $D/creditmix/creditmix_labeled.jsonl --outdir $P/data_cm6
 $PY creditmix_prepare.py --src $D/creditmix/creditmix_labeled.jsonl --features rich --outdir $P/data_cm20
