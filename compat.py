@@ -26,6 +26,10 @@ PRIVATE = {
     "trl.SFTTrainer._metrics": "trl",
     "trl.SFTTrainer._total_train_tokens": "trl",
     "peft.tuners.lora.LoraModel._enable_peft_forward_hooks": "peft",
+    "peft.tuners.lora.layer.Linear._mixed_batch_forward": "peft",
+    "peft.tuners.lora.bnb.Linear4bit._mixed_batch_forward": "peft",
+    "peft.tuners.lora.layer.LoraLayer.lora_variant": "peft",
+    "peft.tuners.lora.layer.VARIANT_KWARG_KEYS": "peft",
 }
 
 
@@ -111,3 +115,138 @@ def adapter_names_per_thread(model, on_call, row_hook) -> None:
         if isinstance(m, LoraLayer) and not getattr(m, "_rows_hook", False):
             m.register_forward_pre_hook(row_hook, with_kwargs=True)
             m._rows_hook = True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stacked mixed-adapter LoRA (the server's mixed-adapter batches)
+
+_ROW_SLOTS: dict = {}  # (stack order, adapter name per row, device) -> (slot per row as a tensor, the one slot or None)
+_ROW_SLOTS_KEPT = 1024  # distinct batches remembered before the cache is emptied (a server sees endless mixes)
+
+
+def _lora_linear_classes() -> tuple:
+    """PEFT's LoRA layers over a linear base (plain, bitsandbytes 4-bit and 8-bit): the ones whose LoRA is
+    lora_B(lora_A(x)) * scaling and whose _mixed_batch_forward the stacked path replaces."""
+    from peft.tuners.lora.layer import Linear
+    classes = [Linear]
+    try:
+        from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
+        classes += [Linear4bit, Linear8bitLt]
+    except ImportError:  # bitsandbytes not installed: PEFT defines no bnb layers
+        pass
+    return tuple(classes)
+
+
+def _stackable(layer, name: str) -> bool:
+    """Whether adapter `name` of this layer is plain LoRA that the stacked forward computes exactly: no variant
+    (DoRA, aLoRA, ...), no LoRA bias, linear A and B."""
+    import torch.nn as nn
+    a, b = layer.lora_A[name], layer.lora_B[name]
+    return (name not in layer.lora_variant and type(a) is nn.Linear and type(b) is nn.Linear
+            and a.bias is None and b.bias is None)
+
+
+def _lora_stacks(layer):
+    """(order, A [n+1, in, r], B [n+1, r, out], names not stacked) of a LoRA layer: the stackable adapters' A and B
+    (B times the adapter's scaling), ranks padded with zeros, slot 0 all zeros (rows of the base or of an adapter
+    this layer does not have). Built on first use and rebuilt when the layer's adapters change (added, removed,
+    their weights moved or written, their scaling set)."""
+    import torch
+    names = list(layer.lora_A.keys())
+    key = tuple((n, layer.lora_A[n].weight.data_ptr(), layer.lora_A[n].weight._version,
+                 layer.lora_B[n].weight.data_ptr(), layer.lora_B[n].weight._version, layer.scaling[n])
+                for n in names)
+    cached = getattr(layer, "_lora_stacks_cache", None)  # one attribute: readers in other threads see old or new
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    order = tuple(n for n in names if _stackable(layer, n))
+    skip = frozenset(names) - frozenset(order)
+    if not order:
+        stacks = (order, None, None, skip)
+    else:
+        w = layer.lora_A[order[0]].weight
+        r = max(layer.lora_A[n].weight.shape[0] for n in order)
+        n_in, n_out = w.shape[1], layer.lora_B[order[0]].weight.shape[0]
+        with torch.no_grad():
+            A = torch.zeros(len(order) + 1, n_in, r, dtype=w.dtype, device=w.device)
+            B = torch.zeros(len(order) + 1, r, n_out, dtype=w.dtype, device=w.device)
+            for k, n in enumerate(order, 1):
+                a, b = layer.lora_A[n].weight, layer.lora_B[n].weight  # [r_n, in], [out, r_n]
+                A[k, :, :a.shape[0]] = a.T
+                B[k, :b.shape[1], :] = (b.float() * layer.scaling[n]).T.to(w.dtype)
+        stacks = (order, A, B, skip)
+    layer._lora_stacks_cache = (key, stacks)
+    return stacks
+
+
+def _row_slots(order: tuple, adapter_names, device):
+    key = (order, tuple(adapter_names), device)
+    got = _ROW_SLOTS.get(key)
+    if got is None:
+        import torch
+        slot = {n: k for k, n in enumerate(order, 1)}
+        rows = [slot.get(n, 0) for n in adapter_names]
+        got = (torch.tensor(rows, device=device), rows[0] if len(set(rows)) == 1 else None)
+        if len(_ROW_SLOTS) >= _ROW_SLOTS_KEPT:
+            _ROW_SLOTS.clear()
+        _ROW_SLOTS[key] = got
+    return got
+
+
+def _stacked_mixed_batch_forward(self, x, *args, adapter_names, **kwargs):
+    """A LoRA layer's forward for a batch with one adapter per row (PEFT's `adapter_names`), computed as
+    base(x) + bmm(bmm(x, A[slot]), B[slot]) over the layer's stacked adapters: the same handful of kernels whatever
+    the number of adapters in the batch. PEFT's own _mixed_batch_forward loops over the batch's adapters (per
+    adapter: index the sub-batch, A, B, scale, index-add), which at the server's batch sizes on a GPU is bound by
+    kernel launches. Equal to PEFT's result within float rounding, and used only where it is: inference (no
+    grad), the batch's adapters plain LoRA (no DoRA or other variant, no LoRA bias) with their dropout inactive, no
+    variant arguments; otherwise PEFT's own method runs. The same function serves the bitsandbytes layers (not
+    tested on CPU, where bitsandbytes 4-bit does not run)."""
+    import torch
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+    def peft_forward():
+        return type(self)._mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
+
+    if torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in VARIANT_KWARG_KEYS):
+        return peft_forward()
+    order, A, B, skip = _lora_stacks(self)
+    used = set(adapter_names)
+    if used & skip or any(self.lora_dropout[n].training and getattr(self.lora_dropout[n], "p", 0) > 0
+                          for n in used if n in self.lora_dropout):
+        return peft_forward()
+    for k in VARIANT_KWARG_KEYS:
+        kwargs.pop(k, None)
+    result = self.base_layer(x, *args, **kwargs)
+    if A is None:
+        return result
+    slots, one = _row_slots(order, adapter_names, A.device)
+    if one == 0:  # every row on the base (or on adapters this layer does not have)
+        return result
+    h = x.to(A.dtype)
+    if one is not None:  # a batch of one adapter: no gather
+        delta = (h @ A[one]) @ B[one]
+    else:
+        h3 = h.reshape(h.shape[0], -1, h.shape[-1])  # [batch, tokens, in]
+        delta = torch.bmm(torch.bmm(h3, A[slots]), B[slots]).reshape(*h.shape[:-1], B.shape[-1])
+    return result + delta.to(result.dtype)
+
+
+def stacked_lora_batches(model, on: bool = True) -> int:
+    """Route the mixed-adapter batches (`adapter_names`) of every plain / bitsandbytes LoRA linear layer of `model`
+    through _stacked_mixed_batch_forward (on) or back to PEFT's own method (off); returns the layers switched.
+    Idempotent; call again after attaching an adapter (new LoRA layers: their stacks build on first use, and the
+    existing layers rebuild theirs since their adapters changed). Stands in for: PEFT has no batched multi-LoRA
+    kernel (punica / vLLM's BGMV); its _mixed_batch_forward is the per-layer method this replaces, per instance
+    (an instance attribute, so other models in the process keep PEFT's)."""
+    import types
+    n = 0
+    for m in model.modules():
+        if isinstance(m, _lora_linear_classes()):
+            if on:
+                m._mixed_batch_forward = types.MethodType(_stacked_mixed_batch_forward, m)
+            else:
+                m.__dict__.pop("_mixed_batch_forward", None)
+                m.__dict__.pop("_lora_stacks_cache", None)
+            n += 1
+    return n

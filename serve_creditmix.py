@@ -12,6 +12,8 @@ an endpoint name); GET /health, /models, /metrics (Prometheus). docs/serving.md 
 environment variables only (read once when the app is created; see ServeConfig.from_env): MODEL_BASE / MODEL_SFT /
 MODEL_KD / MODEL_DPO / MODEL_CODEGEN / MODEL_IDP pick the model behind each endpoint (any spec models.resolve_model
 takes: hub id, folder, run dir, .gguf, smollm2-135m); MICRO_BATCHING, BATCH_WAIT_MS, MAX_BATCH tune batching;
+MIXED_ADAPTERS=0 runs one forward pass per adapter; STACKED_LORA=0 computes a mixed-adapter batch with PEFT's
+own loop over the adapters instead of the stacked LoRA forward (compat.stacked_lora_batches);
 API_KEY turns on bearer-token auth for everything but /health; the MAX_* variables are the limits.
 
 How a request flows: validate (one clear 4xx message) -> the endpoint's model is loaded once (serving.ModelSlots:
@@ -92,6 +94,8 @@ class ServeConfig:
     max_request_tokens: int = 32768    # MAX_REQUEST_TOKENS: cap on the prompt tokens of one request (all its items)
     max_batch_tokens: int = 16384      # MAX_BATCH_TOKENS: a gathered batch stops growing at this many prompt tokens
     mixed_adapters: bool = True        # MIXED_ADAPTERS=0: one forward pass per adapter (the load test's baseline)
+    stacked_lora: bool = True          # STACKED_LORA=0: PEFT's own mixed-adapter LoRA (a loop over the adapters per
+    #                                    layer) instead of one batched product over the stacked adapters
     max_items: int = 64                # MAX_ITEMS: cap on the strings in one request's list
     max_body_bytes: int = 1 << 20      # MAX_BODY_BYTES: request bodies above this get a 413
     max_new_tokens_cap: int = 512      # MAX_NEW_TOKENS: upper bound of a generation request's max_new_tokens
@@ -148,6 +152,7 @@ class ServeConfig:
             max_request_tokens=num("MAX_REQUEST_TOKENS", d.max_request_tokens, int, 1),
             max_batch_tokens=num("MAX_BATCH_TOKENS", d.max_batch_tokens, int, 1),
             mixed_adapters=flag("MIXED_ADAPTERS", d.mixed_adapters),
+            stacked_lora=flag("STACKED_LORA", d.stacked_lora),
             max_items=num("MAX_ITEMS", d.max_items, int, 1),
             max_body_bytes=num("MAX_BODY_BYTES", d.max_body_bytes, int, 1024),
             max_new_tokens_cap=num("MAX_NEW_TOKENS", d.max_new_tokens_cap, int, 1),
@@ -577,7 +582,8 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     # ------------------------------------------------------------------ lifespan: slots, lanes, signals
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        slots = ModelSlots(cfg.quantize, cfg.trust_remote_code, cfg.load_retry_s, metrics, cfg.max_memory_gb)
+        slots = ModelSlots(cfg.quantize, cfg.trust_remote_code, cfg.load_retry_s, metrics, cfg.max_memory_gb,
+                           cfg.stacked_lora)
         state["models"] = slots
         state["slots"] = {name: slots.slot(spec) for name, spec in cfg.models.items()}
         state["lanes"] = {}

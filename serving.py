@@ -9,7 +9,8 @@ Threads and what they share:
   side by side, so a long generation does not hold up label scoring; the items of one lane are micro-batched;
 - the base model is shared by its lanes. Each forward pass picks its adapter per row from a thread-local list
   (PEFT's mixed-adapter batches, `adapter_names`; "__base__" = adapters disabled), never from the model's "active
-  adapter", so concurrent lanes cannot switch each other's adapters. Attaching an adapter takes the base's write
+  adapter", so concurrent lanes cannot switch each other's adapters. Each LoRA layer computes such a batch from its
+  adapters stacked into one tensor (compat.stacked_lora_batches; STACKED_LORA=0: PEFT's loop over the adapters). Attaching an adapter takes the base's write
   lock (no batch runs meanwhile).
 - every forward pass first checks its batch's cancel flag (all of its clients left, or the server is stopping) and
   raises Cancelled: a generation stops within one decoding step.
@@ -118,10 +119,11 @@ def _names_to_thread(*args, **kwargs):
         yield
 
 
-def install_hooks(model) -> None:
+def install_hooks(model, stacked_lora: bool = True) -> None:
     """Once per model and again after each adapter attach (new LoRA layers): the cancel check on the input
-    embeddings (called once per forward pass) and the per-thread adapter choice on every LoRA layer (through
-    compat.py: it replaces a private PEFT method)."""
+    embeddings (called once per forward pass), the per-thread adapter choice on every LoRA layer, and (stacked_lora)
+    the stacked mixed-adapter LoRA forward, one batched product over all adapters per layer instead of PEFT's loop
+    over the batch's adapters (both through compat.py: they replace private PEFT methods)."""
     emb = model.get_input_embeddings()
     if not getattr(emb, "_serve_cancel_hook", False):
         emb.register_forward_pre_hook(_check_cancel)
@@ -130,6 +132,7 @@ def install_hooks(model) -> None:
     if isinstance(model, PeftModel):
         import compat
         compat.adapter_names_per_thread(model, _names_to_thread, _lora_rows_hook)
+        compat.stacked_lora_batches(model, on=stacked_lora)
 
 
 class RWLock:
@@ -292,9 +295,9 @@ class ModelSlots:
     """Every endpoint's Slot (endpoints naming the same spec share one) and the bases they load onto."""
 
     def __init__(self, quantize: str, trust_remote_code: bool, load_retry_s: float, metrics: "Metrics",
-                 max_memory_gb: float = 8.0):
+                 max_memory_gb: float = 8.0, stacked_lora: bool = True):
         self.quantize, self.trust_remote_code, self.load_retry_s = quantize, trust_remote_code, load_retry_s
-        self.max_memory_gb = max_memory_gb
+        self.max_memory_gb, self.stacked_lora = max_memory_gb, stacked_lora
         self.metrics = metrics
         self.slots: dict[str, Slot] = {}
         self.bases: dict[str, Base] = {}
@@ -326,7 +329,7 @@ class ModelSlots:
             model, tok, _ = load_model(ms.base, trust_remote_code=self.trust_remote_code, precision=precision)
             base = Base(key, model, tok, precision=precision)
             base.tokenizers[tokenizer_fingerprint(tok)] = tok
-            install_hooks(model)
+            install_hooks(model, self.stacked_lora)
             self.bases[key] = base
         tok = base.tok
         if ms.adapter:
@@ -374,7 +377,7 @@ class ModelSlots:
             except (OSError, ValueError, RuntimeError, KeyError) as e:
                 raise UserError(f"cannot load the adapter in {adapter_dir}: {str(e).splitlines()[0][:200]}") from None
             base.model.eval()
-            install_hooks(base.model)
+            install_hooks(base.model, self.stacked_lora)
             base.adapters[str(Path(adapter_dir).resolve())] = name
         log.info("attached %s to %s as %s", adapter_dir, base.key.split("|")[0], name)
         return name

@@ -1,7 +1,10 @@
 """The server's four CreditMix endpoints of one base (base, sft, kd, dpo) loaded at once the way serve_creditmix.py
 loads them (serving.ModelSlots: one 4-bit base, three LoRA adapters attached by name), under a GPU memory cap:
 peak memory after the loads and while scoring mixed-adapter batches, and label-scoring throughput of one mixed batch
-against one batch per adapter. Random weights (speed and memory do not depend on their values).
+against one batch per adapter, each with the server's stacked LoRA forward (compat.stacked_lora_batches, the
+default) and with PEFT's own loop over the adapters (STACKED_LORA=0), with the torch ops one forward pass over the
+batch dispatches (views left out: a proxy for the GPU kernels launched, countable on a CPU). Random weights (speed
+and memory do not depend on their values).
 
     python gpu/serve_memory.py --shape qwen2.5-3b --cap_gb 8        # a CUDA machine (bash gpu/serve_bench.sh)
     python gpu/serve_memory.py --shape tiny --batch 8 --repeats 1        # CPU smoke run
@@ -30,7 +33,7 @@ def parse_args(argv=None):
     # run
     p.add_argument("--cap_gb", type=float, default=8, help="GPU memory cap of this process, GiB (0 = none)")
     p.add_argument("--batch", type=int, default=32, help="prompts per scored batch (spread over the 4 endpoints)")
-    p.add_argument("--repeats", type=int, default=5, help="timed batches per mode")
+    p.add_argument("--repeats", type=int, default=5, help="timed batches per mode (after one untimed)")
     # output
     p.add_argument("--out", default=None, help="also write the results as JSON here")
     return p.parse_args(argv)
@@ -63,9 +66,39 @@ def gib(x: int) -> float:
     return round(x / 2**30, 3)
 
 
+def count_ops(fn) -> int:
+    """The torch operators fn() dispatches, views (which launch no kernel) left out: on a GPU at small batches each
+    is about one kernel launch, which is what bounds a forward pass there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def forward_once(model, tok, prompts: list[str], adapter_names: list[str]) -> None:
+    """One forward pass over the prompts (left-padded, each row with its adapter), as label scoring's first pass."""
+    import torch
+    from common import chat_prompt
+    device = next(model.parameters()).device
+    enc = tok([chat_prompt(tok, p) for p in prompts], return_tensors="pt", padding=True, padding_side="left")
+    with torch.inference_mode():
+        model(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device), logits_to_keep=1,
+              adapter_names=adapter_names)
+
+
 def main(args):
     import torch
 
+    import compat
     import creditmix as cm
     import serving
     # load
@@ -91,18 +124,28 @@ def main(args):
     rows_adapter = [endpoints[names[i % 4]].row_name for i in range(args.batch)]
 
     # run
+    model = endpoints["base"].model
+    parts = [[i for i in range(args.batch) if i % 4 == k] for k in range(4)]
+
     def mixed():
-        cm.label_scores(endpoints["base"].model, tok, prompts, batch_size=args.batch, adapter_names=rows_adapter)
+        cm.label_scores(model, tok, prompts, batch_size=args.batch, adapter_names=rows_adapter)
 
     def per_adapter():
-        for k in range(4):
-            idx = [i for i in range(args.batch) if i % 4 == k]
-            cm.label_scores(endpoints["base"].model, tok, [prompts[i] for i in idx], batch_size=args.batch,
+        for idx in parts:
+            cm.label_scores(model, tok, [prompts[i] for i in idx], batch_size=args.batch,
                             adapter_names=[rows_adapter[i] for i in idx])
 
+    def ops(label):
+        groups = [list(range(args.batch))] if label.startswith("mixed") else parts
+        return count_ops(lambda: [forward_once(model, tok, [prompts[i] for i in idx], [rows_adapter[i] for i in idx])
+                                  for idx in groups])
+
     results = {}
-    for label, fn in (("mixed", mixed), ("per_adapter", per_adapter)):
-        fn()  # warm-up
+    for label, fn, stacked in (("mixed", mixed, True), ("per_adapter", per_adapter, True),
+                               ("mixed_peft", mixed, False), ("per_adapter_peft", per_adapter, False)):
+        compat.stacked_lora_batches(model, on=stacked)
+        fn()  # warm-up (and the stacks built)
+        n_ops = ops(label)
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -110,17 +153,25 @@ def main(args):
             fn()
         if cuda:
             torch.cuda.synchronize()
-        dt = (time.perf_counter() - t0) / args.repeats
+        dt = (time.perf_counter() - t0) / max(1, args.repeats)
         results[label] = dt
         mem = gib(torch.cuda.max_memory_allocated()) if cuda else None
-        rows.append({"stage": f"scoring {label} x{args.batch}", "peak_gib": mem, "seconds_per_batch": round(dt, 4),
-                     "prompts_per_s": round(args.batch / dt, 1)})
+        how = "stacked LoRA" if stacked else "PEFT's loop"
+        what = "one mixed batch" if label.startswith("mixed") else "one batch per adapter"
+        rows.append({"stage": f"scoring {what} x{args.batch}, {how}", "mode": label, "peak_gib": mem,
+                     "seconds_per_batch": round(dt, 4), "prompts_per_s": round(args.batch / dt, 1),
+                     "ops_per_forward": n_ops})
+        print(f"{label}: {dt:.4f} s per batch, {n_ops} ops per forward", flush=True)
+    compat.stacked_lora_batches(model, on=True)
     # save
     print(f"\n{args.shape}, {'4-bit on ' + torch.cuda.get_device_name() if cuda else 'CPU'}, cap {args.cap_gb} GiB")
-    print("| stage | peak GPU GiB | s per batch | prompts/s |\n|---|---|---|---|")
+    print("| stage | peak GPU GiB | s per batch | prompts/s | ops per forward |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['stage']} | {r['peak_gib']} | {r.get('seconds_per_batch', '')} | {r.get('prompts_per_s', '')} |")
-    print(f"mixed-adapter batch vs one batch per adapter: {results['per_adapter'] / results['mixed']:.2f}x")
+        print(f"| {r['stage']} | {r['peak_gib']} | {r.get('seconds_per_batch', '')} | {r.get('prompts_per_s', '')} "
+              f"| {r.get('ops_per_forward', '')} |")
+    print(f"mixed-adapter batch vs one batch per adapter: {results['per_adapter'] / results['mixed']:.2f}x "
+          f"(stacked LoRA), {results['per_adapter_peft'] / results['mixed_peft']:.2f}x (PEFT's loop); "
+          f"stacked vs PEFT's loop on the mixed batch: {results['mixed_peft'] / results['mixed']:.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return rows
