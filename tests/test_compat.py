@@ -2,6 +2,7 @@
 names the library and its version: that is where an upgrade has to start."""
 import importlib
 import inspect
+import re
 from importlib.metadata import version
 
 import pytest
@@ -23,7 +24,8 @@ def _present(dotted: str) -> bool:
         if hasattr(obj, last):
             return True
         if inspect.isclass(obj):  # set in __init__ or the training loop, not on the class
-            return any(f"self.{last} =" in inspect.getsource(c) for c in obj.__mro__ if c.__module__ != "builtins")
+            assigned = re.compile(rf"self\.{last}\s*(:[^=\n]*)?=")  # also an annotated assignment
+            return any(assigned.search(inspect.getsource(c)) for c in obj.__mro__ if c.__module__ != "builtins")
         return False
     return False
 
