@@ -9,8 +9,9 @@ only.
     python loadtest.py --url http://127.0.0.1:8000 --endpoint sft --server_pid 12345   # a server you started yourself
 
 Without --url it starts `python -m uvicorn serve_creditmix:app --host 127.0.0.1` once per mode (on: micro-batching
-with mixed-adapter batches; per_adapter: micro-batching, one forward pass per adapter, MIXED_ADAPTERS=0; off: one
-forward pass per request) with MODEL_<ENDPOINT>=--model (and --adapters / --make_adapters for sft, kd, dpo), waits for
+with mixed-adapter batches over the stacked LoRA forward; per_adapter: micro-batching, one forward pass per adapter,
+MIXED_ADAPTERS=0; peft_mixed: mixed-adapter batches through PEFT's own loop over the adapters, STACKED_LORA=0; off:
+one forward pass per request) with MODEL_<ENDPOINT>=--model (and --adapters / --make_adapters for sft, kd, dpo), waits for
 /health, loads the first endpoint with a warm-up request, reads the RSS, warms the other endpoints, then runs each
 concurrency level: --requests requests per level (or fewer if --max_seconds runs out first), spread round-robin over
 --endpoints, each client sending its next request as soon as the last one is answered. Features cycle through --data.
@@ -38,7 +39,7 @@ from fileio import UserError, read_records, user_errors, write_json
 ROOT = Path(__file__).resolve().parent
 ENDPOINTS = ["base", "sft", "kd", "dpo"]
 MODES = {"on": {"MICRO_BATCHING": "1"}, "per_adapter": {"MICRO_BATCHING": "1", "MIXED_ADAPTERS": "0"},
-         "off": {"MICRO_BATCHING": "0"}}
+         "peft_mixed": {"MICRO_BATCHING": "1", "STACKED_LORA": "0"}, "off": {"MICRO_BATCHING": "0"}}
 FALLBACK_FEATURES = [
     "Age: 23.0, Occupation: Scientist, Annual Income: 19114.12, Outstanding Debt: 809.98, "
     "Credit Utilization Ratio: 35.03, Payment Behaviour: Low_spent_Small_value_payments",
@@ -70,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--api_key", default=None, help="bearer key if the server needs one (None: $API_KEY)")
     p.add_argument("--modes", default="on,off",
                    help="without --url: server modes, in order: on (micro-batching, mixed-adapter batches), "
-                        "per_adapter (micro-batching, one forward pass per adapter), off (no micro-batching)")
+                        "per_adapter (micro-batching, one forward pass per adapter), peft_mixed (mixed-adapter "
+                        "batches through PEFT's loop, STACKED_LORA=0), off (no micro-batching)")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated numbers of concurrent clients")
     p.add_argument("--requests", type=int, default=200, help="requests per concurrency level (upper bound)")
     p.add_argument("--max_seconds", type=float, default=60, help="time limit per level, seconds")
