@@ -215,3 +215,19 @@ def test_server_slots_stack_adapters_attached_one_after_another(tiny_model_dir, 
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     assert not np.allclose(got[2][3], got[1][3])  # row 3 switched from base to the third adapter
+
+
+def test_stacked_lora_is_on_unless_the_environment_says_0():
+    from serve_creditmix import ServeConfig
+    assert ServeConfig.from_env({}).stacked_lora
+    assert not ServeConfig.from_env({"STACKED_LORA": "0"}).stacked_lora
+
+
+def test_serve_memory_reports_ops_per_forward_of_both_paths(tmp_path, capsys):
+    sm = _serve_memory()
+    rows = sm.main(sm.parse_args(["--shape", "tiny", "--batch", "8", "--repeats", "1", "--work", str(tmp_path)]))
+    ops = {r["mode"]: r["ops_per_forward"] for r in rows if "mode" in r}
+    assert set(ops) == {"mixed", "per_adapter", "mixed_peft", "per_adapter_peft"}
+    assert ops["mixed"] < ops["mixed_peft"] and ops["per_adapter"] < ops["per_adapter_peft"]
+    out = capsys.readouterr().out
+    assert "| ops per forward |" in out and "stacked vs PEFT's loop on the mixed batch" in out
