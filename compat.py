@@ -146,6 +146,12 @@ def _stackable(layer, name: str) -> bool:
             and a.bias is None and b.bias is None)
 
 
+def _written(t) -> tuple:
+    """Where a tensor's data is and how often it was written in place (torch's version counter, which every
+    in-place op bumps; weights made under inference_mode have none, and cannot be written outside it)."""
+    return t.data_ptr(), -1 if t.is_inference() else t._version
+
+
 def _lora_stacks(layer):
     """(order, A [n+1, in, r], B [n+1, r, out], names not stacked) of a LoRA layer: the stackable adapters' A and B
     (B times the adapter's scaling), ranks padded with zeros, slot 0 all zeros (rows of the base or of an adapter
@@ -153,8 +159,7 @@ def _lora_stacks(layer):
     their weights moved or written, their scaling set)."""
     import torch
     names = list(layer.lora_A.keys())
-    key = tuple((n, layer.lora_A[n].weight.data_ptr(), layer.lora_A[n].weight._version,
-                 layer.lora_B[n].weight.data_ptr(), layer.lora_B[n].weight._version, layer.scaling[n])
+    key = tuple((n, *_written(layer.lora_A[n].weight), *_written(layer.lora_B[n].weight), layer.scaling[n])
                 for n in names)
     cached = getattr(layer, "_lora_stacks_cache", None)  # one attribute: readers in other threads see old or new
     if cached is not None and cached[0] == key:
@@ -240,9 +245,9 @@ def stacked_lora_batches(model, on: bool = True) -> int:
     kernel (punica / vLLM's BGMV); its _mixed_batch_forward is the per-layer method this replaces, per instance
     (an instance attribute, so other models in the process keep PEFT's)."""
     import types
-    n = 0
+    n, classes = 0, _lora_linear_classes()
     for m in model.modules():
-        if isinstance(m, _lora_linear_classes()):
+        if isinstance(m, classes):
             if on:
                 m._mixed_batch_forward = types.MethodType(_stacked_mixed_batch_forward, m)
             else:
