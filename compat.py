@@ -7,6 +7,10 @@ Import this module inside functions (it imports TRL and transformers, which take
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import torch
 import trl.trainer.utils as _trl_utils
 from trl import DPOTrainer
 from trl.kernels.chunked_logprob import _use_triton
@@ -120,7 +124,7 @@ def adapter_names_per_thread(model, on_call, row_hook) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # stacked mixed-adapter LoRA (the server's mixed-adapter batches)
 
-_ROW_SLOTS: dict = {}  # (stack order, adapter name per row, device) -> (slot per row as a tensor, the one slot or None)
+_ROW_SLOTS: dict = {}  # (stack order, adapter name per row, device) -> _Rows
 _ROW_SLOTS_KEPT = 1024  # distinct batches remembered before the cache is emptied (a server sees endless mixes)
 
 
@@ -152,23 +156,38 @@ def _written(t) -> tuple:
     return t.data_ptr(), -1 if t.is_inference() else t._version
 
 
-def _lora_stacks(layer):
-    """(order, A [n+1, in, r], B [n+1, r, out], names not stacked) of a LoRA layer: the stackable adapters' A and B
-    (B times the adapter's scaling), ranks padded with zeros, slot 0 all zeros (rows of the base or of an adapter
-    this layer does not have). Built on first use and rebuilt when the layer's adapters change (added, removed,
-    their weights moved or written, their scaling set)."""
-    import torch
+@dataclass(frozen=True)
+class _Stacks:
+    order: tuple            # the stacked adapters; slot k + 1 is order[k]
+    A: Any                  # [n + 1, in, r] or None (no stackable adapter)
+    B: Any                  # [n + 1, r, out], each adapter's scaling folded in
+    skip: frozenset         # adapters of the layer that cannot be stacked (batches using them go to PEFT)
+    dropout: frozenset      # adapters with a dropout module of p > 0 (a batch using one in training mode: PEFT)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    slots: Any              # slot per row, a tensor on the stacks' device
+    one: int | None         # the slot of every row when they share one, else None
+    used: frozenset         # the adapter names in the batch
+
+
+def _lora_stacks(layer) -> _Stacks:
+    """The layer's stackable adapters' A and B stacked, ranks padded with zeros, slot 0 all zeros (rows of the base
+    or of an adapter this layer does not have). Built on first use; rebuilt when the layer's adapters change
+    (added, removed, their scaling set: the keys and values of layer.scaling) or their weights are written in
+    place or moved (each weight's data pointer and version counter). Cheap to check: it runs in every layer of
+    every forward pass."""
+    cached = layer.__dict__.get("_lora_stacks_cache")  # one attribute: readers in other threads see old or new
+    sig = tuple(layer.scaling.items())
+    if cached is not None and cached[0] == sig and all(_written(p) == w for p, w in cached[1]):
+        return cached[2]
     names = list(layer.lora_A.keys())
-    key = tuple((n, *_written(layer.lora_A[n].weight), *_written(layer.lora_B[n].weight), layer.scaling[n])
-                for n in names)
-    cached = getattr(layer, "_lora_stacks_cache", None)  # one attribute: readers in other threads see old or new
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    params = [m.weight for n in names for m in (layer.lora_A[n], layer.lora_B[n])]
     order = tuple(n for n in names if _stackable(layer, n))
-    skip = frozenset(names) - frozenset(order)
-    if not order:
-        stacks = (order, None, None, skip)
-    else:
+    dropout = frozenset(n for n in names if getattr(layer.lora_dropout[n], "p", 0) > 0)
+    A = B = None
+    if order:
         w = layer.lora_A[order[0]].weight
         r = max(layer.lora_A[n].weight.shape[0] for n in order)
         n_in, n_out = w.shape[1], layer.lora_B[order[0]].weight.shape[0]
@@ -179,19 +198,19 @@ def _lora_stacks(layer):
                 a, b = layer.lora_A[n].weight, layer.lora_B[n].weight  # [r_n, in], [out, r_n]
                 A[k, :, :a.shape[0]] = a.T
                 B[k, :b.shape[1], :] = (b.float() * layer.scaling[n]).T.to(w.dtype)
-        stacks = (order, A, B, skip)
-    layer._lora_stacks_cache = (key, stacks)
+    stacks = _Stacks(order, A, B, frozenset(names) - frozenset(order), dropout)
+    layer._lora_stacks_cache = (sig, tuple((p, _written(p)) for p in params), stacks)
     return stacks
 
 
-def _row_slots(order: tuple, adapter_names, device):
+def _row_slots(order: tuple, adapter_names, device) -> _Rows:
     key = (order, tuple(adapter_names), device)
     got = _ROW_SLOTS.get(key)
     if got is None:
-        import torch
         slot = {n: k for k, n in enumerate(order, 1)}
         rows = [slot.get(n, 0) for n in adapter_names]
-        got = (torch.tensor(rows, device=device), rows[0] if len(set(rows)) == 1 else None)
+        got = _Rows(torch.tensor(rows, device=device), rows[0] if len(set(rows)) == 1 else None,
+                    frozenset(adapter_names))
         if len(_ROW_SLOTS) >= _ROW_SLOTS_KEPT:
             _ROW_SLOTS.clear()
         _ROW_SLOTS[key] = got
@@ -207,7 +226,6 @@ def _stacked_mixed_batch_forward(self, x, *args, adapter_names, **kwargs):
     grad), the batch's adapters plain LoRA (no DoRA or other variant, no LoRA bias) with their dropout inactive, no
     variant arguments; otherwise PEFT's own method runs. The same function serves the bitsandbytes layers (not
     tested on CPU, where bitsandbytes 4-bit does not run)."""
-    import torch
     from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 
     def peft_forward():
@@ -215,25 +233,21 @@ def _stacked_mixed_batch_forward(self, x, *args, adapter_names, **kwargs):
 
     if torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in VARIANT_KWARG_KEYS):
         return peft_forward()
-    order, A, B, skip = _lora_stacks(self)
-    used = set(adapter_names)
-    if used & skip or any(self.lora_dropout[n].training and getattr(self.lora_dropout[n], "p", 0) > 0
-                          for n in used if n in self.lora_dropout):
+    st = _lora_stacks(self)
+    rows = _row_slots(st.order, adapter_names, st.A.device if st.A is not None else None)
+    if rows.used & st.skip or any(self.lora_dropout[n].training for n in rows.used & st.dropout):
         return peft_forward()
     for k in VARIANT_KWARG_KEYS:
         kwargs.pop(k, None)
     result = self.base_layer(x, *args, **kwargs)
-    if A is None:
+    if rows.one == 0:  # every row on the base (or on adapters this layer does not have, or none stacked)
         return result
-    slots, one = _row_slots(order, adapter_names, A.device)
-    if one == 0:  # every row on the base (or on adapters this layer does not have)
-        return result
-    h = x.to(A.dtype)
-    if one is not None:  # a batch of one adapter: no gather
-        delta = (h @ A[one]) @ B[one]
+    h = x.to(st.A.dtype)
+    if rows.one is not None:  # a batch of one adapter: no gather
+        delta = (h @ st.A[rows.one]) @ st.B[rows.one]
     else:
         h3 = h.reshape(h.shape[0], -1, h.shape[-1])  # [batch, tokens, in]
-        delta = torch.bmm(torch.bmm(h3, A[slots]), B[slots]).reshape(*h.shape[:-1], B.shape[-1])
+        delta = torch.bmm(torch.bmm(h3, st.A[rows.slots]), st.B[rows.slots]).reshape(*h.shape[:-1], -1)
     return result + delta.to(result.dtype)
 
 

@@ -2,7 +2,7 @@
 with LoRA on every projection: its logits equal PEFT's own mixed-adapter forward and, row by row, each adapter alone
 (the base rows: adapters disabled); unequal ranks are padded; it steps aside (PEFT's method runs) with gradients on,
 active dropout or a LoRA variant it cannot stack; its stacks follow adapters attached later and weights written in
-place; its op count stays flat in the number of adapters in a batch. The bitsandbytes layers use the same function
+place and scales set; its op count stays flat in the number of adapters in a batch. The bitsandbytes layers use the same function
 but are not tested here (bitsandbytes 4-bit does not run on a CPU)."""
 import importlib.util
 import json
@@ -139,7 +139,7 @@ def test_peft_runs_where_stacking_would_not_be_exact(peft_calls):
     assert peft_calls[0] == 2 * N_LORA_LAYERS
 
 
-def test_stacks_follow_adapters_attached_later_and_weights_written_in_place(peft_calls):
+def test_stacks_follow_adapters_attached_later_weights_written_and_scales_set(peft_calls):
     from peft.tuners.lora import LoraLayer
     pm = tiny_peft(ranks=(4, 4))
     ids, mask = batch(4)
@@ -154,6 +154,10 @@ def test_stacks_follow_adapters_attached_later_and_weights_written_in_place(peft
         for m in pm.modules():
             if isinstance(m, LoraLayer):
                 m.lora_B["a1"].weight.mul_(3)
+    close(mixed_logits(pm, ids, mask, rows, stacked=True), alone(pm, ids, mask, rows))
+    for m in pm.modules():
+        if isinstance(m, LoraLayer):
+            m.set_scale("a2", 0.5)  # scaling = 0.5 * alpha / r
     close(mixed_logits(pm, ids, mask, rows, stacked=True), alone(pm, ids, mask, rows))
     pm.delete_adapter("a0")
     rows = ["a2", "a1", "__base__", "a1"]
