@@ -1,9 +1,9 @@
 """compat.stacked_lora_batches: the server's mixed-adapter LoRA forward over stacked adapters. On a tiny random Llama
 with LoRA on every projection: its logits equal PEFT's own mixed-adapter forward and, row by row, each adapter alone
 (the base rows: adapters disabled); unequal ranks are padded; it steps aside (PEFT's method runs) with gradients on,
-active dropout or a LoRA variant it cannot stack; its stacks follow adapters attached later and weights written in
-place and scales set; its op count stays flat in the number of adapters in a batch. The bitsandbytes layers use the same function
-but are not tested here (bitsandbytes 4-bit does not run on a CPU)."""
+active dropout or a LoRA variant it cannot stack; its stacks follow adapters attached later, weights written in
+place and scales set; its op count stays flat in the number of adapters in a batch. The bitsandbytes layers use
+the same function but are not tested here (bitsandbytes 4-bit does not run on a CPU)."""
 import importlib.util
 import json
 import sys
