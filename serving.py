@@ -10,8 +10,8 @@ Threads and what they share:
 - the base model is shared by its lanes. Each forward pass picks its adapter per row from a thread-local list
   (PEFT's mixed-adapter batches, `adapter_names`; "__base__" = adapters disabled), never from the model's "active
   adapter", so concurrent lanes cannot switch each other's adapters. Each LoRA layer computes such a batch from its
-  adapters stacked into one tensor (compat.stacked_lora_batches; STACKED_LORA=0: PEFT's loop over the adapters). Attaching an adapter takes the base's write
-  lock (no batch runs meanwhile).
+  adapters stacked into one tensor (compat.stacked_lora_batches; STACKED_LORA=0: PEFT's loop over the adapters).
+  Attaching an adapter takes the base's write lock (no batch runs meanwhile).
 - every forward pass first checks its batch's cancel flag (all of its clients left, or the server is stopping) and
   raises Cancelled: a generation stops within one decoding step.
 """
