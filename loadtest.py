@@ -8,11 +8,11 @@ only.
         --concurrency 32 --server_threads 2               # four endpoints of one base: mixed batches vs per adapter
     python loadtest.py --url http://127.0.0.1:8000 --endpoint sft --server_pid 12345   # a server you started yourself
 
-Without --url it starts `python -m uvicorn serve_creditmix:app --host 127.0.0.1` once per mode (on: micro-batching
-with mixed-adapter batches over the stacked LoRA forward; per_adapter: micro-batching, one forward pass per adapter,
-MIXED_ADAPTERS=0; peft_mixed: mixed-adapter batches through PEFT's own loop over the adapters, STACKED_LORA=0; off:
-one forward pass per request) with MODEL_<ENDPOINT>=--model (and --adapters / --make_adapters for sft, kd, dpo),
-waits for /health, loads the first endpoint with a warm-up request, reads the RSS, warms the other endpoints, then runs each
+Without --url it starts `python -m uvicorn serve_creditmix:app --host 127.0.0.1` once per mode (on: micro-batching with
+mixed-adapter batches over the stacked LoRA forward; per_adapter: micro-batching, one forward pass per adapter,
+MIXED_ADAPTERS=0; peft_mixed: mixed-adapter batches through PEFT's own loop over the adapters, STACKED_LORA=0; off: one
+forward pass per request) with MODEL_<ENDPOINT>=--model (and --adapters / --make_adapters for sft, kd, dpo), waits for
+/health, loads the first endpoint with a warm-up request, reads the RSS, warms the other endpoints, then runs each
 concurrency level: --requests requests per level (or fewer if --max_seconds runs out first), spread round-robin over
 --endpoints, each client sending its next request as soon as the last one is answered. Features cycle through --data.
 The mean gathered batch per level comes from the server's /metrics. RSS is read from /proc/<pid>/status: after the
