@@ -159,13 +159,17 @@ def save_profile(args, prof, wall: float) -> dict:
     return fields
 
 
-def trainer_args(args, save_dir, batch, accum):
+def trainer_args(args, save_dir, batch, accum, untimed: int = 1, cuda_graphs: bool = False):
+    """The trainers' TrainingArguments for a case: `untimed` warm-up steps, then --steps timed ones (and the profiled
+    one). cuda_graphs: as --cuda_graphs sets them (rows padded to --graph_bucket, no RNG state saved by gradient
+    checkpointing), the step itself installed by _train_timed."""
     from training import trl_kwargs
-    ns = argparse.Namespace(epochs=1, max_steps=args.steps + 1 + bool(args.profile), per_device_train_batch_size=batch,
+    ns = argparse.Namespace(epochs=1, max_steps=args.steps + untimed + bool(args.profile),
+                            per_device_train_batch_size=batch,
                             gradient_accumulation_steps=accum, lr=1e-4, seed=0, gradient_checkpointing="auto",
                             activation_offloading=args.activation_offloading,
                             logging_steps=1000, save_steps=10**6, max_memory_gb=None, resume=False)
-    kw = trl_kwargs(ns, save_dir)
+    kw = trl_kwargs(argparse.Namespace(**vars(ns), cuda_graphs=cuda_graphs), save_dir)
     kw.update(save_strategy="no", report_to="none", disable_tqdm=True)
     return ns, kw
 
@@ -318,114 +322,68 @@ def _unsloth_version() -> dict:
     return {"unsloth": version("unsloth")}
 
 
-def _our_sft(args, batch, accum, auto):
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
-    import common
-    from training import trl_config
-    path = model_dir(args)
-    model, tok, _ = common.load_student(str(path), lora_dropout=args.lora_dropout)
-    params = n_params(model)
-    ns, kw = trainer_args(args, tempfile.mkdtemp(), batch, accum)
-    batch, accum = kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]  # per process
-    ds = Dataset.from_list(synthetic_rows(args.seq, batch * accum * common.world_size() * (args.steps + 1),
-                                          model.config.vocab_size))
-    trainer = SFTTrainer(model=model, args=trl_config(SFTConfig, kw), train_dataset=ds, processing_class=tok)
-    if auto:
-        ns.max_memory_gb = args.max_memory_gb
-    s, kernels, prof = _train_timed(trainer, ns, args)
-    batch, accum = trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps
-    world = common.world_size()  # under accelerate launch: tokens of every process per optimizer step
-    return {"tokens_per_s": round(args.seq * batch * accum * world / s, 1), "params": params, "batch": batch,
-            "accum": accum, "gpus": world, "kernels": list(kernels), "lora_dropout": args.lora_dropout, **mem(),
-            **prof}
-
-
-def case_sft_graph(args):
-    """Our SFT (the model and loss `sft` trains: TRL's fused LM head, fp32 LoRA, the speed-ups, gradient
-    checkpointing) in a plain loop whose micro-steps are CUDA graphs (speedups.GraphedStep). BENCH_GRAPH=0 runs the
-    same loop eagerly, to separate the graphs' gain from the loop's. Also compares one micro-step's loss and LoRA
-    gradients, graph against eager."""
-    import torch
+def _our_sft(args, batch, accum, auto, graphs: bool | None = None):
+    """Our SFT through sft_train.py's trainer (SFTTrainer, prepare_trainer's speed-ups). graphs: its micro-steps as
+    --cuda_graphs runs them, captured (True) or the same step eagerly (False); None: the trainer's own step."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     import common
     import speedups
-    from training import prepare_trainer, trl_config
-    model, tok, _ = common.load_student(str(model_dir(args)), lora_dropout=args.lora_dropout)
+    from training import trl_config
+    path = model_dir(args)
+    model, tok, _ = common.load_student(str(path), lora_dropout=args.lora_dropout)
     params = n_params(model)
-    ns, kw = trainer_args(args, tempfile.mkdtemp(), args.batch, args.accum)
-    rows = synthetic_rows(args.seq, args.batch * args.accum, model.config.vocab_size)
-    trainer = SFTTrainer(model=model, args=trl_config(SFTConfig, kw), train_dataset=Dataset.from_list(rows),
-                         processing_class=tok)
-    kernels = prepare_trainer(trainer, ns)
-    graphs = os.environ.get("BENCH_GRAPH", "1") == "1" and torch.cuda.is_available()
+    # with graphs, the steps whose micro-steps are the eager warm-ups and the capture stay untimed
+    untimed = -(-(speedups.GRAPH_WARMUP + 1) // accum) if graphs else 1
+    ns, kw = trainer_args(args, tempfile.mkdtemp(), batch, accum, untimed=untimed, cuda_graphs=graphs is not None)
+    batch, accum = kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]  # per process
+    ds = Dataset.from_list(synthetic_rows(args.seq, batch * accum * common.world_size() * (ns.max_steps + 1),
+                                          model.config.vocab_size))
+    trainer = SFTTrainer(model=model, args=trl_config(SFTConfig, kw), train_dataset=ds, processing_class=tok)
+    if auto:
+        ns.max_memory_gb = args.max_memory_gb
+    s, kernels, prof = _train_timed(trainer, ns, args, untimed=untimed, graphs=graphs)
+    batch, accum = trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps
+    world = common.world_size()  # under accelerate launch: tokens of every process per optimizer step
+    row = {"tokens_per_s": round(args.seq * batch * accum * world / s, 1), "params": params, "batch": batch,
+           "accum": accum, "gpus": world, "kernels": list(kernels), "lora_dropout": args.lora_dropout, **mem(),
+           **prof}
     if graphs:
-        from compat import score_every_position
-        score_every_position()  # no boolean indexing inside the captured step
-    model = trainer.model
-    model.train()
-    if kw.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-            "use_reentrant": False, "preserve_rng_state": args.lora_dropout > 0})
-    lora = [p for p in model.parameters() if p.requires_grad]
-    dev = next(model.parameters()).device
-    opt = torch.optim.AdamW(lora, lr=1e-4, fused=dev.type == "cuda")
-    ids = torch.tensor([r["input_ids"] for r in rows], device=dev)
-    labels = torch.tensor([r["labels"] for r in rows], device=dev)
-    denom = float((labels[:, 1:] != -100).sum())
-
-    # transformers builds the causal mask differently while a CUDA stream captures (its is_tracing() counts a capture
-    # as tracing, so the no-mask fast path is skipped and a packed-sequence mask is built): the compiled layers would
-    # then see a mask they were not compiled for and recompile inside the capture. A ready 4-D mask is used as given,
-    # the same way in the warm-up and in the capture.
-    causal = torch.ones(args.seq, args.seq, dtype=torch.bool, device=dev).tril()[None, None]
-    causal = causal.expand(args.batch, 1, -1, -1)
-
-    def micro(input_ids, labels):
-        # autocast's weight-cast cache must be off inside a CUDA graph capture (PyTorch's CUDA-graphs notes)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda", cache_enabled=False):
-            out = model(input_ids=input_ids, labels=labels, attention_mask=causal, use_cache=False,
-                        fused_lm_head=True)
-            loss = -out.log_probs.sum() / denom
-        loss.backward()
-        return loss.detach()
-
-    step = speedups.GraphedStep(micro) if graphs else micro
-    b = args.batch
-
-    def one_step():
-        for m in range(args.accum):
-            step(input_ids=ids[m * b:(m + 1) * b], labels=labels[m * b:(m + 1) * b])
-        torch.nn.utils.clip_grad_norm_(lora, 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        sync()
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    # untimed: one warm-up step, or as many as the graph's eager warm-up and its capture take
-    untimed = -(-(step.warmup + 1) // args.accum) if graphs else 1
-    times = []
-    for _ in range(untimed + args.steps):
-        one_step()
-        times.append(time.perf_counter())
-    s = (times[-1] - times[untimed - 1]) / args.steps
-    row = {"tokens_per_s": round(args.seq * b * args.accum / s, 1), "params": params, "batch": b,
-           "accum": args.accum, "kernels": list(kernels) + (["cuda_graph"] if graphs else ["own_loop"]),
-           "lora_dropout": args.lora_dropout, **mem()}
-    if graphs:  # the graph's loss and gradients against an eager micro-step on the same batch
-        x, y = ids[:b], labels[:b]
-        opt.zero_grad(set_to_none=False)
-        eager = micro(x, y)
-        g_eager = [p.grad.clone() for p in lora]
-        opt.zero_grad(set_to_none=False)
-        graphed = step(input_ids=x, labels=y)
-        dg = max(float((p.grad - g).abs().max() / g.abs().max().clamp(min=1e-12)) for p, g in zip(lora, g_eager))
-        row.update(loss_eager=float(eager), loss_graph=float(graphed), grad_max_rel_diff=round(dg, 6))
+        row.update(_graph_check(trainer, ds, batch))
     return row
+
+
+def _graph_check(trainer, ds, batch: int) -> dict:
+    """The captures' memory, and one micro-batch's loss and LoRA gradients replayed against the same micro-step run
+    eagerly (same batch, same divisor)."""
+    import torch
+
+    from compat import prepare_inputs
+    step = trainer.training_step  # speedups.GraphedTrainingStep
+    model = trainer.model.train()
+    lora = [p for p in model.parameters() if p.requires_grad]
+    inputs = prepare_inputs(trainer, trainer.data_collator([ds[i] for i in range(batch)]))
+    tensors = step.tensors(inputs, (inputs["labels"][:, 1:] != -100).sum())
+    model.zero_grad()  # keeps the tensors (speedups.keep_grads)
+    eager = step.micro(**tensors)
+    g_eager = [p.grad.clone() for p in lora]
+    model.zero_grad()
+    graphed = step.graphed(**tensors).clone()
+    dg = max(float((p.grad - g).abs().max() / g.abs().max().clamp(min=1e-12)) for p, g in zip(lora, g_eager))
+    model.zero_grad()
+    return {"loss_eager": float(eager), "loss_graph": float(graphed), "grad_max_rel_diff": round(dg, 6),
+            "graph_captured": bool(step.graphed.captures), "graph_captures": step.graphed.captures}
+
+
+def case_sft_graph(args):
+    """`sft` with --cuda_graphs: the trainer path whose micro-steps are CUDA graphs (speedups.use_cuda_graphs), with
+    one micro-batch's loss and LoRA gradients compared, graph against eager. BENCH_GRAPH=0 runs the same micro-step
+    eagerly (so the graphs' gain is told apart from the step's own changes: every position scored, a ready 4-D mask,
+    no TRL accuracy/entropy metrics); on a CPU it always runs eagerly."""
+    import torch
+    graphs = os.environ.get("BENCH_GRAPH", "1") == "1" and torch.cuda.is_available()
+    return _our_sft(args, args.batch, args.accum, auto=False, graphs=graphs)
 
 
 def case_sft(args):
@@ -436,11 +394,13 @@ def case_sft_auto(args):
     return _our_sft(args, args.batch, args.accum, auto=True)
 
 
-def _train_timed(trainer, ns, args) -> tuple[float, tuple, dict]:
-    """prepare_trainer (as the trainers run: speed-ups, fp32 LoRA), then seconds per optimizer step after a warm-up,
-    and with --profile the last step profiled (not timed) and its report's fields."""
+def _train_timed(trainer, ns, args, untimed: int = 1, graphs: bool | None = None) -> tuple[float, tuple, dict]:
+    """prepare_trainer (as the trainers run: speed-ups, fp32 LoRA; graphs: the --cuda_graphs micro-step, captured or
+    eager), then seconds per optimizer step after `untimed` warm-up steps, and with --profile the last step profiled
+    (not timed) and its report's fields."""
     import torch
 
+    import speedups
     from training import prepare_trainer
     from callbacks import ProfileStep, StepTimes
     timer = StepTimes(sync)
@@ -449,11 +409,13 @@ def _train_timed(trainer, ns, args) -> tuple[float, tuple, dict]:
     if prof:
         trainer.add_callback(prof)
     kernels = prepare_trainer(trainer, ns)
+    if graphs is not None and speedups.use_cuda_graphs(trainer, capture=graphs):
+        kernels += ("cuda_graphs",) if graphs else ("graph_step_eager",)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     fields = save_profile(args, prof.prof, prof.wall) if prof and prof.wall else {}
-    return timer.seconds_per_step(skip_last=bool(prof)), kernels, fields
+    return timer.seconds_per_step(skip_last=bool(prof), untimed=untimed), kernels, fields
 
 
 KD_FLAGS = dict(kd_loss="forward_kl", jsd_beta=0.5, temperature=1.0, alpha=0.5, lmbda=0.0, max_new_tokens=1)

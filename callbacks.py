@@ -84,10 +84,11 @@ class StepTimes(TrainerCallback):
         self.sync()
         self.times.append(time.perf_counter())
 
-    def seconds_per_step(self, skip_last: bool = False) -> float:
-        """Mean time per step after the first (the warm-up); skip_last: without the last (a profiled step)."""
+    def seconds_per_step(self, skip_last: bool = False, untimed: int = 1) -> float:
+        """Mean time per step after the first `untimed` (the warm-up); skip_last: without the last (a profiled
+        step)."""
         t = self.times[:-1] if skip_last else self.times
-        return (t[-1] - t[0]) / (len(t) - 1)
+        return (t[-1] - t[untimed - 1]) / (len(t) - untimed)
 
 
 class ProfileStep(TrainerCallback):

@@ -7,6 +7,7 @@ Import this module inside functions (it imports TRL and transformers, which take
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ PRIVATE = {
     "transformers.Trainer.current_gradient_accumulation_steps": "transformers",
     "trl.SFTTrainer._metrics": "trl",
     "trl.SFTTrainer._total_train_tokens": "trl",
+    "transformers.Trainer.model_accepts_loss_kwargs": "transformers",
     "peft.tuners.lora.LoraModel._enable_peft_forward_hooks": "peft",
     "peft.tuners.lora.layer.Linear._mixed_batch_forward": "peft",
     "peft.tuners.lora.bnb.Linear4bit._mixed_batch_forward": "peft",
@@ -57,11 +59,18 @@ def score_answer_tokens_only() -> None:
     _trl_utils._use_triton = lambda device: device.type == "cpu" or _use_triton(device)
 
 
-def score_every_position() -> None:
-    """TRL's fused LM head over every position, the ignored ones masked afterwards (its static-shape path for
-    compilers): no boolean indexing by the labels, which a CUDA graph cannot capture (speedups.GraphedStep), at the
-    cost of scoring prompt positions too. Stands in for: no config option exists. Process-wide."""
+@contextlib.contextmanager
+def scoring_every_position():
+    """Within the block, TRL's fused LM head scores every position and masks the ignored ones afterwards (its
+    static-shape path for compilers): no boolean indexing by the labels, which a CUDA graph cannot capture
+    (speedups.GraphedStep), at the cost of scoring prompt positions too. A capture records the path taken while it
+    runs, so the block only needs to cover the captured step. Stands in for: no config option exists."""
+    saved = _trl_utils._use_triton
     _trl_utils._use_triton = lambda device: False
+    try:
+        yield
+    finally:
+        _trl_utils._use_triton = saved
 
 
 def one_gpu_per_process(config) -> None:
@@ -89,6 +98,31 @@ def one_training_step(trainer, rows: list[dict]) -> None:
             values.clear()
         if hasattr(trainer, "_total_train_tokens"):
             trainer._total_train_tokens = 0
+
+
+def prepare_inputs(trainer, inputs: dict) -> dict:
+    """Trainer's own input preparation (device placement) for a training_step written outside Trainer."""
+    return trainer._prepare_inputs(inputs)
+
+
+def sft_loss_divisor(trainer, labels, num_items_in_batch):
+    """What SFTTrainer's training_step divides a micro-batch's summed answer-token NLL by, as a 0-d float32 tensor on
+    the labels' device: TRL's compute_loss divides by num_items_in_batch (the accumulated batch's answer tokens, which
+    Trainer counts), else by this micro-batch's own count, clamped to 1; Trainer.training_step then divides by the
+    accumulation count when the loss did not get num_items_in_batch. One process (no average_tokens_across_devices
+    factor). Stands in for: the division is inline in both libraries' training_step/compute_loss."""
+    count = num_items_in_batch if num_items_in_batch is not None else (labels[..., 1:] != -100).sum()
+    divisor = torch.as_tensor(count, device=labels.device).clamp(min=1).to(torch.float32)
+    if (not trainer.model_accepts_loss_kwargs or num_items_in_batch is None) and trainer.compute_loss_func is None:
+        divisor = divisor * trainer.current_gradient_accumulation_steps
+    return divisor.reshape(())
+
+
+def count_sft_tokens(trainer, attention_mask) -> None:
+    """SFTTrainer's `num_tokens` metric (its compute_loss keeps the running count of non-padding input tokens), for a
+    training_step that does not run its compute_loss. One process."""
+    trainer._total_train_tokens += int(attention_mask.sum())
+    trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
 
 
 class PretokenizedDPOTrainer(DPOTrainer):

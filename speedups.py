@@ -20,7 +20,9 @@ DISTILL_SLM_KERNELS overrides the choice: "auto" (default), "none", or a comma-s
 """
 from __future__ import annotations
 
+import functools
 import os
+import sys
 
 import torch
 
@@ -175,10 +177,12 @@ def _why(e: BaseException) -> str:
     """The innermost exception's first line and the last frames where it was raised (a failed capture's own error
     is only 'operation failed due to a previous error during capture')."""
     import traceback
-    while e.__cause__ is not None or e.__context__ is not None:
-        e = e.__cause__ or e.__context__
+    e = _innermost(e)
     frames = [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(e.__traceback__)]
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]} at {' <- '.join(reversed(frames[-6:]))}"
+
+
+GRAPH_WARMUP = 2  # eager calls per shape before the capture: the first compiles, the second checks for syncs
 
 
 class GraphedStep:
@@ -188,12 +192,19 @@ class GraphedStep:
     is busy only ~20% of the time: bench.py --profile) become one launch. The first `warmup` calls of a shape run
     eagerly (cuBLAS workspaces, compilation), the last of them with CUDA's sync debugging set to raise, so an op that
     waits for the GPU (.item(), boolean indexing, a copy to the CPU), which a capture cannot hold, is named with
-    where it is called; the next call is captured and replayed.
-    The caller keeps every .grad allocated (zero_grad(set_to_none=False)): the graph writes into those tensors.
-    CUDA only; shapes must repeat (fixed-length rows) for the graphs to pay."""
+    where it is called; the next call is captured and replayed. A shape seen fewer times (an epoch's short last
+    micro-batch) only ever runs eagerly.
+    Every shape's graph allocates from one memory pool: the graphs never run concurrently, and what outlives a replay
+    is the loss, which the caller reads before the next replay (use_cuda_graphs clones it), and the .grad tensors,
+    which live outside the pool. The caller keeps every .grad of `params` allocated (zero_grad(set_to_none=False)):
+    the graphs write into those tensors, so a replay refuses to run if one was replaced. CUDA only; shapes must repeat
+    (rows padded to fixed lengths) for the graphs to pay. `captures` records the memory around each capture."""
 
-    def __init__(self, fn, warmup: int = 2):
-        self.fn, self.warmup, self.graphs = fn, warmup, {}
+    def __init__(self, fn, warmup: int = GRAPH_WARMUP, params=()):
+        self.fn, self.warmup, self.graphs, self.params = fn, warmup, {}, list(params)
+        self.pool = None  # one private memory pool, shared by every shape's graph
+        self.side = None  # the eager warm-ups' stream: one, so its cached blocks serve every warm-up
+        self.captures: list[dict] = []
 
     def __call__(self, **tensors):
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
@@ -201,26 +212,49 @@ class GraphedStep:
         if entry["seen"] < self.warmup:
             entry["seen"] += 1
             # on a side stream, as PyTorch's CUDA-graphs notes ask (lazy per-stream state is made before the capture)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.side = self.side or torch.cuda.Stream()
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 out = self.fn(**tensors) if entry["seen"] < self.warmup else self._no_syncs(tensors)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
             return out
         if "graph" not in entry:
-            static = {k: v.clone() for k, v in tensors.items()}
-            graph = torch.cuda.CUDAGraph()
-            torch.cuda.synchronize()
-            try:  # records the kernels; nothing runs until replay. thread_local: other threads' CUDA calls are legal
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    out = self.fn(**static)
-            except RuntimeError as e:
-                raise RuntimeError(f"CUDA graph capture failed: {_why(e)}") from e
-            entry.update(graph=graph, static=static, out=out)
+            self._capture(entry, tensors)
         for k, v in tensors.items():
             entry["static"][k].copy_(v)
+        if any(p.grad is not g for p, g in zip(self.params, entry["grads"])):
+            raise RuntimeError("a .grad tensor the CUDA graph writes was freed or replaced since its capture "
+                               "(zero_grad(set_to_none=True)?): the graph would write into freed memory")
         entry["graph"].replay()
         return entry["out"]
+
+    def _capture(self, entry, tensors):
+        static = {k: v.clone() for k, v in tensors.items()}
+        # The eager warm-ups' freed blocks stay cached for the stream they ran on, where neither this stream nor the
+        # graph's private pool can use them, and during a capture the allocator does not release cached blocks to
+        # retry an allocation (cudaFree would break the capture): under a memory cap (--max_memory_gb) the capture
+        # would run out of memory that eager training has. Give them back to the driver first.
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        try:  # records the kernels; nothing runs until replay. thread_local: other threads' CUDA calls are legal
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = self.fn(**static)
+        except RuntimeError as e:
+            if isinstance(_innermost(e), torch.OutOfMemoryError):
+                raise torch.OutOfMemoryError(f"CUDA graph capture ran out of memory ({_why(e)}); "
+                                             f"{_gib(before[0])} GiB were allocated before it") from e
+            raise RuntimeError(f"CUDA graph capture failed: {_why(e)}") from e
+        entry.update(graph=graph, static=static, out=out, grads=[p.grad for p in self.params])
+        shapes = {k: list(v.shape) for k, v in tensors.items()}
+        self.captures.append({"shapes": shapes, "allocated_before_gib": _gib(before[0]),
+                              "reserved_before_gib": _gib(before[1]),
+                              "allocated_after_gib": _gib(torch.cuda.memory_allocated()),
+                              "reserved_after_gib": _gib(torch.cuda.memory_reserved())})
+        print(f"CUDA graph captured for {shapes}: GPU memory allocated {_gib(before[0])} -> "
+              f"{_gib(torch.cuda.memory_allocated())} GiB", file=sys.stderr, flush=True)
 
     def _no_syncs(self, tensors):
         prev = torch.cuda.get_sync_debug_mode()
@@ -231,3 +265,123 @@ class GraphedStep:
             raise RuntimeError(f"this step cannot be captured as a CUDA graph: {_why(e)}") from e
         finally:
             torch.cuda.set_sync_debug_mode(prev)
+
+
+def _innermost(e: BaseException) -> BaseException:
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _gib(n: int) -> float:
+    return round(n / 2**30, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CUDA graphs in the SFT trainer (sft_train.py --cuda_graphs)
+
+GRAPH_ATTENTION = ("sdpa", "eager")  # attention implementations that take the ready 4-D mask below
+
+
+def ready_causal_mask(attention_mask, implementation: str, dtype):
+    """The 4-D mask [batch, 1, query, key] that transformers would build from a 2-D padding mask: causal and over the
+    real keys; bool (True = attend) for SDPA, additive (0 / dtype's minimum) for eager attention. transformers takes
+    a 4-D mask as given. Why ready: its is_tracing() counts a CUDA stream capture as tracing, so while a step is
+    captured it skips the checks it makes eagerly (no mask at all when nothing is padded, which itself waits for the
+    GPU) and builds another mask, which the compiled decoder layers were not compiled for: they would recompile
+    inside the capture. With this mask the warm-up and the capture take the same path."""
+    n = attention_mask.shape[-1]
+    keep = torch.ones(n, n, dtype=torch.bool, device=attention_mask.device).tril() & \
+        attention_mask.bool()[:, None, None, :]
+    if implementation == "sdpa":
+        return keep
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
+
+
+def sft_micro_step(model, bf16: bool):
+    """fn(input_ids, attention_mask, labels, divisor) -> detached loss: SFTTrainer's micro-step (its compute_loss and
+    Trainer's training_step) with nothing in it that waits for the GPU, so it can be captured: TRL's fused LM head
+    over every position (no boolean indexing), loss = summed answer-token NLL / divisor (compat.sft_loss_divisor: a
+    tensor, so the accumulated batch's token count can change between replays), backward inside. Runs eagerly as
+    well (the CPU tests compare it with SFTTrainer.training_step). bf16: the trainer's autocast; the weight-cast
+    cache is off in any case, as a capture requires (PyTorch's CUDA-graphs notes; accelerate's autocast around the
+    model's forward inherits the setting)."""
+    from compat import scoring_every_position
+    implementation = getattr(model.config, "_attn_implementation", "sdpa")
+    dtype = model.get_input_embeddings().weight.dtype
+
+    def micro(input_ids, attention_mask, labels, divisor):
+        mask = ready_causal_mask(attention_mask, implementation, dtype)
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False), \
+                scoring_every_position():
+            out = model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False, fused_lm_head=True)
+        loss = -out.log_probs.sum() / divisor  # as TRL's compute_loss: outside the autocast
+        loss.backward()
+        return loss.detach()
+
+    return micro
+
+
+class GraphedTrainingStep:
+    """Stands in for trainer.training_step(model, inputs, num_items_in_batch): sft_micro_step, through a GraphedStep
+    (capture=True) or eagerly; returns the detached loss Trainer's training_step returns (the same scaling) and keeps
+    TRL's token count. TRL's entropy and mean_token_accuracy are not computed: each waits for the GPU."""
+
+    def __init__(self, trainer, capture: bool):
+        self.trainer, self.capture = trainer, capture
+        self.micro = sft_micro_step(trainer.model, bool(trainer.args.bf16))
+        params = [p for p in trainer.model.parameters() if p.requires_grad]
+        self.graphed = GraphedStep(self.micro, params=params) if capture else None
+
+    def tensors(self, inputs: dict, num_items_in_batch=None) -> dict:
+        """The micro-step's inputs from a prepared batch (a missing attention mask: nothing padded)."""
+        from compat import sft_loss_divisor
+        ids, labels = inputs["input_ids"], inputs["labels"]
+        attention = inputs.get("attention_mask")
+        return dict(input_ids=ids, attention_mask=torch.ones_like(ids) if attention is None else attention,
+                    labels=labels, divisor=sft_loss_divisor(self.trainer, labels, num_items_in_batch))
+
+    def __call__(self, model, inputs, num_items_in_batch=None):
+        from compat import count_sft_tokens, prepare_inputs
+        model.train()
+        batch = self.tensors(prepare_inputs(self.trainer, inputs), num_items_in_batch)
+        # the graph's loss tensor is rewritten by the next replay (of any shape: one pool): a copy goes to the loop
+        loss = self.graphed(**batch).clone() if self.graphed else self.micro(**batch)
+        count_sft_tokens(self.trainer, batch["attention_mask"])
+        return loss
+
+
+def keep_grads(model) -> None:
+    """model.zero_grad() zeroes the .grad tensors in place instead of freeing them: Trainer calls model.zero_grad()
+    after every optimizer step (set_to_none=True by default), and a captured step writes into the .grad tensors that
+    existed when it was captured. An explicit zero_grad(set_to_none=True) still frees them (the memory probe's)."""
+    model.zero_grad = functools.partial(type(model).zero_grad, model, set_to_none=False)
+
+
+def use_cuda_graphs(trainer, capture: bool | None = None) -> bool:
+    """--cuda_graphs: the trainer's micro-step becomes GraphedTrainingStep. capture=None: captured on CUDA; on a CPU
+    one note and the trainer's own step stays (eager). capture=False: GraphedTrainingStep runs eagerly (bench.py's
+    BENCH_GRAPH=0, the CPU tests). Refuses what the captured step does not reproduce. True if installed."""
+    if capture is None:
+        if not torch.cuda.is_available():
+            note("--cuda_graphs: CUDA only; this run trains eagerly")
+            return False
+        capture = True
+    model, args = trainer.model, trainer.args
+    dropout = sorted({m.p for name, m in model.named_modules() if "lora_dropout" in name
+                      and isinstance(m, torch.nn.Dropout) and m.p > 0})
+    if dropout:
+        raise UserError(f"--cuda_graphs: the adapter has LoRA dropout {dropout[0]:g}, which a captured step does not "
+                        "draw anew; train with --lora_dropout 0")
+    implementation = getattr(model.config, "_attn_implementation", "sdpa")
+    if implementation not in GRAPH_ATTENTION:
+        raise UserError(f"--cuda_graphs: attention {implementation} is not supported (needs {' or '.join(GRAPH_ATTENTION)})")
+    if getattr(args, "padding_free", False) or getattr(args, "loss_type", "nll") != "nll" \
+            or getattr(trainer, "aux_loss_enabled", False) or trainer.compute_loss_func is not None:
+        raise UserError("--cuda_graphs: only SFT's plain loss (no padding-free batches, DFT loss or MoE router loss)")
+    trainer.training_step = GraphedTrainingStep(trainer, capture)
+    keep_grads(model)
+    note("--cuda_graphs: the micro-steps run as CUDA graphs; mean_token_accuracy and entropy are not logged (each "
+         "waits for the GPU, which a captured step cannot)" if capture else
+         "the CUDA-graph micro-step runs eagerly; mean_token_accuracy and entropy are not logged")
+    return True

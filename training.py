@@ -66,6 +66,13 @@ def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: fl
                    help="keep the checkpointed activations in CPU memory (longest sequences on an 8 GB card)")
     g.add_argument("--max_minutes", type=float, default=0,
                    help="stop after this many minutes of training and save the adapter as at the end; 0 = no limit")
+    g.add_argument("--cuda_graphs", action="store_true",
+                   help="CUDA, sft_train.py only: capture each micro-step (forward + backward) as a CUDA graph and "
+                        "replay it, micro-batches padded to a multiple of --graph_bucket tokens; needs "
+                        "--lora_dropout 0; mean_token_accuracy and entropy are not logged. On a CPU: trains eagerly")
+    g.add_argument("--graph_bucket", type=int, default=64,
+                   help="--cuda_graphs: pad each micro-batch to a multiple of this many tokens (one graph per "
+                        "micro-batch size and length); 0 = pad to --max_len (one graph per micro-batch size)")
     g.add_argument("--max_memory_gb", type=float, default=8,
                    help="CUDA: cap GPU memory to this and pick the largest micro-batch (dividing the effective batch) "
                         "that fits, raising gradient accumulation to keep the effective batch; 0 = off")
@@ -125,6 +132,35 @@ def check_training_args(args) -> None:
             importlib.util.find_spec("sqlalchemy") and importlib.util.find_spec("alembic")):
         raise UserError("--report_to mlflow: without MLFLOW_TRACKING_URI (a server) MLflow logs into ./mlflow.db, "
                         "which needs sqlalchemy and alembic: pip install sqlalchemy alembic")
+
+
+GRAPH_TRAINERS = ("sft_train",)  # --cuda_graphs: the trainers whose micro-step speedups.sft_micro_step reproduces
+
+
+def check_cuda_graphs(title: str, args) -> None:
+    """--cuda_graphs: what its captured micro-step cannot do, refused up front with one line."""
+    if not getattr(args, "cuda_graphs", False):
+        return
+    if title not in GRAPH_TRAINERS:
+        raise UserError(f"--cuda_graphs: only {', '.join(t + '.py' for t in GRAPH_TRAINERS)} runs its micro-step as a "
+                        f"CUDA graph so far; run {title}.py without it")
+    if args.lora_dropout > 0:
+        # A captured step replays the same kernels: dropout would need the CUDA generator's state registered with
+        # the graph and gradient checkpointing's saved RNG state inside the capture; neither is verified on a GPU.
+        raise UserError(f"--cuda_graphs needs --lora_dropout 0 (got {args.lora_dropout:g}): dropout inside a "
+                        "captured step is not supported")
+    if getattr(args, "activation_offloading", False):
+        raise UserError("--cuda_graphs and --activation_offloading do not go together (the offloading's copies to "
+                        "the CPU wait for the GPU, which a captured step cannot)")
+    if world_size() > 1:
+        raise UserError("--cuda_graphs: one process only (DDP's and FSDP's gradient hooks are not captured)")
+    if args.graph_bucket < 0:
+        raise UserError(f"--graph_bucket must be >= 0, got {args.graph_bucket}")
+
+
+def cuda_graphs_on(args) -> bool:
+    import torch
+    return bool(getattr(args, "cuda_graphs", False)) and torch.cuda.is_available()
 
 
 def held_out(args, rows: list, read) -> tuple[list, list | None]:
@@ -202,6 +238,11 @@ def trl_kwargs(args, save_dir: str) -> dict:
     cuda = torch.cuda.is_available()
     gc = gradient_checkpointing_on(args.gradient_checkpointing)
     evaluating = bool(args.eval_data or args.val_frac)
+    graphs = cuda_graphs_on(args)
+    # --cuda_graphs: the lengths must repeat for the captured graphs to replay (rows padded to a bucket; the padded
+    # positions are masked and carry no loss), and gradient checkpointing need not save the RNG state (no dropout),
+    # which reads the CUDA generator inside the capture
+    graph_kw = {"pad_to_multiple_of": args.graph_bucket or args.max_len} if graphs else {}
     return dict(**distributed_batch(args),
         output_dir=save_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
         learning_rate=args.lr, lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup_ratio,  # < 1: a share
@@ -218,11 +259,13 @@ def trl_kwargs(args, save_dir: str) -> dict:
         report_to=[r for r in args.report_to if r not in ("none", "tensorboard")] or "none",
         run_name=Path(save_dir).name, project="distill_slm",  # project: trackio's
         bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,
-        gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_checkpointing=gc,
+        gradient_checkpointing_kwargs={"use_reentrant": False, **({"preserve_rng_state": False} if graphs else {})},
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, dataloader_pin_memory=cuda,
         max_length=None, use_cpu=not cuda,  # use_cpu: lets several CPU processes (torchrun, gloo) run as one job
         ddp_find_unused_parameters=False,  # every LoRA weight is used; True costs a graph traversal per backward
         activation_offloading=cuda and getattr(args, "activation_offloading", False),  # TRL offloads to CPU from CUDA
+        **graph_kw,
     )
 
 
@@ -372,6 +415,10 @@ def prepare_trainer(trainer, args) -> tuple:
     keep_lora_fp32(trainer.model)
     applied = apply_speedups(trainer)
     fit_micro_batch(trainer, args)
+    if getattr(args, "cuda_graphs", False):  # after the memory probe, which runs the trainer's own (eager) step
+        import speedups
+        if speedups.use_cuda_graphs(trainer):
+            applied += ("cuda_graphs",)
     return applied
 
 
@@ -396,7 +443,7 @@ def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: 
         "tokens_per_s": round((state.num_input_tokens_seen or 0) / max(result.metrics.get("train_runtime", 1), 1e-9), 1),
         "final_loss": next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None),
         "stopped_by_time_limit": bool(limit and limit.stopped), "data_rows": data_report,
-        "speedups": list(speedups), **eval_metrics(state, args), **(extra_metrics or {}),
+        "speedups": list(speedups), **graph_metrics(trainer), **eval_metrics(state, args), **(extra_metrics or {}),
     }
     if trainer.is_world_process_zero():
         save_final(trainer, tok, args, base_model, lambda d, rec: write_run_json(
@@ -404,6 +451,12 @@ def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: 
             started=started, extra={"world_size": world_size(), **rec, **(extra or {})}))
         print(json.dumps({"save_dir": args.save_dir, **{k: v for k, v in metrics.items() if k != "data_rows"}}))
     return metrics
+
+
+def graph_metrics(trainer) -> dict:
+    """run.json's record of --cuda_graphs: the shapes captured and the GPU memory around each capture."""
+    graphed = getattr(getattr(trainer, "training_step", None), "graphed", None)
+    return {"cuda_graph_captures": graphed.captures} if graphed is not None else {}
 
 
 def save_final(trainer, tok, args, base_model: str | None, write_record) -> None:
@@ -439,5 +492,6 @@ def start(title: str, args) -> float:
     check_output_dir(args.save_dir)  # before any data or model loads
     resume_checkpoint(args)
     check_training_args(args)
+    check_cuda_graphs(title, args)
     set_seed(args.seed)
     return time.time()

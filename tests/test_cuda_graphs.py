@@ -1,0 +1,157 @@
+"""sft_train.py --cuda_graphs: the micro-step it captures (speedups.sft_micro_step through GraphedTrainingStep) gives
+SFTTrainer's own loss and LoRA gradients, across accumulated micro-batches of different answer lengths; on a CPU the
+flag trains eagerly and says so; what the captured step cannot do is refused in one line. The capture itself needs a
+GPU: bench.py's sft_graph case compares graph and eager there (gpu/graphs.sh)."""
+import argparse
+import importlib
+import json
+import re
+
+import pytest
+import torch
+
+import common
+import compat
+import fileio
+import speedups
+import training
+from fileio import UserError
+
+ROWS = [  # answers of 1, 5 and 14 words: the micro-batches' answer-token counts differ
+    {"input": "Classify the credit mix of: Age 30, Outstanding Debt 1200.50", "output": "Good"},
+    {"input": "Classify: Age 51", "output": "Standard, with a short reason"},
+    {"input": "Explain the credit mix of: Age 22, Occupation Teacher, Outstanding Debt 80.00",
+     "output": "Bad: the debt is high for the income, and two loans were delinquent last year so far"},
+]
+
+
+def _trainer(tiny_model_dir, tmp_path, dropout=0.0, attention="sdpa", pad_to=16):
+    from trl import SFTConfig, SFTTrainer
+    model, tok, _ = common.load_student(str(tiny_model_dir), lora_dropout=dropout)
+    if attention != "sdpa":
+        model.set_attn_implementation(attention)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: give A a gradient
+            torch.nn.init.normal_(p, std=0.05)
+    dataset, _ = training.encode_rows(tok, ROWS, "input", "output", 256)
+    ns = argparse.Namespace(max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2, seed=0)
+    kw = training.trl_kwargs(ns, str(tmp_path))
+    config = training.trl_config(SFTConfig, {**kw, "report_to": "none", "pad_to_multiple_of": pad_to})
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok)
+    compat.score_answer_tokens_only()  # as prepare_trainer sets it: TRL's step scores the answer tokens only
+    return trainer
+
+
+def _run(trainer, step, batches, num_items):
+    """Each micro-step's returned loss and the accumulated LoRA gradients."""
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    trainer.current_gradient_accumulation_steps = len(batches)
+    losses = [step(model, dict(b), num_items).clone() for b in batches]
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("attention,counted", [("sdpa", True), ("sdpa", False), ("eager", True)])
+def test_graph_micro_step_gives_sft_trainers_loss_and_gradients(tiny_model_dir, tmp_path, attention, counted):
+    """Two accumulated micro-batches (2 rows padded to 16 tokens, then 1 row) with different answer lengths: each
+    micro-step's loss and the summed gradients equal SFTTrainer.training_step's. counted: Trainer's
+    num_items_in_batch (the accumulated batch's answer tokens); else each micro-batch's own count / accumulation."""
+    trainer = _trainer(tiny_model_dir, tmp_path, attention=attention)
+    ds = trainer.train_dataset
+    batches = [trainer.data_collator([ds[0], ds[1]]), trainer.data_collator([ds[2]])]
+    assert batches[0]["attention_mask"].eq(0).any()  # padding inside the first micro-batch
+    answer_tokens = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+    assert abs(answer_tokens[0] - answer_tokens[1]) > 0.3 * max(answer_tokens)  # so the weighting matters
+    _, num_items = trainer.get_batch_samples(iter(batches), 2, trainer.args.device)
+    assert int(num_items) == sum(answer_tokens)
+    num_items = num_items if counted else None
+    trl_losses, trl_grads = _run(trainer, trainer.training_step, batches, num_items)
+    tokens_before = trainer._total_train_tokens
+    ours = speedups.GraphedTrainingStep(trainer, capture=False)
+    our_losses, our_grads = _run(trainer, ours, batches, num_items)
+
+    for a, b in zip(our_losses, trl_losses):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert trl_grads.keys() == our_grads.keys() and any("lora_A" in n for n in trl_grads)
+    for name in trl_grads:
+        assert trl_grads[name].abs().max() > 0, name
+        torch.testing.assert_close(our_grads[name], trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # TRL's num_tokens metric keeps counting the non-padding input tokens
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert trainer._total_train_tokens == tokens_before + real
+    assert trainer._metrics["train"]["num_tokens"] == [trainer._total_train_tokens]
+
+
+def test_the_ready_mask_is_transformers_own(tiny_model_dir):
+    """sdpa: the bool mask transformers builds from a padded 2-D mask; eager: its additive form."""
+    from transformers.masking_utils import sdpa_mask
+    attention = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+    ours = speedups.ready_causal_mask(attention, "sdpa", torch.float32)
+    theirs = sdpa_mask(batch_size=2, q_length=6, kv_length=6, attention_mask=attention.bool(),
+                       allow_is_causal_skip=False)
+    assert ours.shape == (2, 1, 6, 6) and torch.equal(ours, theirs.expand_as(ours))
+    additive = speedups.ready_causal_mask(attention, "eager", torch.bfloat16)
+    assert additive.dtype == torch.bfloat16 and torch.equal(additive == 0, ours)
+
+
+def test_zero_grad_keeps_the_gradient_tensors(tiny_model_dir, tmp_path):
+    trainer = _trainer(tiny_model_dir, tmp_path)
+    model = trainer.model
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    model(**batch).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    speedups.keep_grads(model)
+    model.zero_grad()  # what Trainer calls after each optimizer step
+    assert all(p.grad is g and not g.any() for p, g in zip([p for p in model.parameters() if p.requires_grad], grads))
+    model.zero_grad(set_to_none=True)  # the memory probe's explicit call still frees them
+    assert all(p.grad is None for p in model.parameters() if p.requires_grad)
+
+
+def test_an_adapter_with_dropout_is_refused(tiny_model_dir, tmp_path):
+    """A continued adapter keeps its own dropout whatever --lora_dropout says: the model is checked too."""
+    trainer = _trainer(tiny_model_dir, tmp_path, dropout=0.05)
+    with pytest.raises(UserError, match="LoRA dropout 0.05.*--lora_dropout 0"):
+        speedups.use_cuda_graphs(trainer, capture=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
+def test_cuda_graphs_on_a_cpu_trains_eagerly_and_says_so(tiny_model_dir, creditmix_dir, tmp_path, capsys,
+                                                          monkeypatch):
+    import sft_train
+    monkeypatch.setattr(fileio, "_notes_said", set())
+    run = tmp_path / "run"
+    metrics = sft_train.main(sft_train.parse_args([
+        "--student", str(tiny_model_dir), "--data", str(creditmix_dir / "creditmix_sft.jsonl"), "--save_dir",
+        str(run), "--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+        "--logging_steps", "1", "--cuda_graphs", "--lora_dropout", "0", "--report_to", "none"]))
+    assert "NOTE: --cuda_graphs: CUDA only; this run trains eagerly" in capsys.readouterr().err
+    record = json.loads((run / "run.json").read_text())
+    assert record["args"]["cuda_graphs"] is True and metrics["train_steps"] == 2 and metrics["tokens_per_s"] > 0
+    assert "cuda_graphs" not in metrics["speedups"] and "cuda_graph_captures" not in metrics
+
+
+def _exits_2(fn, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        with fileio.user_errors():
+            fn()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: ") and not any("Traceback" in x for x in err)
+    return err[-1]
+
+
+@pytest.mark.parametrize("script,flags,msg", [
+    ("kd_train", ["--teacher", "TINY"], "only sft_train.py runs its micro-step as a CUDA graph"),
+    ("dpo_train", [], "only sft_train.py runs its micro-step as a CUDA graph"),
+    ("sft_train", [], r"--cuda_graphs needs --lora_dropout 0 \(got 0.05\)"),
+    ("sft_train", ["--lora_dropout", "0", "--activation_offloading"], "--activation_offloading do not go together"),
+])
+def test_what_a_captured_step_cannot_do_is_refused_in_one_line(script, flags, msg, tiny_model_dir, creditmix_dir,
+                                                                 tmp_path, capsys):
+    mod = importlib.import_module(script)
+    data = {"sft_train": "creditmix_sft.jsonl", "kd_train": "creditmix_kd.jsonl", "dpo_train": "creditmix_dpo.jsonl"}
+    argv = ["--student", str(tiny_model_dir), "--data", str(creditmix_dir / data[script]), "--save_dir",
+            str(tmp_path / "run"), "--cuda_graphs"] + [str(tiny_model_dir) if f == "TINY" else f for f in flags]
+    line = _exits_2(lambda: mod.main(mod.parse_args(argv)), capsys)
+    assert re.search(msg, line), line
+    assert not (tmp_path / "run").exists()  # refused before anything loads or is written
