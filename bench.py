@@ -13,10 +13,10 @@ Unsloth on the same folder, shape, LoRA (r16 a32, all seven projections), sequen
     pip install --no-deps --target /tmp/unsloth_site unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 \\
         datasets==4.8.0 tyro docstring_parser typeguard shtab cut_cross_entropy torchao msgspec hf_transfer
     python bench.py --cases sft,unsloth --unsloth_site /tmp/unsloth_site --seq 2048 --batch 1 --accum 8
-Cases: matmul, sft_baseline, sft, sft_auto (micro-batch picked by --max_memory_gb), unsloth, unsloth_auto (its
-largest micro-batch under --max_memory_gb, by the same rule), kd, dpo, score (label ranking: one forward per label
-per example vs ours). --kernels picks our speed-ups (speedups.py) to measure each on its own. Constrained decoding
-has its own benchmark: bench_idp.py.
+Cases: matmul, sft_baseline, sft, sft_auto (micro-batch picked by --max_memory_gb), sft_graph (sft with
+--cuda_graphs; needs --lora_dropout 0), unsloth, unsloth_auto (its largest micro-batch under --max_memory_gb, by the
+same rule), kd, dpo, score (label ranking: one forward per label per example vs ours). --kernels picks our
+speed-ups (speedups.py) to measure each on its own. Constrained decoding has its own benchmark: bench_idp.py.
 """
 import argparse
 import json

@@ -212,7 +212,8 @@ class GraphedStep:
         if entry["seen"] < self.warmup:
             entry["seen"] += 1
             # on a side stream, as PyTorch's CUDA-graphs notes ask (lazy per-stream state is made before the capture)
-            self.side = self.side or torch.cuda.Stream()
+            if self.side is None:
+                self.side = torch.cuda.Stream()
             self.side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side):
                 out = self.fn(**tensors) if entry["seen"] < self.warmup else self._no_syncs(tensors)
@@ -237,7 +238,8 @@ class GraphedStep:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
-        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:  # records the kernels; nothing runs until replay. thread_local: other threads' CUDA calls are legal
             with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
@@ -345,8 +347,13 @@ class GraphedTrainingStep:
         from compat import count_sft_tokens, prepare_inputs
         model.train()
         batch = self.tensors(prepare_inputs(self.trainer, inputs), num_items_in_batch)
-        # the graph's loss tensor is rewritten by the next replay (of any shape: one pool): a copy goes to the loop
-        loss = self.graphed(**batch).clone() if self.graphed else self.micro(**batch)
+        try:  # the graph's loss tensor is rewritten by the next replay (of any shape: one pool): the loop gets a copy
+            loss = self.graphed(**batch).clone() if self.graphed else self.micro(**batch)
+        except torch.OutOfMemoryError as e:
+            if "CUDA graph capture" not in str(e):
+                raise
+            raise UserError(f"--cuda_graphs: {str(e).splitlines()[0]}; lower --per_device_train_batch_size or "
+                            "--max_memory_gb, or train without --cuda_graphs") from e
         count_sft_tokens(self.trainer, batch["attention_mask"])
         return loss
 
@@ -375,7 +382,8 @@ def use_cuda_graphs(trainer, capture: bool | None = None) -> bool:
                         "draw anew; train with --lora_dropout 0")
     implementation = getattr(model.config, "_attn_implementation", "sdpa")
     if implementation not in GRAPH_ATTENTION:
-        raise UserError(f"--cuda_graphs: attention {implementation} is not supported (needs {' or '.join(GRAPH_ATTENTION)})")
+        raise UserError(f"--cuda_graphs: attention {implementation} is not supported (needs "
+                        f"{' or '.join(GRAPH_ATTENTION)})")
     if getattr(args, "padding_free", False) or getattr(args, "loss_type", "nll") != "nll" \
             or getattr(trainer, "aux_loss_enabled", False) or trainer.compute_loss_func is not None:
         raise UserError("--cuda_graphs: only SFT's plain loss (no padding-free batches, DFT loss or MoE router loss)")

@@ -155,3 +155,36 @@ def test_what_a_captured_step_cannot_do_is_refused_in_one_line(script, flags, ms
     line = _exits_2(lambda: mod.main(mod.parse_args(argv)), capsys)
     assert re.search(msg, line), line
     assert not (tmp_path / "run").exists()  # refused before anything loads or is written
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_captured_step_replays_the_eager_loss_and_gradients(tiny_model_dir, tmp_path):
+    """On a GPU (4-bit, bf16 autocast): after two eager warm-ups and the capture, replays of other batches of the
+    same shape give the eager micro-step's loss and LoRA gradients; a .grad freed since the capture is refused."""
+    trainer = _trainer(tiny_model_dir, tmp_path, pad_to=128)
+    model, ds = trainer.model, trainer.train_dataset
+    speedups.keep_grads(model)
+    eager = speedups.GraphedTrainingStep(trainer, capture=False)
+    graphed = speedups.GraphedTrainingStep(trainer, capture=True)
+    batches = [trainer.data_collator([ds[0], ds[1]]), trainer.data_collator([ds[2], ds[0]])]
+    assert batches[0]["input_ids"].shape == batches[1]["input_ids"].shape == (2, 128)
+    lora = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainer.current_gradient_accumulation_steps = 1
+    for _ in range(speedups.GRAPH_WARMUP + 1):  # eager warm-ups, then the capture (and its first replay)
+        model.zero_grad()
+        graphed(model, dict(batches[0]))
+    assert len(graphed.graphed.captures) == 1
+    for b in batches:
+        model.zero_grad()
+        want = eager(model, dict(b))
+        want_grads = {n: p.grad.clone() for n, p in lora}
+        model.zero_grad()
+        got = graphed(model, dict(b))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for n, p in lora:
+            torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert len(graphed.graphed.captures) == 1  # replayed, not captured again
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="freed or replaced since its capture"):
+        graphed(model, dict(batches[0]))
