@@ -198,17 +198,21 @@ class GraphedStep:
     is the loss, which the caller reads before the next replay (use_cuda_graphs clones it), and the .grad tensors,
     which live outside the pool. The caller keeps every .grad of `params` allocated (zero_grad(set_to_none=False)):
     the graphs write into those tensors, so a replay refuses to run if one was replaced. CUDA only; shapes must repeat
-    (rows padded to fixed lengths) for the graphs to pay. `captures` records the memory around each capture."""
+    (rows padded to fixed lengths) for the graphs to pay. `captures` records the memory around each capture (and what
+was allocated at the first call, before any step: what the warm-ups and the optimizer left is the difference)."""
 
     def __init__(self, fn, warmup: int = GRAPH_WARMUP, params=()):
         self.fn, self.warmup, self.graphs, self.params = fn, warmup, {}, list(params)
         self.pool = None  # one private memory pool, shared by every shape's graph
         self.side = None  # the eager warm-ups' stream: one, so its cached blocks serve every warm-up
         self.captures: list[dict] = []
+        self.first_call_allocated = None
 
     def __call__(self, **tensors):
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
         entry = self.graphs.setdefault(key, {"seen": 0})
+        if self.first_call_allocated is None:  # what was allocated before any step: the model, mostly
+            self.first_call_allocated = torch.cuda.memory_allocated()
         if entry["seen"] < self.warmup:
             entry["seen"] += 1
             # on a side stream, as PyTorch's CUDA-graphs notes ask (lazy per-stream state is made before the capture)
@@ -251,7 +255,8 @@ class GraphedStep:
             raise RuntimeError(f"CUDA graph capture failed: {_why(e)}") from e
         entry.update(graph=graph, static=static, out=out, grads=[p.grad for p in self.params])
         shapes = {k: list(v.shape) for k, v in tensors.items()}
-        self.captures.append({"shapes": shapes, "allocated_before_gib": _gib(before[0]),
+        self.captures.append({"shapes": shapes, "allocated_at_first_step_gib": _gib(self.first_call_allocated),
+                              "allocated_before_gib": _gib(before[0]),
                               "reserved_before_gib": _gib(before[1]),
                               "allocated_after_gib": _gib(torch.cuda.memory_allocated()),
                               "reserved_after_gib": _gib(torch.cuda.memory_reserved())})
