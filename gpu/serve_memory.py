@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from torch.utils._python_dispatch import TorchDispatchMode  # count_ops (where PyTorch documents dispatch modes)
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cli  # noqa: E402
@@ -66,22 +68,24 @@ def gib(x: int) -> float:
     return round(x / 2**30, 3)
 
 
+class OpCount(TorchDispatchMode):
+    """Counts the torch operators dispatched inside it, views (which launch no kernel) left out."""
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
 def count_ops(fn) -> int:
-    """The torch operators fn() dispatches, views (which launch no kernel) left out: on a GPU at small batches each
-    is about one kernel launch, which is what bounds a forward pass there."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
+    """The torch operators fn() dispatches: on a GPU at small batches each is about one kernel launch, which is what
+    bounds a forward pass there."""
+    with OpCount() as count:
         fn()
-    return Count.n
+    return count.n
 
 
 def forward_once(model, tok, prompts: list[str], adapter_names: list[str]) -> None:
