@@ -37,7 +37,7 @@ from fileio import UserError, user_errors, write_json, write_jsonl
 
 # the two modes' defaults of the flags they share (the --gap ones: measured in docs/cross_tokenizer_kd.md)
 MODE_DEFAULTS = {"compare": {"max_steps": 40, "lr": 2e-3, "batch": 4, "losses": "gold,uld"},
-                 "gap": {"max_steps": 300, "lr": 5e-3, "batch": 8, "losses": "gold"}}
+                 "gap": {"max_steps": 600, "lr": 5e-3, "batch": 8, "losses": "gold"}}
 
 
 def parse_args(argv=None):

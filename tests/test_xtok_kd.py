@@ -261,14 +261,15 @@ def test_teacher_after_its_own_sft_is_prompted_as_it_was_trained(other_teacher, 
     """A base without a chat template gets ChatML from load_tokenizer (sft_train.py trains on it and saves it):
     the base is prompted with the plain text, the saved run's tokenizer with its template, exactly as
     encode_example trained it."""
+    from types import SimpleNamespace
+
     from common import encode_example, load_tokenizer
-    from models import resolve_model
-    base = load_tokenizer(resolve_model(str(other_teacher)))
+    from models import align_special_tokens
+    base = load_tokenizer(SimpleNamespace(adapter=None, base=str(other_teacher)))
     assert not xtok_kd.has_own_template(base)
     base.save_pretrained(tmp_path / "run")  # what train_and_save writes beside the adapter
-    run = load_tokenizer(resolve_model(str(tmp_path / "run")))
+    run = load_tokenizer(SimpleNamespace(adapter=None, base=str(tmp_path / "run")))
     assert xtok_kd.has_own_template(run)
-    from models import align_special_tokens
     align_special_tokens(run)
     ex, _ = encode_example(run, "Customer 3: income 3000.", "Standard", None)
     assert xtok_kd.teacher_example(run, "Customer 3: income 3000.", "Standard", True) == ex
