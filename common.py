@@ -45,6 +45,7 @@ def load_tokenizer(ms: ModelSpec, trust_remote_code: bool = False):
     if not tok.chat_template:
         note(f"{src} has no chat template: using ChatML")
         tok.chat_template = CHATML_TEMPLATE
+        tok.chatml_fallback = True  # not the model's own: xtok_kd.has_own_template (a run dir saves it as its own)
     return tok
 
 

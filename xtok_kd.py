@@ -5,8 +5,9 @@ is conditioned on the answer text up to the END of the previous token (0 for the
 answer for the end-of-turn token). Two positions, one per model, see the same text exactly where those character
 offsets are equal: those pairs are compared, the rest are counted (the "aligned share") and skipped. Offsets come
 from each fast tokenizer's offset mapping over the answer alone, the same ids encode_example trains on. Each side
-keeps its own prompt: the student's chat template, the teacher's own template if it has one, else the plain user
-text (a base model such as Gemma 3 270M has none).
+keeps its own prompt: the student's chat template, the teacher's if its tokenizer files carry one (a run dir of
+sft_train.py carries the ChatML it was trained on), else the plain user text (a base model such as Gemma 3 270M
+has none).
 
 Losses, defined across vocabularies (both on the aligned pairs only):
 - uld: Universal Logit Distillation (Boizard et al. 2024, arXiv:2402.12030): the L1 (closed-form Wasserstein)
@@ -26,12 +27,15 @@ with the teacher 0 -> 0.14 (42 aligned positions); uld left both where they were
 sorted distance barely moved (1.9973 -> 1.9972): it can only match how peaked the distribution is, never which token.
 On the real pair (Gemma 3 270M -> SmolLM2-135M, 15 steps on MBPP rows) gold lowered that divergence 4.79 -> 3.35,
 uld 4.79 -> 4.39 (top-1 agreement +1 point with either).
+
+label_eval scores any model, teacher or student, on its own tokens and prompt by the probability of each
+candidate answer string: the metric of xtok_compare.py --gap (teacher, SFT student, KD student side by side).
 """
 from __future__ import annotations
 
 from collections import Counter
 
-from common import CHATML_TEMPLATE, encode_example
+from common import encode_example
 from fileio import UserError, note
 from models import end_of_turn_token
 
@@ -67,8 +71,10 @@ def align_positions(ends_s: list[int], ends_t: list[int]) -> tuple[list[int], li
 # encoding
 
 def has_own_template(tok) -> bool:
-    """common.load_tokenizer gives a tokenizer without a chat template ChatML; the teacher keeps its own only."""
-    return bool(tok.chat_template) and tok.chat_template != CHATML_TEMPLATE
+    """Whether the teacher's tokenizer files carry a chat template: its own, or, in a run dir, the one it was
+    trained on (sft_train.py saves the ChatML that common.load_tokenizer gives a model without one, so a teacher
+    after its own SFT is prompted as it was trained). ChatML given at load time is not its own: plain prompt."""
+    return bool(tok.chat_template) and not getattr(tok, "chatml_fallback", False)
 
 
 def teacher_prompt(ttok, user: str, own_template: bool) -> str:
@@ -83,6 +89,14 @@ def teacher_end_id(ttok, own_template: bool) -> int:
     return ttok.convert_tokens_to_ids(end_of_turn_token(ttok)) if own_template else ttok.eos_token_id
 
 
+def teacher_example(ttok, prompt: str, answer: str, own_template: bool) -> dict:
+    """The teacher's side of one row, as encode_example lays out the student's: its own prompt (teacher_prompt;
+    <bos> first when it is the plain text), then the answer and its end token, the loss on those."""
+    tp = ttok(teacher_prompt(ttok, prompt, own_template), add_special_tokens=not own_template)["input_ids"]
+    comp = answer_tokens(ttok, answer)[0] + [teacher_end_id(ttok, own_template)]
+    return {"input_ids": tp + comp, "labels": [-100] * len(tp) + comp}
+
+
 def encode_pair(stok, ttok, prompt: str, answer: str, max_len: int, keep_whole: bool = False,
                 own_template: bool = False):
     """(example, status, answer positions): the student's example exactly as encode_example makes it, plus the
@@ -92,10 +106,9 @@ def encode_pair(stok, ttok, prompt: str, answer: str, max_len: int, keep_whole: 
     if ex is None:
         return None, status, 0
     s_ids, ends_s = answer_tokens(stok, answer)
-    t_ids, ends_t = answer_tokens(ttok, answer)
-    tp = ttok(teacher_prompt(ttok, prompt, own_template), add_special_tokens=not own_template)["input_ids"]
-    t_comp = t_ids + [teacher_end_id(ttok, own_template)]
-    t_input, t_labels = tp + t_comp, [-100] * len(tp) + t_comp
+    _, ends_t = answer_tokens(ttok, answer)
+    t = teacher_example(ttok, prompt, answer, own_template)
+    t_input, t_labels = t["input_ids"], t["labels"]
     if max_len and len(t_input) > max_len:
         t_input, t_labels = t_input[:max_len], t_labels[:max_len]
     n_s = sum(x != -100 for x in ex["labels"])
@@ -343,3 +356,71 @@ def _pad_student(stok):
     """A plain right-padding collator for the student's side (held-out only; training uses the trainer's)."""
     from kd_losses import pad_right
     return lambda examples: pad_right(examples, stok.pad_token_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a metric both sides share: the log-probability of an answer string, each model on its own tokens and prompt
+
+def answer_logprobs(model, examples: list[dict], pad_id: int, batch_size: int = 32) -> list[float]:
+    """The total log-probability (nats) of each encoded example's labelled tokens (the answer and its end token)
+    given its prompt, teacher-forced. Examples as encode_example / teacher_example make them."""
+    import torch
+
+    from kd_losses import completion_hidden, completion_logprobs, lm_parts, pad_right
+    _, head, scale, cap = lm_parts(model)
+    out = []
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(examples), batch_size):
+                b = {k: v.to(head.weight.device) for k, v in pad_right(examples[i:i + batch_size], pad_id).items()}
+                h, targets, rows = completion_hidden(model, b["input_ids"], b["attention_mask"], b["labels"])
+                logp, _, _ = completion_logprobs(h, head, targets, scale=scale, softcap=cap)
+                per = torch.zeros(b["input_ids"].shape[0], dtype=torch.float64, device=logp.device)
+                out += per.index_add_(0, rows, logp.double()).tolist()
+    finally:
+        model.train(was)
+    return out
+
+
+def candidate_logprobs(model, encode, pad_id: int, prompts: list[str], candidates: list[str],
+                       batch_size: int = 32):
+    """[len(prompts), len(candidates)] total log-probability of each candidate answer (with its end token) after
+    each prompt; encode(prompt, answer) -> example, the model's own encoding (encode_example for a student,
+    teacher_example for a cross-tokenizer teacher). Unlike scoring.raw_label_scores (a mean per label token, no end
+    token: the CreditMix serving score) the total is a probability of the string, comparable across tokenizers."""
+    import numpy as np
+    lp = answer_logprobs(model, [encode(p, c) for p in prompts for c in candidates], pad_id, batch_size)
+    return np.asarray(lp, dtype=np.float64).reshape(len(prompts), len(candidates))
+
+
+def label_metrics(logp, gold: list[int], candidates: list[str]) -> dict:
+    """From candidate_logprobs and the gold candidate of each row: accuracy (the most likely candidate is the gold
+    one, ties to the first) and the gold answer's cross-entropy in nats per character of the answer (its end token
+    included in the probability), both independent of the tokenizer."""
+    import numpy as np
+    logp, gold = np.asarray(logp), np.asarray(gold)
+    gold_lp = logp[np.arange(len(gold)), gold]
+    chars = sum(len(candidates[g]) for g in gold)
+    return {"accuracy": round(float((logp.argmax(1) == gold).mean()), 4),
+            "nats_per_char": round(float(-gold_lp.sum() / chars), 4), "rows": int(len(gold))}
+
+
+def label_eval(spec: str, prompts: list[str], gold: list[int], candidates: list[str], *, teacher: bool = False,
+               batch_size: int = 32) -> dict:
+    """label_metrics of the model `spec` (a run dir: its adapter on its base) on held-out prompts, each model on
+    its own tokenizer and prompt: a student as encode_example trains it, a teacher (teacher=True) as kd_train.py's
+    --cross_tokenizer prompts it (teacher_example)."""
+    from common import load_model
+    model, tok, _ = load_model(spec)
+    own = has_own_template(tok)
+    if teacher:
+        def encode(p, a):
+            return teacher_example(tok, p, a, own)
+    else:
+        def encode(p, a):
+            return encode_example(tok, p, a, None)[0]
+    logp = candidate_logprobs(model, encode, tok.pad_token_id, prompts, candidates, batch_size)
+    return {**label_metrics(logp, gold, candidates),
+            "prompt": ("its chat template" if own else "plain user text + newline") if teacher else "chat template"}

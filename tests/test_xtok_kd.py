@@ -212,3 +212,99 @@ def test_compare_prints_both_losses(tmp_path, capsys):
     assert [r["loss"] for r in res] == ["gold", "uld"] and all(r["kl_after"] is not None for r in res)
     out = capsys.readouterr().out
     assert "| gold |" in out and "| uld |" in out and (tmp_path / "compare.jsonl").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# teacher / SFT student / KD student (xtok_compare.py --gap) and its tokenizer-independent metric
+
+def test_label_metrics_right_wrong_and_per_character():
+    import math
+    labels = ["Good", "Standard", "Bad"]
+    sure = [[0.0, -50.0, -50.0], [-50.0, 0.0, -50.0], [-50.0, -50.0, 0.0]]  # all mass on the right label
+    m = xtok_kd.label_metrics(sure, [0, 1, 2], labels)
+    assert m == {"accuracy": 1.0, "nats_per_char": 0.0, "rows": 3}
+    m = xtok_kd.label_metrics(sure, [1, 2, 0], labels)  # all mass on a wrong one
+    assert m["accuracy"] == 0.0 and m["nats_per_char"] == pytest.approx(150 / (8 + 3 + 4), abs=1e-4)
+    half = [[math.log(0.5), math.log(0.5), -50.0]] * 2  # a tie goes to the first candidate
+    m = xtok_kd.label_metrics(half, [0, 1], labels)
+    assert m["accuracy"] == 0.5 and m["nats_per_char"] == pytest.approx(2 * math.log(2) / 12, abs=1e-4)
+
+
+def test_candidate_logprobs_are_the_models_string_probabilities(smol_tok, other_teacher):
+    """The total log-probability of answer + end token after the prompt, on the model's own tokens, batched or
+    not: the same as summing the model's own log-softmax over those positions one sequence at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ttok = AutoTokenizer.from_pretrained(other_teacher)
+    model = AutoModelForCausalLM.from_pretrained(other_teacher)
+    prompts, labels = ["Customer 1: income 1000.", "Invoice #7 from Bar LLC"], ["Good", "Standard", "Bad"]
+
+    def encode(p, a):
+        return xtok_kd.teacher_example(ttok, p, a, False)
+    lp = xtok_kd.candidate_logprobs(model, encode, ttok.pad_token_id, prompts, labels, batch_size=4)
+    assert lp.shape == (2, 3)
+    assert lp == pytest.approx(xtok_kd.candidate_logprobs(model, encode, ttok.pad_token_id, prompts, labels,
+                                                          batch_size=1), abs=1e-4)
+    for i, p in enumerate(prompts):
+        for k, a in enumerate(labels):
+            ex = encode(p, a)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0].log_softmax(-1)
+            at = [j for j, y in enumerate(ex["labels"]) if y != -100]
+            want = sum(float(logits[j - 1, ex["input_ids"][j]]) for j in at)
+            assert lp[i, k] == pytest.approx(want, abs=1e-3)
+            assert ex["input_ids"][-1] == ttok.eos_token_id and len(at) == len(ttok(a, add_special_tokens=False)
+                                                                               ["input_ids"]) + 1
+
+
+def test_teacher_after_its_own_sft_is_prompted_as_it_was_trained(other_teacher, tmp_path):
+    """A base without a chat template gets ChatML from load_tokenizer (sft_train.py trains on it and saves it):
+    the base is prompted with the plain text, the saved run's tokenizer with its template, exactly as
+    encode_example trained it."""
+    from types import SimpleNamespace
+
+    from common import encode_example, load_tokenizer
+    from models import align_special_tokens
+    base = load_tokenizer(SimpleNamespace(adapter=None, base=str(other_teacher)))
+    assert not xtok_kd.has_own_template(base)
+    base.save_pretrained(tmp_path / "run")  # what train_and_save writes beside the adapter
+    run = load_tokenizer(SimpleNamespace(adapter=None, base=str(tmp_path / "run")))
+    assert xtok_kd.has_own_template(run)
+    align_special_tokens(run)
+    ex, _ = encode_example(run, "Customer 3: income 3000.", "Standard", None)
+    assert xtok_kd.teacher_example(run, "Customer 3: income 3000.", "Standard", True) == ex
+
+
+def test_gap_rows_hold_out_prompts_and_follow_the_rule():
+    import xtok_compare
+    t, s, held = xtok_compare.gap_rows(0, 400, 200, 100, 0.0, 0.3)
+    assert len(t) == 400 and len(s) == 200 and len({r["input"] for r in held}) == 100
+    assert not {r["input"] for r in held} & {r["input"] for r in t + s}
+    delay = lambda r: int(r["input"].split("Delay from due date: ")[1][0])  # noqa: E731
+    assert all(r["output"] == ["Good", "Standard", "Bad"][xtok_compare.rule_label(delay(r))] for r in t + held)
+    wrong = sum(r["output"] != ["Good", "Standard", "Bad"][xtok_compare.rule_label(delay(r))] for r in s)
+    assert 30 <= wrong <= 90  # --noise 0.3 of 200
+    with pytest.raises(UserError, match="--held_rows"):
+        xtok_compare.gap_rows(0, 10, 10, 1000, 0.0, 0.0)
+
+
+def test_gap_mode_runs_teacher_sft_student_and_kd_student(tmp_path, capsys):
+    import xtok_compare
+    with pytest.raises(UserError, match="do not combine with --gap"):
+        xtok_compare.main(xtok_compare.parse_args(["--gap", "--data", "x.jsonl", "--save_dir", str(tmp_path)]))
+    res = xtok_compare.main(xtok_compare.parse_args([
+        "--gap", "--save_dir", str(tmp_path), "--max_steps", "2", "--teacher_steps", "2", "--teacher_rows", "16",
+        "--transfer_rows", "8", "--held_rows", "6"]))
+    assert [r["model"] for r in res] == ["teacher (SFT)", "student (SFT)", "student (KD, gold)"]
+    saved = json.loads((tmp_path / "gap.json").read_text())
+    assert [r["model"] for r in saved["results"]] == [r["model"] for r in res]
+    for r in saved["results"]:
+        assert 0 <= r["accuracy"] <= 1 and r["nats_per_char"] > 0 and r["held_rows"] == 6
+    assert [r["train_rows"] for r in res] == [16, 8, 8] and [r["steps"] for r in res] == [2, 2, 2]
+    assert res[0]["prompt"] == "its chat template" and res[2]["aligned_share"] == 1.0
+    assert saved["setup"]["alpha"] == 0.5 and saved["setup"]["max_steps"] == 2
+    kd = json.loads((tmp_path / "student_kd_gold" / "run.json").read_text())["kd"]
+    assert kd["cross_tokenizer"] == "gold" and kd["teacher"] == str(tmp_path / "teacher_sft")
+    assert kd["teacher_prompt"] == "the teacher's chat template"  # as the teacher's own SFT prompted it
+    out = capsys.readouterr().out
+    assert "| teacher (SFT) |" in out and "| student (SFT) |" in out and "| student (KD, gold) |" in out
