@@ -1,17 +1,31 @@
-"""A teacher's top-k next-token log-probabilities on the answer tokens of a KD file, stored once (teacher_cache.py)
-and trained from without the teacher (kd_train.py --teacher_cache): the teacher never shares the GPU with the
-student.
+"""A teacher's next-token targets on the answer tokens of a KD file, stored once (teacher_cache.py) and trained from
+without the teacher (kd_train.py --teacher_cache): the teacher never shares the GPU with the student.
 
-Format (a folder): meta.json (teacher, data sha256, tokenizer fingerprint, top_k, temperature, max_len, a sha256 of
-every row's token ids) and shard-NNNNN.npz files of --shard_rows rows each, holding for every answer position of its
-rows (row-major, the order kd_losses.completion_hidden selects them in):
-  packed uint32 [P, k]: token id << 14 | round(-log p * 512)  (ids < 2^18 = 262,144; log p in 1/512 nat steps, >= -32)
-  tail   float16 [P]:   log of the teacher's mass outside its top k
-  offsets int64 [rows + 1] into P.
-That is 4k + 2 bytes per answer token: 258 at k = 64 (DistillKit's compressed logits take about 114-300).
+Two kinds of target (teacher_cache.py --sampling), both at the KD temperature T:
+- topk: the teacher's k most likely ids with their log-probabilities, and one tail bucket holding the rest of its
+  mass. The loss is forward KL(teacher || student) over the k ids and the bucket: a lower bound of the full
+  vocabulary's KL (merging outcomes can only lower a KL), exact when k covers the vocabulary. Its gradient leaves out
+  the shape of the teacher's distribution beyond the top k, which at T = 2 can be most of it (meta.json's
+  teacher_mass_outside says how much).
+- sample: random-sampling KD (Anshumann et al. 2025, "Sparse Logit Sampling", arXiv:2503.16870): N ids drawn with
+  replacement from the teacher's tempered distribution, stored as the distinct ids with their frequencies (as
+  log-probabilities) and no tail (mass 0). The same loss is then the student's cross-entropy against that sparse
+  target (minus its entropy, a constant), whose gradient in expectation is the full forward KL's: unbiased at any
+  temperature, noisier at small N. The draws come from the teacher itself (the paper's proposal at sampling
+  temperature 1), so every importance weight p/q is 1.
 
-The loss (cached_kd_terms) is forward KL(teacher || student) over the top k and one tail bucket: a lower bound of the
-full-vocabulary KL (merging outcomes can only lower a KL), exact when k covers the vocabulary.
+Format (a folder): meta.json (teacher, data sha256, tokenizer fingerprint, sampling, top_k or samples and seed,
+temperature, max_len, a sha256 of every row's token ids, the teacher's mass outside the stored ids) and
+shard-NNNNN.npz files of --shard_rows rows each, holding for every answer position of its rows (row-major, the order
+kd_losses.completion_hidden selects them in):
+  packed uint32 [P, k]: token id << 14 | round(-log p * 512)  (ids < 2^18 = 262,144; log p in 1/512 nat steps, >= -32;
+                        the code 2^14 - 1 is an empty slot: probability 0)
+  tail   float16 [P]:   log of the teacher's mass outside the stored ids as the loss sees it (sample: none, -30)
+  offsets int64 [rows + 1] into P
+  sample only: rest float16 [P], log of the teacher's true mass outside the distinct drawn ids (a diagnostic), and
+  k = the shard's largest count of distinct ids (<= N).
+That is 4k + 2 bytes per answer token: 258 at k = 64 (DistillKit's compressed logits take about 114-300); a sampled
+cache at most 4N + 4: 260 at the default N = 64.
 """
 from __future__ import annotations
 
@@ -25,7 +39,11 @@ from fileio import UserError, atomic_open, write_json
 
 ID_BITS, Q_BITS, Q_SCALE = 18, 14, 512.0   # 18 + 14 = 32 bits; 2^14 / 512 = 32 nats of range
 MIN_LOGP = -(2 ** Q_BITS - 1) / Q_SCALE
+SAMPLING = ("topk", "sample")               # teacher_cache.py --sampling
 TAIL_FLOOR = -30.0                          # log mass below e^-30 counts as none (no -inf in the loss)
+EMPTY = 2 ** Q_BITS - 1                     # the log-probability code of an empty slot (and of p < e^-32): p = 0
+NOTE_ABOVE = 0.1  # a top-k cache missing more than this share of the teacher's mass on average gets a note: on
+# CreditMix at T = 2 the top 64 missed 0.84-0.88 of it and the cached student trained 2-3 points below live KD
 
 
 def tokenizer_fingerprint(tok) -> str:
@@ -74,6 +92,32 @@ def teacher_topk(h, head, *, k: int, temperature: float = 1.0, scale: float = 1.
     return np.concatenate(ids), np.concatenate(logp), np.concatenate(tail)
 
 
+def teacher_sample(h, head, *, n: int, generator, temperature: float = 1.0, scale: float = 1.0, softcap=None,
+                   chunk: int = 1024):
+    """Random-sampling KD targets (the module docstring's `sample`) of the teacher at hidden states h [P, d]: n draws
+    with replacement from its tempered distribution per position, kept as the distinct ids with their frequencies,
+    (ids [P, n], logp [P, n] with -inf in the unused slots, tail [P] = TAIL_FLOOR: no mass outside, rest [P]: log of
+    the teacher's own mass outside the drawn ids). The distinct ids come first, most frequent first."""
+    import torch
+    ids, logp, tail, rest = [], [], [], []
+    for i in range(0, h.shape[0], chunk):
+        z = _logits(h[i:i + chunk], head.weight, getattr(head, "bias", None), scale, softcap) / temperature
+        lp = torch.log_softmax(z, -1)
+        draws = torch.multinomial(lp.exp(), n, replacement=True, generator=generator)
+        counts = torch.zeros_like(lp).scatter_add_(1, draws, torch.ones_like(draws, dtype=lp.dtype))
+        c, x = counts.topk(min(n, lp.shape[-1]), -1)
+        drawn = c > 0
+        covered = (lp.gather(1, x).exp() * drawn).sum(-1)
+        ids.append(x.cpu().numpy())
+        logp.append(torch.where(drawn, (c / n).log(), float("-inf")).cpu().numpy())
+        tail.append(torch.full_like(covered, TAIL_FLOOR).cpu().numpy())
+        rest.append(torch.log1p(-covered.clamp(max=1 - 1e-7)).clamp(min=TAIL_FLOOR).float().cpu().numpy())
+    if not ids:
+        return (np.zeros((0, n), np.int64), np.zeros((0, n), np.float32), np.zeros(0, np.float32),
+                np.zeros(0, np.float32))
+    return tuple(np.concatenate(a) for a in (ids, logp, tail, rest))
+
+
 def _logits(h, w, b, scale: float = 1.0, softcap=None):
     """fp32 logits of hidden states h through the head's weight w and bias b, from a matmul in the head's dtype (bf16
     on a GPU, as the live KD path's tiles): no fp32 copy of a [vocab, hidden] head. Shared by the cache's writer and
@@ -89,16 +133,23 @@ def _logits(h, w, b, scale: float = 1.0, softcap=None):
 # ----------------------------------------------------------------------------------------------------------------
 # the folder
 
-def write_shard(out: Path, index: int, rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Path:
-    """One shard from per-row (ids, logp, tail), written whole or not at all."""
-    counts = [len(t) for _, _, t in rows]
+def write_shard(out: Path, index: int, rows: list[tuple]) -> Path:
+    """One shard from per-row (ids, logp, tail) or, sampled, (ids, logp, tail, rest), written whole or not at all. A
+    sampled shard is as wide as its largest count of distinct ids (the slots past it are empty everywhere)."""
+    counts = [len(r[2]) for r in rows]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     k = rows[0][0].shape[1] if rows and rows[0][0].ndim == 2 else 0
-    packed = np.concatenate([pack(i, lp) for i, lp, _ in rows]) if sum(counts) else np.zeros((0, k), np.uint32)
-    tail = np.concatenate([t for _, _, t in rows]).astype(np.float16) if sum(counts) else np.zeros(0, np.float16)
+    packed = np.concatenate([pack(r[0], r[1]) for r in rows]) if sum(counts) else np.zeros((0, k), np.uint32)
+    arrays = {"tail": np.concatenate([r[2] for r in rows]).astype(np.float16) if sum(counts)
+              else np.zeros(0, np.float16)}
+    if rows and len(rows[0]) == 4:
+        arrays["rest"] = np.concatenate([r[3] for r in rows]).astype(np.float16) if sum(counts) \
+            else np.zeros(0, np.float16)
+        used = (packed & EMPTY) != EMPTY
+        packed = packed[:, :max(int(used.sum(1).max()) if len(packed) else 0, 1)]
     path = out / f"shard-{index:05d}.npz"
     with atomic_open(path, "wb") as f:
-        np.savez(f, packed=packed, tail=tail, offsets=offsets)
+        np.savez(f, packed=packed, offsets=offsets, **arrays)
     return path
 
 
@@ -124,9 +175,18 @@ class TeacherCache:
                             "finish it")
         self._shards: dict[int, dict] = {}
 
-    def check(self, *, data_sha256: str, tokenizer: str, rows_sha256: str, temperature: float) -> None:
-        """Refuse a student or data the cache was not made for, with one line saying which."""
+    def check(self, *, data_sha256: str, tokenizer: str, rows_sha256: str, temperature: float,
+              sampling: str | None = None) -> None:
+        """Refuse a student or data the cache was not made for, or another kind of target than `sampling` (None:
+        either), with one line saying which."""
         m, where = self.meta, f"--teacher_cache {self.folder}"
+        held = m.get("sampling", "topk")
+        if held not in SAMPLING:
+            raise UserError(f"{where} holds targets of an unknown kind (sampling {held!r}; this kd_train.py reads "
+                            f"{', '.join(SAMPLING)}): rebuild it with this teacher_cache.py")
+        if sampling is not None and held != sampling:
+            raise UserError(f"{where} holds {describe(m)}, not --cache_sampling {sampling}: pass that cache's kind "
+                            "or rebuild it with teacher_cache.py --sampling " + sampling)
         if m["tokenizer"] != tokenizer:
             raise UserError(f"{where} was made with another tokenizer ({m['teacher']}'s) than the student's: cached "
                             "KD needs the same token ids")
@@ -154,15 +214,22 @@ class TeacherCache:
         """The targets of these rows' answer positions, concatenated in row order, as tensors on `device`."""
         import torch
         parts = [self.row(int(i)) for i in rows]
-        ids, logp, tail = (np.concatenate([p[j] for p in parts]) for j in range(3))
+        width = max((p[0].shape[1] for p in parts), default=0)  # sampled shards differ in width: pad with empties
+        ids = np.concatenate([np.pad(p[0], ((0, 0), (0, width - p[0].shape[1]))) for p in parts])
+        logp = np.concatenate([np.pad(p[1], ((0, 0), (0, width - p[1].shape[1])), constant_values=MIN_LOGP)
+                               for p in parts])
+        tail = np.concatenate([p[2] for p in parts])
         return (torch.as_tensor(ids, device=device), torch.as_tensor(logp, device=device),
                 torch.as_tensor(tail, device=device))
 
 
 def write_shards(teacher, tok, dataset, out: Path, *, first: int = 0, top_k: int = 64, temperature: float = 1.0,
-                 shard_rows: int = 256, batch_size: int = 8) -> None:
-    """The teacher's top-k targets of every answer position of `dataset` (encoded rows: input_ids, labels), written
-    as shards of `shard_rows` rows from shard `first` on (a resume starts past the finished ones)."""
+                 shard_rows: int = 256, batch_size: int = 8, sampling: str = "topk", samples: int = 64,
+                 seed: int = 0) -> None:
+    """The teacher's targets (top-k, or `samples` draws seeded by `seed` with sampling="sample") of every answer
+    position of `dataset` (encoded rows: input_ids, labels), written as shards of `shard_rows` rows from shard
+    `first` on (a resume starts past the finished ones). Each batch's draws are seeded by (seed, its first row), so a
+    resumed cache holds the draws an uninterrupted one would."""
     import torch
     from tqdm import tqdm
     from transformers import DataCollatorForSeq2Seq
@@ -173,7 +240,7 @@ def write_shards(teacher, tok, dataset, out: Path, *, first: int = 0, top_k: int
     _, head, scale, softcap = lm_parts(teacher)
     device = head.weight.device
     n_shards = -(-len(dataset) // shard_rows)
-    bar = tqdm(total=len(dataset), initial=min(first * shard_rows, len(dataset)), desc="teacher top-k", unit="row")
+    bar = tqdm(total=len(dataset), initial=min(first * shard_rows, len(dataset)), desc="teacher " + ("samples" if sampling == "sample" else "top-k"), unit="row")
     for s in range(first, n_shards):
         lo, hi = s * shard_rows, min((s + 1) * shard_rows, len(dataset))
         shard = []
@@ -183,19 +250,68 @@ def write_shards(teacher, tok, dataset, out: Path, *, first: int = 0, top_k: int
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.inference_mode():
                 h, _, which = completion_hidden(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"])
-                ids, logp, tail = teacher_topk(h, head, k=top_k, temperature=temperature, scale=scale,
-                                               softcap=softcap)
+                if sampling == "sample":
+                    g = torch.Generator(device=head.weight.device)
+                    g.manual_seed(int(np.random.SeedSequence([seed, b]).generate_state(1)[0]))
+                    got = teacher_sample(h, head, n=samples, generator=g, temperature=temperature, scale=scale,
+                                         softcap=softcap)
+                else:
+                    got = teacher_topk(h, head, k=top_k, temperature=temperature, scale=scale, softcap=softcap)
             which = which.cpu().numpy()
             for r in range(batch["input_ids"].shape[0]):
                 sel = which == r
-                shard.append((ids[sel], logp[sel], tail[sel]))
+                shard.append(tuple(a[sel] for a in got))
             bar.update(batch["input_ids"].shape[0])
         write_shard(out, s, shard)
     bar.close()
 
 
-def finish(out: Path, meta: dict) -> None:
-    write_json(out / "meta.json", {**meta, "complete": True})
+def mass_outside(out: Path, shards: int, sampling: str = "topk") -> dict:
+    """The teacher's probability outside the stored ids per answer position, over the `shards` shards at `out`: its
+    mean, 90th percentile and largest (top-k: the tail bucket; sample: outside the distinct drawn ids), and for a
+    sampled cache the mean number of distinct ids."""
+    rest, distinct = [], []
+    for s in range(shards):
+        with np.load(shard_path(out, s)) as z:
+            rest.append(np.exp(z["rest" if sampling == "sample" else "tail"].astype(np.float64)))
+            distinct.append(((z["packed"] & EMPTY) != EMPTY).sum(1))
+    rest = np.concatenate(rest) if rest else np.zeros(0)
+    rest = np.where(rest <= np.exp(TAIL_FLOOR) * 1.01, 0.0, rest)  # the floor's e^-30 is none
+    if not rest.size:
+        return {"positions": 0}
+    got = {"positions": int(rest.size), "mean": round(float(rest.mean()), 4),
+           "p90": round(float(np.percentile(rest, 90)), 4), "max": round(float(rest.max()), 4)}
+    if sampling == "sample":
+        got["distinct_ids_mean"] = round(float(np.concatenate(distinct).mean()), 2)
+    return got
+
+
+def describe(meta: dict) -> str:
+    """What a cache holds, in words: 'the top-64 log-probabilities of T at temperature 2' or '64 draws from ...'."""
+    t = f"{meta.get('teacher')} at temperature {float(meta.get('temperature', 1.0)):g}"
+    if meta.get("sampling", "topk") == "sample":
+        return f"{meta.get('samples')} draws (seed {meta.get('seed')}) from {t}"
+    return f"the top-{meta.get('top_k')} log-probabilities of {t}"
+
+
+def coverage_note(meta: dict) -> str | None:
+    """The note for a top-k cache that leaves much of the teacher's mass out of its loss (None when it does not)."""
+    m = meta.get("teacher_mass_outside") or {}
+    if meta.get("sampling", "topk") != "topk" or m.get("mean") is None or m["mean"] <= NOTE_ABOVE:
+        return None
+    t, k = float(meta["temperature"]), meta["top_k"]
+    return (f"at --temperature {t:g} the top {k} hold only {100 * (1 - m['mean']):.0f}% of the teacher's mass on "
+            f"this data (mean per answer position; 90th percentile outside: {100 * m['p90']:.0f}%): the cached loss "
+            "leaves the rest out (measured on CreditMix at temperature 2: 2-3 points below live KD); use "
+            "--temperature 1, a larger --top_k, or --sampling sample")
+
+
+def finish(out: Path, meta: dict) -> dict:
+    """Mark the cache complete, with the teacher's mass outside the stored ids (mass_outside) in its meta.json."""
+    shards = -(-int(meta["rows"]) // int(meta["shard_rows"]))
+    meta = {**meta, "teacher_mass_outside": mass_outside(out, shards, meta.get("sampling", "topk")), "complete": True}
+    write_json(out / "meta.json", meta)
+    return meta
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,8 +326,11 @@ def _chunk_terms(h, w, b, ids, logp_t, tail_t, targets, temperature, scale, soft
     else:
         zt = z / temperature
         logq = zt.gather(1, ids) - torch.logsumexp(zt, -1, keepdim=True)
-    logq_tail = torch.log1p(-logq.exp().sum(1).clamp(max=1 - 1e-6))
-    kl = (logp_t.exp() * (logp_t - logq)).sum(1) + tail_t.exp() * (tail_t - logq_tail)
+    held = logp_t > MIN_LOGP  # empty slots (and p < e^-32) weigh 0 and are not part of the listed ids
+    logq_tail = torch.log1p(-(logq.exp() * held).sum(1).clamp(max=1 - 1e-6))
+    p_t = torch.where(held, logp_t.exp(), 0.0)
+    p_tail = torch.where(tail_t > TAIL_FLOOR, tail_t.exp(), 0.0)  # a sampled cache's: 0, so its loss is the CE
+    kl = (p_t * (logp_t - logq)).sum(1) + p_tail * (tail_t - logq_tail)
     ce = lse - z.gather(1, targets[:, None]).squeeze(1)
     return kl.sum(), ce.sum(), (z.argmax(-1) == targets).sum()
 

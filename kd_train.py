@@ -13,8 +13,9 @@ Three modes, one trainer (TRL's SFTTrainer, subclassed as TRL's GKDTrainer does)
 - --teacher MODEL: adds a token-level divergence between the teacher's and the student's next-token distributions on
   the completion tokens: loss = (1 - alpha) * ce + alpha * T^2 * kd. Same tokenizer needed. The teacher is loaded
   once, frozen (4-bit on CUDA); neither model's [tokens, vocab] logits are built (kd_losses.py, TRL's chunked kernels).
-- --teacher_cache DIR: the same forward-KL mix from the teacher's top-k log-probabilities, cached once by
-  teacher_cache.py (same tokenizer, same --data and encoding flags): the teacher is never loaded.
+- --teacher_cache DIR: the same forward-KL mix from the teacher's top-k log-probabilities or its sampled ids
+  (teacher_cache.py --sampling), cached once (same tokenizer, same --data and encoding flags, same --temperature):
+  the teacher is never loaded.
 - --teacher MODEL --cross_tokenizer gold|uld: the teacher has another tokenizer (e.g. gemma3-270m, 262k tokens, for
   the 49k-token SmolLM2): both tokenise the answer, positions that have seen the same answer text are paired and the
   divergence is taken there, over the two vocabularies (xtok_kd.py; docs/cross_tokenizer_kd.md).
@@ -44,7 +45,11 @@ def parse_args(argv=None):
                         "the student's tokenizer. Default: none (sequence-level KD on teacher_output)")
     g.add_argument("--teacher_cache", default=None,
                    help="instead of --teacher: a folder of the teacher's top-k log-probabilities on this --data made "
-                        "by teacher_cache.py; the teacher is never loaded (forward KL over the top k + a tail bucket)")
+                        "by teacher_cache.py; the teacher is never loaded (forward KL over the top k + a tail bucket, "
+                        "or the cross-entropy against the teacher's sampled ids)")
+    g.add_argument("--cache_sampling", default=None, choices=("topk", "sample"),
+                   help="with --teacher_cache: the kind of targets the cache must hold (teacher_cache.py --sampling); "
+                        "another is refused. Default: whichever it holds")
     g.add_argument("--cross_tokenizer", default=None, choices=("gold", "uld"),
                    help="the teacher's tokenizer differs from the student's: align on the answer text and use gold "
                         "(matched tokens: KL, the rest: sorted distance; measured better, xtok_compare.py) or uld "
@@ -99,6 +104,8 @@ def check_args(args) -> None:
                           ("--eval_data/--val_frac", args.eval_data or args.val_frac)):
             if bad:
                 raise UserError(f"{flag} needs a live teacher: --teacher_cache trains forward KL on cached targets")
+    elif args.cache_sampling:
+        raise UserError("--cache_sampling checks a --teacher_cache: it needs one")
     elif args.teacher is None:
         for flag, bad in (("--lmbda", args.lmbda > 0), ("--eval_kl", args.eval_kl)):
             if bad:
@@ -111,7 +118,9 @@ def check_args(args) -> None:
 def kd_record(args, teacher_spec=None, cache=None, xtok=None) -> dict:
     if cache is not None:
         m = cache.meta
-        return {"mode": "cached", "teacher": m["teacher"], "teacher_cache": args.teacher_cache, "top_k": m["top_k"],
+        return {"mode": "cached", "teacher": m["teacher"], "teacher_cache": args.teacher_cache,
+                "sampling": m.get("sampling", "topk"), "top_k": m.get("top_k"), "samples": m.get("samples"),
+                "seed": m.get("seed"), "teacher_mass_outside": (m.get("teacher_mass_outside") or {}).get("mean"),
                 "kd_loss": "forward_kl", "temperature": args.temperature, "alpha": args.alpha}
     mode = "sequence" if args.teacher is None else ("on_policy" if args.lmbda > 0 else "logit")
     if args.teacher is None:
@@ -175,10 +184,12 @@ def main(args):
                                       source=args.data)
     if cache is not None:
         cache.check(data_sha256=sha256_file(args.data), tokenizer=kd_cache.tokenizer_fingerprint(tok),
-                    rows_sha256=kd_cache.rows_fingerprint(dataset), temperature=args.temperature)
+                    rows_sha256=kd_cache.rows_fingerprint(dataset), temperature=args.temperature,
+                    sampling=args.cache_sampling)
         dataset = dataset.add_column("kd_row", list(range(len(dataset))))
-        note(f"--teacher_cache: the top-{cache.meta['top_k']} targets of {cache.meta['teacher']}; the teacher is not "
-             "loaded")
+        note(f"--teacher_cache: {kd_cache.describe(cache.meta)}; the teacher is not loaded")
+        if kd_cache.coverage_note(cache.meta):
+            note("--teacher_cache: " + kd_cache.coverage_note(cache.meta))
     eval_dataset = None
     if eval_rows is not None:
         eval_dataset, report["eval"] = encode_rows(tok, eval_rows, "input", "teacher_output", args.max_len,
