@@ -14,7 +14,7 @@ Two kinds of target (teacher_cache.py --sampling), both at the KD temperature T:
   temperature, noisier at small N. The draws come from the teacher itself (the paper's proposal at sampling
   temperature 1), so every importance weight p/q is 1.
 
-Format (a folder): meta.json (teacher, data sha256, tokenizer fingerprint, sampling, top_k or samples and seed,
+Format (a folder): meta.json (teacher, data sha256, tokenizer fingerprint, sampling, top_k or draws and seed,
 temperature, max_len, a sha256 of every row's token ids, the teacher's mass outside the stored ids) and
 shard-NNNNN.npz files of --shard_rows rows each, holding for every answer position of its rows (row-major, the order
 kd_losses.completion_hidden selects them in):
@@ -224,9 +224,9 @@ class TeacherCache:
 
 
 def write_shards(teacher, tok, dataset, out: Path, *, first: int = 0, top_k: int = 64, temperature: float = 1.0,
-                 shard_rows: int = 256, batch_size: int = 8, sampling: str = "topk", samples: int = 64,
+                 shard_rows: int = 256, batch_size: int = 8, sampling: str = "topk", draws: int = 64,
                  seed: int = 0) -> None:
-    """The teacher's targets (top-k, or `samples` draws seeded by `seed` with sampling="sample") of every answer
+    """The teacher's targets (top-k, or `draws` draws seeded by `seed` with sampling="sample") of every answer
     position of `dataset` (encoded rows: input_ids, labels), written as shards of `shard_rows` rows from shard
     `first` on (a resume starts past the finished ones). Each batch's draws are seeded by (seed, its first row), so a
     resumed cache holds the draws an uninterrupted one would."""
@@ -240,7 +240,8 @@ def write_shards(teacher, tok, dataset, out: Path, *, first: int = 0, top_k: int
     _, head, scale, softcap = lm_parts(teacher)
     device = head.weight.device
     n_shards = -(-len(dataset) // shard_rows)
-    bar = tqdm(total=len(dataset), initial=min(first * shard_rows, len(dataset)), desc="teacher " + ("samples" if sampling == "sample" else "top-k"), unit="row")
+    bar = tqdm(total=len(dataset), initial=min(first * shard_rows, len(dataset)), unit="row",
+               desc="teacher " + ("samples" if sampling == "sample" else "top-k"))
     for s in range(first, n_shards):
         lo, hi = s * shard_rows, min((s + 1) * shard_rows, len(dataset))
         shard = []
@@ -253,7 +254,7 @@ def write_shards(teacher, tok, dataset, out: Path, *, first: int = 0, top_k: int
                 if sampling == "sample":
                     g = torch.Generator(device=head.weight.device)
                     g.manual_seed(int(np.random.SeedSequence([seed, b]).generate_state(1)[0]))
-                    got = teacher_sample(h, head, n=samples, generator=g, temperature=temperature, scale=scale,
+                    got = teacher_sample(h, head, n=draws, generator=g, temperature=temperature, scale=scale,
                                          softcap=softcap)
                 else:
                     got = teacher_topk(h, head, k=top_k, temperature=temperature, scale=scale, softcap=softcap)
@@ -290,7 +291,7 @@ def describe(meta: dict) -> str:
     """What a cache holds, in words: 'the top-64 log-probabilities of T at temperature 2' or '64 draws from ...'."""
     t = f"{meta.get('teacher')} at temperature {float(meta.get('temperature', 1.0)):g}"
     if meta.get("sampling", "topk") == "sample":
-        return f"{meta.get('samples')} draws (seed {meta.get('seed')}) from {t}"
+        return f"{meta.get('draws')} draws (seed {meta.get('seed')}) from {t}"
     return f"the top-{meta.get('top_k')} log-probabilities of {t}"
 
 
@@ -300,8 +301,8 @@ def coverage_note(meta: dict) -> str | None:
     if meta.get("sampling", "topk") != "topk" or m.get("mean") is None or m["mean"] <= NOTE_ABOVE:
         return None
     t, k = float(meta["temperature"]), meta["top_k"]
-    return (f"at --temperature {t:g} the top {k} hold only {100 * (1 - m['mean']):.0f}% of the teacher's mass on "
-            f"this data (mean per answer position; 90th percentile outside: {100 * m['p90']:.0f}%): the cached loss "
+    return (f"at --temperature {t:g} the top {k} hold only {100 * (1 - m['mean']):.3g}% of the teacher's mass on "
+            f"this data (mean per answer position; 90th percentile outside: {100 * m['p90']:.3g}%): the cached loss "
             "leaves the rest out (measured on CreditMix at temperature 2: 2-3 points below live KD); use "
             "--temperature 1, a larger --top_k, or --sampling sample")
 

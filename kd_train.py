@@ -119,7 +119,7 @@ def kd_record(args, teacher_spec=None, cache=None, xtok=None) -> dict:
     if cache is not None:
         m = cache.meta
         return {"mode": "cached", "teacher": m["teacher"], "teacher_cache": args.teacher_cache,
-                "sampling": m.get("sampling", "topk"), "top_k": m.get("top_k"), "samples": m.get("samples"),
+                "sampling": m.get("sampling", "topk"), "top_k": m.get("top_k"), "draws": m.get("draws"),
                 "seed": m.get("seed"), "teacher_mass_outside": (m.get("teacher_mass_outside") or {}).get("mean"),
                 "kd_loss": "forward_kl", "temperature": args.temperature, "alpha": args.alpha}
     mode = "sequence" if args.teacher is None else ("on_policy" if args.lmbda > 0 else "logit")

@@ -6,10 +6,10 @@ teacher then never shares the GPU with the student.
     python teacher_cache.py --teacher smollm2-135m --data data/creditmix_kd.jsonl --idp_mode --temperature 2 --sampling sample --out runs/cache_creditmix_t2
 
 --sampling topk (the default) keeps the teacher's top-k log-probabilities and one bucket for the rest of its mass;
---sampling sample draws --samples ids per answer token from the teacher at --temperature and keeps the distinct ids
-with their frequencies (random-sampling KD, Anshumann et al. 2025): an unbiased target at any temperature, where the
-top k can miss most of a tempered teacher's mass (meta.json's teacher_mass_outside says how much; a note when it is
-more than 10%). kd_cache.py has the format and the loss.
+--sampling sample draws --draws ids per answer token from the teacher at --temperature and keeps the distinct
+ids with their frequencies (random-sampling KD, Anshumann et al. 2025): an unbiased target at any temperature, where
+the top k can miss most of a tempered teacher's mass (meta.json's teacher_mass_outside says how much; a note when it
+is more than 10%). kd_cache.py has the format and the loss.
 
 The answers are encoded exactly as kd_train.py encodes them (same --max_len, --idp_mode, --schema), with the
 teacher's tokenizer, which must be the student's (kd_train.py checks the ids). Storage: 4k + 2 bytes per answer
@@ -39,10 +39,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("cache")
     g.add_argument("--sampling", default="topk", choices=kd_cache.SAMPLING,
                    help="topk: the teacher's --top_k most likely ids and a tail bucket (loses the tail's shape); "
-                        "sample: --samples draws from the teacher, the distinct ids with their frequencies (unbiased, "
-                        "noisier)")
+                        "sample: --draws ids drawn from the teacher, the distinct ids with their frequencies "
+                        "(unbiased, noisier)")
     g.add_argument("--top_k", type=int, default=64, help="--sampling topk: log-probabilities kept per answer token")
-    g.add_argument("--samples", type=int, default=64,
+    g.add_argument("--draws", type=int, default=64,
                    help="--sampling sample: draws per answer token, with replacement (at most this many ids kept)")
     g.add_argument("--seed", type=int, default=0, help="--sampling sample: seed of the draws")
     g.add_argument("--temperature", type=float, default=1.0, help="teacher softmax temperature (kd_train.py's)")
@@ -79,8 +79,8 @@ def check_out(args, meta: dict) -> int:
 
 def main(args):
     cli.print_config("teacher_cache", args)
-    if args.top_k < 1 or args.samples < 1 or args.temperature <= 0 or args.shard_rows < 1:
-        raise UserError("--top_k, --samples and --shard_rows must be >= 1 and --temperature > 0")
+    if args.top_k < 1 or args.draws < 1 or args.temperature <= 0 or args.shard_rows < 1:
+        raise UserError("--top_k, --draws and --shard_rows must be >= 1 and --temperature > 0")
     sampled = args.sampling == "sample"
     check_output_dir(args.out, "--out")  # before the teacher loads
     # load
@@ -95,7 +95,7 @@ def main(args):
     meta = {"teacher": args.teacher, "data": args.data, "data_sha256": sha256_file(args.data),
             "tokenizer": kd_cache.tokenizer_fingerprint(tok), "rows_sha256": kd_cache.rows_fingerprint(dataset),
             "rows": len(dataset), "sampling": args.sampling, "top_k": None if sampled else args.top_k,
-            "samples": args.samples if sampled else None, "seed": args.seed if sampled else None,
+            "draws": args.draws if sampled else None, "seed": args.seed if sampled else None,
             "temperature": args.temperature, "shard_rows": args.shard_rows,
             "encoding": {"max_len": args.max_len, "idp_mode": args.idp_mode, "schema": args.schema},
             "format": "kd_cache v1: packed uint32 id<<14 | round(-logp*512) (16383: empty), float16 log tail mass"}
@@ -106,14 +106,14 @@ def main(args):
     # run
     kd_cache.write_shards(teacher, tok, dataset, out, first=first, top_k=args.top_k, temperature=args.temperature,
                           shard_rows=args.shard_rows, batch_size=args.batch_size, sampling=args.sampling,
-                          samples=args.samples, seed=args.seed)
+                          draws=args.draws, seed=args.seed)
     # save
     done = kd_cache.finish(out, meta)
     size = sum(p.stat().st_size for p in out.glob("shard-*.npz"))
     tokens = sum(sum(x != -100 for x in ex["labels"][1:]) for ex in dataset)
     summary = {"out": str(out), "rows": len(dataset), "shards": -(-len(dataset) // args.shard_rows),
                "resumed_at_shard": first, "answer_tokens": tokens, "sampling": args.sampling,
-               **({"samples": args.samples, "seed": args.seed} if sampled else {"top_k": args.top_k}),
+               **({"draws": args.draws, "seed": args.seed} if sampled else {"top_k": args.top_k}),
                "temperature": args.temperature, "teacher_mass_outside": done["teacher_mass_outside"], "bytes": size,
                "bytes_per_answer_token": round(size / max(tokens, 1), 1)}
     print(json.dumps(summary))
