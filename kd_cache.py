@@ -102,12 +102,14 @@ def teacher_sample(h, head, *, n: int, generator, temperature: float = 1.0, scal
     ids, logp, tail, rest = [], [], [], []
     for i in range(0, h.shape[0], chunk):
         z = _logits(h[i:i + chunk], head.weight, getattr(head, "bias", None), scale, softcap) / temperature
-        lp = torch.log_softmax(z, -1)
-        draws = torch.multinomial(lp.exp(), n, replacement=True, generator=generator)
-        counts = torch.zeros_like(lp).scatter_add_(1, draws, torch.ones_like(draws, dtype=lp.dtype))
-        c, x = counts.topk(min(n, lp.shape[-1]), -1)
+        p = torch.softmax(z, -1)
+        del z  # a few [chunk, vocab] fp32 tiles at a time
+        draws = torch.multinomial(p, n, replacement=True, generator=generator)
+        counts = torch.zeros_like(p).scatter_add_(1, draws, torch.ones_like(draws, dtype=p.dtype))
+        c, x = counts.topk(min(n, p.shape[-1]), -1)
         drawn = c > 0
-        covered = (lp.gather(1, x).exp() * drawn).sum(-1)
+        covered = (p.gather(1, x) * drawn).sum(-1)
+        del p, counts
         ids.append(x.cpu().numpy())
         logp.append(torch.where(drawn, (c / n).log(), float("-inf")).cpu().numpy())
         tail.append(torch.full_like(covered, TAIL_FLOOR).cpu().numpy())

@@ -199,21 +199,22 @@ def _answer_probs(teacher_dir, temperature):
 def test_the_teacher_mass_outside_the_stored_ids_is_recorded_and_noted(teacher_dir, data, tmp_path, monkeypatch,
                                                                       capsys):
     monkeypatch.setattr(fileio, "_notes_said", set())
-    probs, vocab = _answer_probs(teacher_dir, 2.0)
-    full = make_cache(teacher_dir, data, tmp_path / "full", "--top_k", str(vocab), "--temperature", "2")
+    t = "0.1"  # the random teacher is nearly flat: sharpened, its positions differ in how much the top 4 hold
+    probs, vocab = _answer_probs(teacher_dir, float(t))
+    full = make_cache(teacher_dir, data, tmp_path / "full", "--top_k", str(vocab), "--temperature", t)
     assert full["teacher_mass_outside"]["mean"] == 0 and full["teacher_mass_outside"]["max"] == 0
     assert "hold only" not in capsys.readouterr().err
-    four = make_cache(teacher_dir, data, tmp_path / "four", "--top_k", "4", "--temperature", "2")
+    four = make_cache(teacher_dir, data, tmp_path / "four", "--top_k", "4", "--temperature", t)
     outside = 1 - np.sort(probs, -1)[:, -4:].sum(-1)  # by hand: the teacher's mass beyond its 4 most likely ids
+    assert outside.std() > 0.05 and outside.mean() > 0.1
     got = json.loads((tmp_path / "four" / "meta.json").read_text())["teacher_mass_outside"]
     assert got == four["teacher_mass_outside"] and got["positions"] == len(probs) == four["answer_tokens"]
     assert got["mean"] == pytest.approx(outside.mean(), abs=2e-3)
     assert got["p90"] == pytest.approx(np.percentile(outside, 90), abs=2e-3)
     err = capsys.readouterr().err
     assert f"the top 4 hold only {100 * (1 - got['mean']):.3g}% of the teacher's mass" in err
-    assert 100 * (1 - got["mean"]) == pytest.approx(100 * (1 - outside.mean()), abs=0.2)
     assert "--sampling sample" in err
-    sampled = make_cache(teacher_dir, data, tmp_path / "sampled", "--sampling", "sample", "--temperature", "2")
+    sampled = make_cache(teacher_dir, data, tmp_path / "sampled", "--sampling", "sample", "--temperature", t)
     ids, logp, _ = kd_cache.TeacherCache(sampled["out"]).batch(range(len(ROWS)), "cpu")
     drawn = (logp > kd_cache.MIN_LOGP).numpy()
     assert np.allclose(np.exp(logp.numpy()).sum(-1, where=drawn), 1, atol=4e-3)  # frequencies of 64 draws
