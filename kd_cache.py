@@ -43,7 +43,8 @@ SAMPLING = ("topk", "sample")               # teacher_cache.py --sampling
 TAIL_FLOOR = -30.0                          # log mass below e^-30 counts as none (no -inf in the loss)
 EMPTY = 2 ** Q_BITS - 1                     # the log-probability code of an empty slot (and of p < e^-32): p = 0
 NOTE_ABOVE = 0.1  # a top-k cache missing more than this share of the teacher's mass on average gets a note: on
-# CreditMix at T = 2 the top 64 missed 0.84-0.88 of it and the cached student trained 2-3 points below live KD
+# CreditMix at T = 2 the top 64 of the SmolLM2 base missed 0.84-0.88 of it, and a student trained from an SFT
+# teacher's top-64 cache scored 2-3 points below live KD (docs/training.md)
 
 
 def tokenizer_fingerprint(tok) -> str:
