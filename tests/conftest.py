@@ -181,3 +181,15 @@ def metric(client, name: str, **labels) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 total += s.value
     return total
+
+
+def exits_2(fn, capsys) -> str:
+    """Run fn as a script's main runs (under user_errors): it must exit 2 with one line on stderr; returns it."""
+    from fileio import user_errors
+    with pytest.raises(SystemExit) as e:
+        with user_errors():
+            fn()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err and err[-1].startswith("error: ")
+    assert not any("Traceback" in line for line in err)
+    return err[-1]

@@ -12,7 +12,7 @@ import fileio
 import models
 import precision
 from fileio import UserError, write_json
-from conftest import ROOT
+from conftest import ROOT, exits_2
 
 
 def test_resolve_model_kinds(tmp_path, tiny_model_dir):
@@ -106,15 +106,6 @@ def test_inference_on_cpu_says_nothing_about_qlora(tiny_model_dir, capsys, monke
     assert capsys.readouterr().err.count("4-bit QLoRA needs a CUDA GPU") == 1
 
 
-def exits_2(fn, capsys) -> str:
-    """Run fn as a script's main runs (under user_errors): it must exit 2 with one line on stderr; returns it."""
-    with pytest.raises(SystemExit) as e:
-        with fileio.user_errors():
-            fn()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err and err[-1].startswith("error: ")
-    assert not any("Traceback" in line for line in err)
-    return err[-1]
 
 
 SEPARATORS = "a\u2028b\u2029c\x85d"  # line separators for str.splitlines(), ordinary characters for JSON

@@ -7,7 +7,7 @@ import pytest
 import creditmix as cm
 import creditmix_prepare
 from fileio import UserError
-from conftest import shared_data, write_creditmix_sample
+from conftest import exits_2, shared_data, write_creditmix_sample
 
 
 class DataRead(Exception):
@@ -114,14 +114,6 @@ def test_missing_file_exits_2(tmp_path):
     assert r.stderr.strip() == f"error: data file not found: {tmp_path / 'nope.json'}"
 
 
-def exits_2(fn, capsys) -> str:
-    from fileio import user_errors
-    with pytest.raises(SystemExit) as e:
-        with user_errors():
-            fn()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith("error: ") and not any("Traceback" in x for x in err)
-    return err[-1]
 
 
 def seed_rows(n_per_class=6):

@@ -16,6 +16,7 @@ import fileio
 import speedups
 import training
 from fileio import UserError
+from conftest import exits_2
 
 ROWS = [  # answers of 1, 5 and 14 words: the micro-batches' answer-token counts differ
     {"input": "Classify the credit mix of: Age 30, Outstanding Debt 1200.50", "output": "Good"},
@@ -131,13 +132,6 @@ def test_cuda_graphs_on_a_cpu_trains_eagerly_and_says_so(tiny_model_dir, creditm
     assert "cuda_graphs" not in metrics["speedups"] and "cuda_graph_captures" not in metrics
 
 
-def _exits_2(fn, capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        with fileio.user_errors():
-            fn()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith("error: ") and not any("Traceback" in x for x in err)
-    return err[-1]
 
 
 @pytest.mark.parametrize("script,flags,msg", [
@@ -152,7 +146,7 @@ def test_what_a_captured_step_cannot_do_is_refused_in_one_line(script, flags, ms
     data = {"sft_train": "creditmix_sft.jsonl", "kd_train": "creditmix_kd.jsonl", "dpo_train": "creditmix_dpo.jsonl"}
     argv = ["--student", str(tiny_model_dir), "--data", str(creditmix_dir / data[script]), "--save_dir",
             str(tmp_path / "run"), "--cuda_graphs"] + [str(tiny_model_dir) if f == "TINY" else f for f in flags]
-    line = _exits_2(lambda: mod.main(mod.parse_args(argv)), capsys)
+    line = exits_2(lambda: mod.main(mod.parse_args(argv)), capsys)
     assert re.search(msg, line), line
     assert not (tmp_path / "run").exists()  # refused before anything loads or is written
 

@@ -11,6 +11,7 @@ import run_record
 import sft_train
 import training
 from fileio import UserError
+from conftest import exits_2
 
 
 def test_smoke_writes_adapter_run_json_and_logs(tiny_sft_run, tiny_model_dir):
@@ -124,14 +125,6 @@ def test_max_minutes_stops_early_and_saves(tmp_path, tiny_model_dir, creditmix_d
 # ----------------------------------------------------------------------------------------------------------------
 # a run directory is complete or refused
 
-def exits_2(fn, capsys) -> str:
-    """Run fn as a script's main runs (under user_errors): exit 2 with one line on stderr, which is returned."""
-    with pytest.raises(SystemExit) as e:
-        with fileio.user_errors():
-            fn()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith("error: ") and not any("Traceback" in x for x in err)
-    return err[-1]
 
 
 def sft_argv(tiny_model_dir, creditmix_dir, run, steps):
