@@ -73,6 +73,11 @@ def add_training_args(p: argparse.ArgumentParser, *, max_len: int = 1024, lr: fl
     g.add_argument("--graph_bucket", type=int, default=64,
                    help="--cuda_graphs: pad each micro-batch to a multiple of this many tokens (one graph per "
                         "micro-batch size and length); 0 = pad to --max_len (one graph per micro-batch size)")
+    g.add_argument("--padding_free", action="store_true",
+                   help="sft_train.py only: each micro-batch's rows concatenated into one sequence with no padding "
+                        "(TRL's padding_free; rows still attend only to themselves: position_ids restart per row and "
+                        "transformers builds a block-diagonal causal mask, or flash-attention's varlen kernel when "
+                        "the model loads with it); off by default until measured faster on a GPU (docs/training.md)")
     g.add_argument("--max_memory_gb", type=float, default=8,
                    help="CUDA: cap GPU memory to this and pick the largest micro-batch (dividing the effective batch) "
                         "that fits, raising gradient accumulation to keep the effective batch; 0 = off")
@@ -156,6 +161,18 @@ def check_cuda_graphs(title: str, args) -> None:
         raise UserError("--cuda_graphs: one process only (DDP's and FSDP's gradient hooks are not captured)")
     if args.graph_bucket < 0:
         raise UserError(f"--graph_bucket must be >= 0, got {args.graph_bucket}")
+
+
+PADDING_FREE_TRAINERS = ("sft_train",)  # --padding_free: the trainers whose collator and loss take a flattened batch
+
+
+def check_padding_free(title: str, args) -> None:
+    """--padding_free: refused for the trainers that cannot take it, with one line. KD: KDTrainer's teacher forward,
+    cached teacher rows and cross-tokenizer pairs are laid out per padded row. DPO: TRL 1.16's DPOTrainer turns
+    padding_free off itself ("temporarily unavailable after a refactor") and trains padded."""
+    if getattr(args, "padding_free", False) and title not in PADDING_FREE_TRAINERS:
+        raise UserError(f"--padding_free: only {', '.join(t + '.py' for t in PADDING_FREE_TRAINERS)} trains on "
+                        f"padding-free batches so far; run {title}.py without it")
 
 
 def cuda_graphs_on(args) -> bool:
@@ -243,6 +260,7 @@ def trl_kwargs(args, save_dir: str) -> dict:
     # positions are masked and carry no loss), and gradient checkpointing need not save the RNG state (no dropout),
     # which reads the CUDA generator inside the capture
     graph_kw = {"pad_to_multiple_of": args.graph_bucket or args.max_len} if graphs else {}
+    padding_free = bool(getattr(args, "padding_free", False))
     return dict(**distributed_batch(args),
         output_dir=save_dir, num_train_epochs=args.epochs, max_steps=args.max_steps,
         learning_rate=args.lr, lr_scheduler_type=args.lr_scheduler_type, warmup_steps=args.warmup_ratio,  # < 1: a share
@@ -261,7 +279,9 @@ def trl_kwargs(args, save_dir: str) -> dict:
         bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,
         gradient_checkpointing=gc,
         gradient_checkpointing_kwargs={"use_reentrant": False, **({"preserve_rng_state": False} if graphs else {})},
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, dataloader_pin_memory=cuda,
+        # padding-free batches have no attention mask and no padding: "non_padding" would count input_ids != pad,
+        # and pad is <|im_end|> for SmolLM2, which every row holds three times (each turn's end)
+        include_num_input_tokens_seen="all" if padding_free else "non_padding", padding_free=padding_free, dataloader_num_workers=0, dataloader_pin_memory=cuda,
         max_length=None, use_cpu=not cuda,  # use_cpu: lets several CPU processes (torchrun, gloo) run as one job
         ddp_find_unused_parameters=False,  # every LoRA weight is used; True costs a graph traversal per backward
         activation_offloading=cuda and getattr(args, "activation_offloading", False),  # TRL offloads to CPU from CUDA
@@ -493,5 +513,6 @@ def start(title: str, args) -> float:
     resume_checkpoint(args)
     check_training_args(args)
     check_cuda_graphs(title, args)
+    check_padding_free(title, args)
     set_seed(args.seed)
     return time.time()
