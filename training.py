@@ -426,6 +426,17 @@ def apply_speedups(trainer) -> tuple:
     return applied
 
 
+def note_padding_free(trainer) -> None:
+    """--padding_free on sdpa or eager attention: say what it costs. transformers finds the rows from position_ids and
+    masks attention across them (exact), but over the whole concatenated sequence: a micro-batch of B rows does about B
+    times the padded batch's attention work. Only flash-attention's varlen kernel skips it (docs/training.md)."""
+    implementation = getattr(trainer.model.config, "_attn_implementation", "sdpa")
+    if getattr(trainer.args, "padding_free", False) and not str(implementation).startswith("flash_attention"):
+        note(f"--padding_free with {implementation} attention: each micro-batch attends as one sequence under a "
+             f"block-diagonal mask (exact, ~{trainer.args.per_device_train_batch_size}x the attention work of padded "
+             "rows); it saves the padded tokens' MLP and projections only")
+
+
 def prepare_trainer(trainer, args) -> tuple:
     """Everything a trainer needs before train(), in the trainers and bench.py alike: the answer-only LM head, fp32
     LoRA weights, the speed-ups (speedups.py), then --max_memory_gb's micro-batch (measured with the speed-ups on).
@@ -433,6 +444,7 @@ def prepare_trainer(trainer, args) -> tuple:
     from compat import score_answer_tokens_only
     score_answer_tokens_only()
     keep_lora_fp32(trainer.model)
+    note_padding_free(trainer)
     applied = apply_speedups(trainer)
     fit_micro_batch(trainer, args)
     if getattr(args, "cuda_graphs", False):  # after the memory probe, which runs the trainer's own (eager) step

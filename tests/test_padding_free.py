@@ -94,12 +94,14 @@ def _argv(tiny_model_dir, creditmix_dir, run):
             "--report_to", "none"]
 
 
-def test_sft_train_padding_free_end_to_end_matches_padded(tmp_path, tiny_model_dir, creditmix_dir):
+def test_sft_train_padding_free_end_to_end_matches_padded(tmp_path, tiny_model_dir, creditmix_dir, capsys):
     """Same seed, same rows: the padding-free run trains to the padded run's loss, counts the same real tokens
     (no padding counted, and none of the rows' own <|im_end|> tokens, which are the pad token, left out) and
     records the flag in run.json."""
     sft_train.main(sft_train.parse_args(_argv(tiny_model_dir, creditmix_dir, tmp_path / "padded")))
+    capsys.readouterr()
     sft_train.main(sft_train.parse_args(_argv(tiny_model_dir, creditmix_dir, tmp_path / "free") + ["--padding_free"]))
+    assert "--padding_free with sdpa attention" in capsys.readouterr().err  # what it costs there, said
     padded, free = (json.loads((tmp_path / r / "run.json").read_text()) for r in ("padded", "free"))
     assert free["args"]["padding_free"] is True and padded["args"]["padding_free"] is False
     assert free["metrics"]["train_steps"] == 2
