@@ -281,7 +281,8 @@ def trl_kwargs(args, save_dir: str) -> dict:
         gradient_checkpointing_kwargs={"use_reentrant": False, **({"preserve_rng_state": False} if graphs else {})},
         # padding-free batches have no attention mask and no padding: "non_padding" would count input_ids != pad,
         # and pad is <|im_end|> for SmolLM2, which every row holds three times (each turn's end)
-        include_num_input_tokens_seen="all" if padding_free else "non_padding", padding_free=padding_free, dataloader_num_workers=0, dataloader_pin_memory=cuda,
+        include_num_input_tokens_seen="all" if padding_free else "non_padding", padding_free=padding_free,
+        dataloader_num_workers=0, dataloader_pin_memory=cuda,
         max_length=None, use_cpu=not cuda,  # use_cpu: lets several CPU processes (torchrun, gloo) run as one job
         ddp_find_unused_parameters=False,  # every LoRA weight is used; True costs a graph traversal per backward
         activation_offloading=cuda and getattr(args, "activation_offloading", False),  # TRL offloads to CPU from CUDA
