@@ -193,3 +193,12 @@ def exits_2(fn, capsys) -> str:
     assert e.value.code == 2 and err and err[-1].startswith("error: ")
     assert not any("Traceback" in line for line in err)
     return err[-1]
+
+
+def nonzero_lora_b(model, std: float = 0.05) -> None:
+    """LoRA B starts at zero, so a fresh adapter changes nothing and lora_A gets no gradient: draw B from N(0, std)
+    (torch's global generator), as a trained adapter would have it."""
+    import torch
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=std)

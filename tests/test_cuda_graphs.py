@@ -16,7 +16,7 @@ import fileio
 import speedups
 import training
 from fileio import UserError
-from conftest import exits_2
+from conftest import exits_2, nonzero_lora_b
 
 ROWS = [  # answers of 1, 5 and 14 words: the micro-batches' answer-token counts differ
     {"input": "Classify the credit mix of: Age 30, Outstanding Debt 1200.50", "output": "Good"},
@@ -32,9 +32,7 @@ def _trainer(tiny_model_dir, tmp_path, dropout=0.0, attention="sdpa", pad_to=16)
     if attention != "sdpa":
         model.set_attn_implementation(attention)
     torch.manual_seed(0)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero: give A a gradient
-            torch.nn.init.normal_(p, std=0.05)
+    nonzero_lora_b(model)
     dataset, _ = training.encode_rows(tok, ROWS, "input", "output", 256)
     ns = argparse.Namespace(max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=2, seed=0)
     kw = training.trl_kwargs(ns, str(tmp_path))

@@ -10,7 +10,7 @@ import common
 import fileio
 import kd_losses
 from fileio import UserError
-from conftest import build_tiny_model
+from conftest import build_tiny_model, nonzero_lora_b
 
 
 def hand(ps_logits, pt_logits, kind, beta=0.5, T=1.0):
@@ -179,9 +179,7 @@ def test_kd_terms_chunked_equals_full_logits_on_lora_gradients(tiny_model_dir, m
     student, _, _ = common.load_student(str(tiny_model_dir), gradient_checkpointing=False)
     student.eval()  # LoRA dropout off: both passes must see the same network (gradients still flow)
     torch.manual_seed(0)
-    for n, p in student.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.02)  # a trained-looking adapter, so the gradients reach lora_A too
+    nonzero_lora_b(student, std=0.02)  # a trained-looking adapter, so the gradients reach lora_A too
     bt = batch(tok)
     grads = []
     for full in (False, True):

@@ -9,7 +9,7 @@ import torch
 import common
 import sft_train
 import training
-from conftest import exits_2
+from conftest import exits_2, nonzero_lora_b
 
 
 def _rows(n=4):
@@ -26,9 +26,7 @@ def _trainer(tiny_model_dir, tmp_path, padding_free: bool):
                                 + (["--padding_free"] if padding_free else []))
     torch.manual_seed(0)
     model, tok, _ = common.load_student(str(tiny_model_dir), quantize="none", lora_dropout=0.0)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero: give A a gradient too
-            torch.nn.init.normal_(p, std=0.05)
+    nonzero_lora_b(model)
     dataset, _ = training.encode_rows(tok, _rows(), "input", "output", 512)
     trainer = SFTTrainer(model=model, args=training.trl_config(SFTConfig, training.trl_kwargs(args, args.save_dir)),
                          train_dataset=dataset, processing_class=tok)

@@ -10,6 +10,7 @@ import common
 import fileio
 import speedups
 from fileio import UserError
+from conftest import nonzero_lora_b
 
 
 def test_auto_picks_compile_on_cuda_only_and_nothing_on_a_cpu(monkeypatch):
@@ -48,9 +49,7 @@ def _tiny_lora(dropout: float, seed: int = 0):
     cfg = AutoConfig.for_model(model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, vocab_size=300)
     model = common.add_lora(AutoModelForCausalLM.from_config(cfg), dropout=dropout)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:  # B starts at zero: give the LoRA path a gradient that depends on A
-            torch.nn.init.normal_(p, std=0.05)
+    nonzero_lora_b(model)  # the LoRA path's gradient then depends on A
     return model.train()
 
 
@@ -132,9 +131,7 @@ def test_compiled_layers_give_the_plain_loss_and_lora_gradients_on_cuda(four_bit
     model = model.cuda()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.02)  # a trained adapter, so that disabling it changes the output
+    nonzero_lora_b(model, std=0.02)  # a trained adapter, so that disabling it changes the output
     ids = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda")
 
     def step():
