@@ -188,8 +188,8 @@ def main(args):
                     sampling=args.cache_sampling)
         dataset = dataset.add_column("kd_row", list(range(len(dataset))))
         note(f"--teacher_cache: {kd_cache.describe(cache.meta)}; the teacher is not loaded")
-        if kd_cache.coverage_note(cache.meta):
-            note("--teacher_cache: " + kd_cache.coverage_note(cache.meta))
+        if warning := kd_cache.coverage_note(cache.meta):
+            note("--teacher_cache: " + warning)
     eval_dataset = None
     if eval_rows is not None:
         eval_dataset, report["eval"] = encode_rows(tok, eval_rows, "input", "teacher_output", args.max_len,

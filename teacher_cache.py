@@ -117,8 +117,8 @@ def main(args):
                "temperature": args.temperature, "teacher_mass_outside": done["teacher_mass_outside"], "bytes": size,
                "bytes_per_answer_token": round(size / max(tokens, 1), 1)}
     print(json.dumps(summary))
-    if kd_cache.coverage_note(done):
-        note(kd_cache.coverage_note(done))
+    if warning := kd_cache.coverage_note(done):
+        note(warning)
     return summary
 
 
