@@ -11,6 +11,6 @@ within python3 gpu/serve_memory.py --shape qwen2.5-3b --cap_gb 8 --tokenizer ${T
   --batch 32 --out $OUT/serve_memory.json >$OUT/serve_memory.txt 2>>$L
 within python3 loadtest.py --model $W/qwen2.5-3b \
   --adapters sft=$W/qwen2.5-3b_sft,kd=$W/qwen2.5-3b_kd,dpo=$W/qwen2.5-3b_dpo --endpoints base,sft,kd,dpo \
-  --modes on,per_adapter,peft_mixed --concurrency 8,32 --requests 1024 --max_seconds 60 --rss_requests 0 \
+  --modes on,per_adapter,peft_mixed --concurrency 8,32 --requests 1024 --max_seconds ${LOAD_S:-60} --rss_requests 0 \
   --out $OUT/serve_load.json >$OUT/serve_load.txt 2>>$L
 cat $OUT/serve_memory.txt $OUT/serve_load.txt
