@@ -5,12 +5,15 @@
 #   teacher_cache.py --sampling sample);  T=1: KD live and from its top-64 cache (made at temperature 1).
 #   P=<dir holding data_cm20 from creditmix_prepare.py> bash gpu/kd_cache_check.sh      (any CUDA machine)
 # CPU dry run: M=<tiny model dir> ST=2 KST=2 MIN=1 LIMIT=4 P=<dir with make_carry's prepared data> OUT=/tmp/out R=/tmp/runs bash gpu/kd_cache_check.sh
-# Time on an H200 (not measured in this form yet): the earlier sequential form took 484 s with 90 student steps; here
-# the teacher takes ~2.5 min and then six students of 270 steps share the GPU (each alone ~2 min at the teacher's
-# 2.3 steps/s; a 135M trainer keeps the GPU ~20% busy), estimated ~8-9 min in all. $L gets a time stamp per step
-# ("<seconds since start> s: <step> done"): trim KST there if it runs over.
+# RUN picks the chains (default all: "sft live cached sampled live_t1 cached_t1"). Time on an H200, 2026-12-01,
+# KST=240, all chains: teacher done at 260 s (120 s of training), the three caches at ~365 s, the SFT and live
+# students at 470-560 s; the cached students, started last, did not finish in a 560 s budget. On a machine that
+# limits a call to 10 minutes, run it in two calls on the same warm machine (RUN="sft live live_t1", then
+# RUN="cached sampled cached_t1" with ST=0 to reuse the teacher). $L gets a time stamp per step
+# ("<seconds since start> s: <step> done").
 set -u
 M=${M:-smollm2-135m}; P=${P:-/tmp/carry/prep}; R=${R:-runs}; ST=${ST:--1}; KST=${KST:-270}; LIMIT=${LIMIT:-}
+RUN=" ${RUN:-sft live cached sampled live_t1 cached_t1} "
 OUT=${OUT:-/tmp/out}; MIN=${MIN:-2}   # minutes of teacher training at most (--max_minutes)
 export DISTILL_SLM_RUNS=$R L=$R/logs/kd_cache_check.txt OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # 7 processes at once
 mkdir -p $R/logs $OUT && cp -r $P/data_cm20 $R/
@@ -25,18 +28,21 @@ kd() { local n=$1; shift; within python3 kd_train.py --student $M $KD --save_dir
   > $R/logs/$n.log 2>&1; stamp $n; ev $n; }
 cache() { local n=$1; shift; within python3 teacher_cache.py --teacher $T --data $D/creditmix_kd.jsonl --idp_mode \
   --max_len 512 --out $R/$n "$@" > $R/logs/$n.log 2>&1; stamp $n; }
-within python3 sft_train.py --student $M --data $D/creditmix_sft.jsonl --save_dir $T --epochs 6 $CM \
-  --max_steps $ST --max_minutes $MIN > $R/logs/teacher.log 2>&1; stamp teacher
-ev cm20_teacher &
-(within python3 sft_train.py --student $M --data $D/creditmix_sft.jsonl --save_dir $R/cm20_student_sft \
+want() { [[ $RUN == *" $1 "* ]]; }
+if [ "$ST" = 0 ] && [ -f $T/run.json ]; then echo "reusing the teacher in $T" >>"$L"; else
+  within python3 sft_train.py --student $M --data $D/creditmix_sft.jsonl --save_dir $T --epochs 6 $CM \
+    --max_steps $ST --max_minutes $MIN > $R/logs/teacher.log 2>&1; stamp teacher
+  ev cm20_teacher &
+fi
+want sft && (within python3 sft_train.py --student $M --data $D/creditmix_sft.jsonl --save_dir $R/cm20_student_sft \
   --max_steps $KST $CM > $R/logs/cm20_student_sft.log 2>&1; stamp cm20_student_sft; ev cm20_student_sft) &
-kd cm20_kd_live --teacher $T --temperature 2 &
-kd cm20_kd_live_t1 --teacher $T --temperature 1 &
-(cache cm20_cache --temperature 2
+want live && kd cm20_kd_live --teacher $T --temperature 2 &
+want live_t1 && kd cm20_kd_live_t1 --teacher $T --temperature 1 &
+want cached && (cache cm20_cache --temperature 2
  kd cm20_kd_cached --teacher_cache $R/cm20_cache --cache_sampling topk --temperature 2) &
-(cache cm20_cache_sample --temperature 2 --sampling sample --draws 64 --seed 0
+want sampled && (cache cm20_cache_sample --temperature 2 --sampling sample --draws 64 --seed 0
  kd cm20_kd_sampled --teacher_cache $R/cm20_cache_sample --cache_sampling sample --temperature 2) &
-(cache cm20_cache_t1 --temperature 1
+want cached_t1 && (cache cm20_cache_t1 --temperature 1
  kd cm20_kd_cached_t1 --teacher_cache $R/cm20_cache_t1 --cache_sampling topk --temperature 1) &
 wait
 python3 - "$R" <<'PY' | tee $OUT/kd_cache_check.txt
