@@ -59,6 +59,11 @@ def parse_args(argv=None):
                    help="trainer cases: profile the last optimizer step (torch.profiler) into DIR/prof_<case>.txt: "
                         "GPU busy time against wall time, kernels by kind, the top ops")
     # output
+    p.add_argument("--memory_history", default=None, metavar="DIR",
+                   help="record each case's GPU allocations (torch.cuda.memory._record_memory_history): "
+                        "DIR/mem_<case>.txt lists what was alive at the peak (and at an out-of-memory error), "
+                        "grouped by where it was allocated; DIR/mem_<case>.pickle opens in pytorch.org/memory_viz. Slows "
+                        "the case: its tokens/s do not count")
     p.add_argument("--out", default=None, help="also write the rows here (.json: a list; .jsonl: appended)")
     p.add_argument("--table", nargs="+", default=None, help="only print the table of rows saved by earlier --out")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case in this process
@@ -157,6 +162,122 @@ def save_profile(args, prof, wall: float) -> dict:
     (Path(args.profile) / f"prof_{args.one}.txt").write_text(text + "\n")
     print(text, file=sys.stderr)
     return fields
+
+
+TORCH_FRAMES = ("/torch/", "<frozen", "/contextlib.py", "/functools.py", "/threading.py")
+
+
+def alloc_site(frames: list[dict]) -> str:
+    """Where a block was allocated: the innermost Python frame outside torch itself (a model, PEFT, TRL, ours)."""
+    f = next((f for f in frames if not any(t in f.get("filename", "") for t in TORCH_FRAMES)), None)
+    if f is None:
+        return "(torch internals)" if frames else "(no stack: allocated before recording)"
+    parts = f["filename"].split("/")
+    return f"{'/'.join(parts[-2:])}:{f.get('line', '?')} {f.get('name', '')}"
+
+
+def live_at_peak(snapshot: dict, device: int = 0) -> tuple[int, list[dict]]:
+    """Replay a memory snapshot's allocator trace (torch.cuda.memory._snapshot() after _record_memory_history):
+    (peak bytes allocated within the trace, the blocks alive at that peak: {size, frames}). Blocks allocated before
+    the trace's window (a ring buffer) count as alive from its start: those freed in the window, from their free
+    event, and those still alive at the snapshot, from its segments."""
+    trace = snapshot.get("device_traces", [[]])[device]
+    allocated_in_window, live, pre = set(), {}, {}
+    for ev in trace:
+        a = ev["action"]
+        if a == "alloc":
+            allocated_in_window.add(ev["addr"])
+        elif a in ("free_requested", "free_completed") and ev["addr"] not in allocated_in_window:
+            pre.setdefault(ev["addr"], {"size": ev["size"], "frames": ev.get("frames", [])})
+    for seg in snapshot.get("segments", []):
+        if seg.get("device", device) != device:
+            continue
+        addr = seg["address"]
+        for b in seg["blocks"]:
+            if b["state"] == "active_allocated" and addr not in allocated_in_window:
+                pre.setdefault(addr, {"size": b["size"], "frames": b.get("frames", [])})
+            addr += b["size"]
+    live = dict(pre)
+    total = peak = sum(b["size"] for b in live.values())
+    peak_at = -1
+    for i, ev in enumerate(trace):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = {"size": ev["size"], "frames": ev.get("frames", [])}
+            total += ev["size"]
+            if total > peak:
+                peak, peak_at = total, i
+        elif ev["action"] in ("free_requested", "free_completed") and ev["addr"] in live:
+            total -= live.pop(ev["addr"])["size"]
+    live = dict(pre)
+    for ev in trace[:peak_at + 1]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = {"size": ev["size"], "frames": ev.get("frames", [])}
+        elif ev["action"] in ("free_requested", "free_completed"):
+            live.pop(ev["addr"], None)
+    return peak, list(live.values())
+
+
+def live_now(snapshot: dict) -> list[dict]:
+    """The blocks alive when the snapshot was taken (an out-of-memory error: what filled the GPU), with their
+    memory pool: CUDA graphs' private pools are not (0, 0)."""
+    return [{"size": b["size"], "frames": b.get("frames", []), "pool": tuple(seg.get("segment_pool_id", (0, 0)))}
+            for seg in snapshot.get("segments", []) for b in seg["blocks"] if b["state"] == "active_allocated"]
+
+
+def memory_table(blocks: list[dict], title: str, rows: int = 20) -> str:
+    """GiB and block counts by allocation site (and pool, where known), largest first."""
+    by: dict[tuple, list] = {}
+    for b in blocks:
+        pool = b.get("pool")
+        key = (alloc_site(b["frames"]), "" if pool is None else ("default" if tuple(pool) == (0, 0) else "graph"))
+        by.setdefault(key, [0, 0])
+        by[key][0] += b["size"]
+        by[key][1] += 1
+    total = sum(v[0] for v in by.values())
+    lines = [f"{title}: {total / 2**30:.3f} GiB in {len(blocks)} blocks", f"{'GiB':>8}{'blocks':>8}  pool     site"]
+    for (site, pool), (size, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"{size / 2**30:>8.3f}{n:>8}  {pool or '-':<8} {site}")
+    return "\n".join(lines)
+
+
+def record_memory(args) -> None:
+    """--memory_history: record allocations from here on, and on an out-of-memory error write what was alive."""
+    if not (args.memory_history and torch_cuda()):
+        return
+    import torch
+    Path(args.memory_history).mkdir(parents=True, exist_ok=True)
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+
+    def on_oom(device, alloc, device_alloc, device_free):
+        text = memory_table(live_now(torch.cuda.memory._snapshot()),
+                            f"{args.one}: alive at the out-of-memory error (asked for {alloc / 2**20:.0f} MiB)")
+        (Path(args.memory_history) / f"mem_{args.one}_oom.txt").write_text(text + "\n")
+        print(text, file=sys.stderr, flush=True)
+
+    torch._C._cuda_attach_out_of_memory_observer(on_oom)
+
+
+def save_memory(args) -> dict:
+    """--memory_history: what was alive at the case's peak, by allocation site (mem_<case>.txt, and the pickle)."""
+    if not (args.memory_history and torch_cuda()):
+        return {}
+    import pickle
+    import torch
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    d = Path(args.memory_history)
+    with open(d / f"mem_{args.one}.pickle", "wb") as f:
+        pickle.dump(snap, f)
+    peak, blocks = live_at_peak(snap, torch.cuda.current_device())
+    text = memory_table(blocks, f"{args.one}, seq {args.seq}: alive at the peak ({peak / 2**30:.3f} GiB)")
+    (d / f"mem_{args.one}.txt").write_text(text + "\n")
+    print(text, file=sys.stderr, flush=True)
+    return {"memory_history": str(d / f"mem_{args.one}.txt")}
+
+
+def torch_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def trainer_args(args, save_dir, batch, accum, untimed: int = 1, cuda_graphs: bool = False):
@@ -565,9 +686,11 @@ def run_one(args) -> dict:
     row = {"case": args.one, "seq": args.seq, "cap_gb": args.cap_gb}
     if getattr(args, "activation_offloading", False):
         row["activation_offloading"] = True
+    record_memory(args)
     try:
         row.update(CASES[args.one](args))
         row["status"] = "ok"
+        row.update(save_memory(args))
     except Exception as e:  # a case that OOMs or breaks is a row in the table, not a crash of the bench
         row.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0][:640]}" if str(e) else
                    type(e).__name__)

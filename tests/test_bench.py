@@ -119,3 +119,51 @@ def test_kernel_kinds_go_by_what_ran_not_by_words_in_template_names():
     assert bench.kernel_kind("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN") == "matmul"
     assert bench.kernel_kind("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>") == "4-bit dequantise"
     assert bench.kernel_kind("triton_red_fused__to_copy_add_gemm_4bit_mean_mul_0") == "compiled (triton)"
+
+
+def _frames(*where):
+    return [{"filename": f, "line": n, "name": fn} for f, n, fn in where]
+
+
+def test_memory_history_names_what_is_alive_at_the_peak():
+    """--memory_history's report: replaying the allocator trace finds the peak and the blocks alive then, counting
+    blocks allocated before the trace's window (the model's weights) from the snapshot's segments."""
+    torch_site = ("/x/site-packages/torch/nn/modules/linear.py", 125, "forward")
+    weights = _frames(torch_site, ("/x/site-packages/transformers/modeling_utils.py", 900, "load"))
+    act = _frames(torch_site, ("/x/site-packages/transformers/models/qwen2/modeling_qwen2.py", 70, "forward"))
+    logits = _frames(("/w/compat.py", 300, "fused_head"))
+    snapshot = {
+        "segments": [{"device": 0, "address": 1000, "segment_pool_id": (0, 0),
+                      "blocks": [{"size": 600, "state": "active_allocated", "frames": weights},
+                                 {"size": 400, "state": "inactive"}]}],
+        "device_traces": [[
+            {"action": "alloc", "addr": 5000, "size": 300, "frames": act},
+            {"action": "alloc", "addr": 6000, "size": 200, "frames": logits},
+            {"action": "free_requested", "addr": 6000, "size": 200},
+            {"action": "free_completed", "addr": 6000, "size": 200},
+            {"action": "alloc", "addr": 7000, "size": 50, "frames": logits},
+            {"action": "free_completed", "addr": 5000, "size": 300},
+            {"action": "free_completed", "addr": 7000, "size": 50},
+        ]]}
+    peak, blocks = bench.live_at_peak(snapshot)
+    assert peak == 600 + 300 + 200
+    assert sorted(b["size"] for b in blocks) == [200, 300, 600]
+    text = bench.memory_table(blocks, "peak")
+    lines = text.splitlines()
+    assert "3 blocks" in lines[0]
+    assert "transformers/modeling_utils.py:900 load" in lines[2]      # the largest first, torch frames skipped
+    assert "qwen2/modeling_qwen2.py:70 forward" in lines[3] and "w/compat.py:300 fused_head" in lines[4]
+
+
+def test_memory_history_at_an_oom_tells_graph_pools_apart():
+    snapshot = {"segments": [
+        {"device": 0, "address": 0, "segment_pool_id": (0, 0),
+         "blocks": [{"size": 2 * 2**30, "state": "active_allocated", "frames": []}]},
+        {"device": 0, "address": 2**32, "segment_pool_id": (1, 3),
+         "blocks": [{"size": 2**30, "state": "active_allocated",
+                     "frames": _frames(("/w/speedups.py", 250, "_capture"))},
+                    {"size": 2**20, "state": "inactive"}]}]}
+    text = bench.memory_table(bench.live_now(snapshot), "oom")
+    assert "3.000 GiB in 2 blocks" in text
+    assert any("graph" in ln and "speedups.py:250 _capture" in ln for ln in text.splitlines())
+    assert any("default" in ln and "allocated before recording" in ln for ln in text.splitlines())
