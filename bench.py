@@ -530,7 +530,7 @@ def _train_timed(trainer, ns, args, untimed: int = 1, graphs: bool | None = None
     if prof:
         trainer.add_callback(prof)
     kernels = prepare_trainer(trainer, ns)
-    if graphs is not None and speedups.use_cuda_graphs(trainer, capture=graphs):
+    if graphs is not None and speedups.use_cuda_graphs(trainer, capture=graphs, offload=args.activation_offloading):
         kernels += ("cuda_graphs",) if graphs else ("graph_step_eager",)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

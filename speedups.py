@@ -20,6 +20,7 @@ DISTILL_SLM_KERNELS overrides the choice: "auto" (default), "none", or a comma-s
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -305,27 +306,74 @@ def ready_causal_mask(attention_mask, implementation: str, dtype):
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
 
 
-def sft_micro_step(model, bf16: bool):
+class HiddenStateOffload(torch.autograd.graph.saved_tensors_hooks):
+    """--cuda_graphs --activation_offloading: the [batch, tokens, hidden] tensors the forward pass saves for the
+    backward pass (with gradient checkpointing: each decoder layer's input, which is all the checkpoints keep, and the
+    final norm's) go to host memory and come back when the backward pass needs them, as Unsloth's offloaded
+    checkpointing does. 2048 tokens of the 3B shape: 36 x 8 MiB. A captured step can hold such copies where TRL's
+    activation offloading cannot (it allocates pinned memory per tensor, on its own streams, with events the CPU
+    waits on): here the copies run on the step's own stream into page-locked buffers allocated once per input shape,
+    in the eager warm-ups, and reused in the same order by every step and replay of that shape, so the capture records
+    only the copies. On the same stream they do not overlap the compute: they cost their PCIe time. Tensors that are
+    not hidden states (masks, rotary tables, logits) stay where they are."""
+
+    def __init__(self, hidden_size: int):
+        self.hidden, self.buffers, self.slots, self.i, self.shape = hidden_size, {}, [], 0, None
+        super().__init__(self.pack, self.unpack)
+
+    def step(self, key: tuple):
+        """Before a micro-step's forward pass on input_ids of shape `key`: that shape's buffers, from the first."""
+        self.slots, self.i, self.shape = self.buffers.setdefault(key, []), 0, (*key, self.hidden)
+        return self
+
+    def pack(self, t):
+        if tuple(t.shape) != self.shape or not t.is_floating_point() or isinstance(t, torch.nn.Parameter):
+            return t
+        if self.i == len(self.slots):
+            if t.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("activation offloading: a tensor to offload that the warm-ups did not have")
+            self.slots.append(torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda))
+        buf = self.slots[self.i]
+        self.i += 1
+        buf.copy_(t, non_blocking=True)
+        return buf, t.device
+
+    @staticmethod
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        buf, device = packed
+        return buf.to(device, non_blocking=True, copy=True)
+
+    def offloaded_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for slots in self.buffers.values() for b in slots)
+
+
+def sft_micro_step(model, bf16: bool, offload: bool = False):
     """fn(input_ids, attention_mask, labels, divisor) -> detached loss: SFTTrainer's micro-step (its compute_loss and
     Trainer's training_step) with nothing in it that waits for the GPU, so it can be captured: TRL's fused LM head
     over every position (no boolean indexing), loss = summed answer-token NLL / divisor (compat.sft_loss_divisor: a
     tensor, so the accumulated batch's token count can change between replays), backward inside. Runs eagerly as
     well (the CPU tests compare it with SFTTrainer.training_step). bf16: the trainer's autocast; the weight-cast
     cache is off in any case, as a capture requires (PyTorch's CUDA-graphs notes; accelerate's autocast around the
-    model's forward inherits the setting)."""
+    model's forward inherits the setting). offload: the forward pass's saved hidden states in host memory
+    (HiddenStateOffload, as micro.offload)."""
     from compat import scoring_every_position
     implementation = getattr(model.config, "_attn_implementation", "sdpa")
     dtype = model.get_input_embeddings().weight.dtype
+    offloader = HiddenStateOffload(model.config.hidden_size) if offload else None
 
     def micro(input_ids, attention_mask, labels, divisor):
         mask = ready_causal_mask(attention_mask, implementation, dtype)
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False), \
-                scoring_every_position():
+                scoring_every_position(), \
+                offloader.step(tuple(input_ids.shape)) if offloader else contextlib.nullcontext():
             out = model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False, fused_lm_head=True)
         loss = -out.log_probs.sum() / divisor  # as TRL's compute_loss: outside the autocast
         loss.backward()
         return loss.detach()
 
+    micro.offload = offloader
     return micro
 
 
@@ -334,9 +382,9 @@ class GraphedTrainingStep:
     (capture=True) or eagerly; returns the detached loss Trainer's training_step returns (the same scaling) and keeps
     TRL's token count. TRL's entropy and mean_token_accuracy are not computed: each waits for the GPU."""
 
-    def __init__(self, trainer, capture: bool):
+    def __init__(self, trainer, capture: bool, offload: bool = False):
         self.trainer, self.capture = trainer, capture
-        self.micro = sft_micro_step(trainer.model, bool(trainer.args.bf16))
+        self.micro = sft_micro_step(trainer.model, bool(trainer.args.bf16), offload=offload)
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         self.graphed = GraphedStep(self.micro, params=params) if capture else None
 
@@ -370,10 +418,11 @@ def keep_grads(model) -> None:
     model.zero_grad = functools.partial(type(model).zero_grad, model, set_to_none=False)
 
 
-def use_cuda_graphs(trainer, capture: bool | None = None) -> bool:
+def use_cuda_graphs(trainer, capture: bool | None = None, offload: bool = False) -> bool:
     """--cuda_graphs: the trainer's micro-step becomes GraphedTrainingStep. capture=None: captured on CUDA; on a CPU
     one note and the trainer's own step stays (eager). capture=False: GraphedTrainingStep runs eagerly (bench.py's
-    BENCH_GRAPH=0, the CPU tests). Refuses what the captured step does not reproduce. True if installed."""
+    BENCH_GRAPH=0, the CPU tests). offload (--activation_offloading): the saved hidden states in host memory
+    (HiddenStateOffload). Refuses what the captured step does not reproduce. True if installed."""
     if capture is None:
         if not torch.cuda.is_available():
             note("--cuda_graphs: CUDA only; this run trains eagerly")
@@ -392,7 +441,7 @@ def use_cuda_graphs(trainer, capture: bool | None = None) -> bool:
     if getattr(args, "padding_free", False) or getattr(args, "loss_type", "nll") != "nll" \
             or getattr(trainer, "aux_loss_enabled", False) or trainer.compute_loss_func is not None:
         raise UserError("--cuda_graphs: only SFT's plain loss (no padding-free batches, DFT loss or MoE router loss)")
-    trainer.training_step = GraphedTrainingStep(trainer, capture)
+    trainer.training_step = GraphedTrainingStep(trainer, capture, offload)
     keep_grads(model)
     note("--cuda_graphs: the micro-steps run as CUDA graphs; mean_token_accuracy and entropy are not logged (each "
          "waits for the GPU, which a captured step cannot)" if capture else

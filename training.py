@@ -154,9 +154,6 @@ def check_cuda_graphs(title: str, args) -> None:
         # the graph and gradient checkpointing's saved RNG state inside the capture; neither is verified on a GPU.
         raise UserError(f"--cuda_graphs needs --lora_dropout 0 (got {args.lora_dropout:g}): dropout inside a "
                         "captured step is not supported")
-    if getattr(args, "activation_offloading", False):
-        raise UserError("--cuda_graphs and --activation_offloading do not go together (the offloading's copies to "
-                        "the CPU wait for the GPU, which a captured step cannot)")
     if world_size() > 1:
         raise UserError("--cuda_graphs: one process only (DDP's and FSDP's gradient hooks are not captured)")
     if args.graph_bucket < 0:
@@ -285,7 +282,8 @@ def trl_kwargs(args, save_dir: str) -> dict:
         dataloader_num_workers=0, dataloader_pin_memory=cuda,
         max_length=None, use_cpu=not cuda,  # use_cpu: lets several CPU processes (torchrun, gloo) run as one job
         ddp_find_unused_parameters=False,  # every LoRA weight is used; True costs a graph traversal per backward
-        activation_offloading=cuda and getattr(args, "activation_offloading", False),  # TRL offloads to CPU from CUDA
+        # TRL offloads to CPU from CUDA; with --cuda_graphs the captured micro-step offloads (speedups.HiddenStateOffload)
+        activation_offloading=cuda and getattr(args, "activation_offloading", False) and not graphs,
         **graph_kw,
     )
 
@@ -450,7 +448,7 @@ def prepare_trainer(trainer, args) -> tuple:
     fit_micro_batch(trainer, args)
     if getattr(args, "cuda_graphs", False):  # after the memory probe, which runs the trainer's own (eager) step
         import speedups
-        if speedups.use_cuda_graphs(trainer):
+        if speedups.use_cuda_graphs(trainer, offload=getattr(args, "activation_offloading", False)):
             applied += ("cuda_graphs",)
     return applied
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # docs/performance.md, sft_graph; docs/training.md, "CUDA graphs": our SFT trainer path with its micro-steps as CUDA
 # graphs (sft_train.py --cuda_graphs) against Unsloth and the eager trainer (random-weight Qwen2.5-3B shape, 4-bit,
-# LoRA r16 on seven projections, dropout 0) at 2048 x 1 x 8 and at micro-batch 4 x 2 under an 8 GiB cap (where a
-# capture ran out of memory in bench.py's own loop); then sft_train.py --cuda_graphs on the embedded SmolLM2-135M
+# LoRA r16 on seven projections, dropout 0) at 2048 x 1 x 8, with and without --activation_offloading (the
+# layers' inputs in host memory), and at micro-batch 4 x 2 under an 8 GiB cap with it (without, that capture ran
+# out of memory); then sft_train.py --cuda_graphs on the embedded SmolLM2-135M
 # and real-length CreditMix rows (~120 tokens), eager against graphs, tokens/s from run.json. The GPU tests of the
 # captured step run first. Any CUDA machine with requirements.txt, Unsloth in its own folder (gpu/speed_table.sh):
 #   UNSLOTH_SITE=/tmp/unsloth_site bash gpu/graphs.sh        # about 10 minutes on an H200
@@ -13,8 +14,9 @@ B="python3 bench.py --out $OUT/graphs.jsonl --tokenizer ${TOKENIZER:-smollm2-135
 S="--seq 2048 --batch 1 --accum 8 --steps 3 --lora_dropout 0"
 C="--seq 2048 --batch 4 --accum 2 --steps 3 --lora_dropout 0 --cap_gb 8"
 within $B --cases sft_graph,unsloth,sft $S
+within $B --cases sft_graph $S --activation_offloading  # the layers' inputs in host memory, copied inside the graph
 within env BENCH_GRAPH=0 $B --cases sft_graph $S      # the same micro-step eagerly: what the capture itself buys
-within $B --cases sft_graph,unsloth,sft $C             # 8 GiB cap, micro-batch 4 (the capture's memory: graph_captures)
+within $B --cases sft_graph,unsloth_auto $C --max_memory_gb 8 --activation_offloading  # 8 GiB cap, micro-batch 4
 python3 bench.py --table "$OUT/graphs.jsonl" | tee "$OUT/graphs_table.txt"
 python3 - "$OUT/graphs.jsonl" <<'PY'
 import json, sys

@@ -82,6 +82,40 @@ def test_graph_micro_step_gives_sft_trainers_loss_and_gradients(tiny_model_dir, 
     assert trainer._metrics["train"]["num_tokens"] == [trainer._total_train_tokens]
 
 
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_offloaded_hidden_states_give_the_same_loss_and_gradients(tiny_model_dir, tmp_path, checkpointing):
+    """--cuda_graphs --activation_offloading: the forward pass's saved [batch, tokens, hidden] tensors go to host
+    buffers and come back for the backward pass. The micro-steps' losses and LoRA gradients equal the plain ones;
+    with gradient checkpointing each decoder layer's input is among them; each input shape gets its buffers once
+    and later steps reuse them in the same order (what a captured step replays)."""
+    trainer = _trainer(tiny_model_dir, tmp_path)
+    model = trainer.model
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ds = trainer.train_dataset
+    batches = [trainer.data_collator([ds[0], ds[1]]), trainer.data_collator([ds[2]])]
+    _, num_items = trainer.get_batch_samples(iter(batches), 2, trainer.args.device)
+    plain_losses, plain_grads = _run(trainer, speedups.GraphedTrainingStep(trainer, capture=False), batches, num_items)
+    offloaded = speedups.GraphedTrainingStep(trainer, capture=False, offload=True)
+    losses, grads = _run(trainer, offloaded, batches, num_items)
+    for a, b in zip(losses, plain_losses):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for name in plain_grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=0, atol=0, msg=name)
+
+    off = offloaded.micro.offload
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    assert set(off.buffers) == {tuple(b["input_ids"].shape) for b in batches}
+    for key, slots in off.buffers.items():
+        assert slots and all(tuple(b.shape) == (*key, hidden) for b in slots)
+        assert len(slots) >= layers  # every layer's input (checkpointing) or more (each op's saved input)
+    assert off.offloaded_bytes() > 0
+    where = {k: [b.data_ptr() for b in v] for k, v in off.buffers.items()}
+    again, _ = _run(trainer, offloaded, batches, num_items)
+    assert {k: [b.data_ptr() for b in v] for k, v in off.buffers.items()} == where
+    torch.testing.assert_close(again[0], losses[0], rtol=0, atol=0)
+
+
 def test_the_ready_mask_is_transformers_own(tiny_model_dir):
     """sdpa: the bool mask transformers builds from a padded 2-D mask; eager: its additive form."""
     from transformers.masking_utils import sdpa_mask
@@ -136,7 +170,6 @@ def test_cuda_graphs_on_a_cpu_trains_eagerly_and_says_so(tiny_model_dir, creditm
     ("kd_train", ["--teacher", "TINY"], "only sft_train.py runs its micro-step as a CUDA graph"),
     ("dpo_train", [], "only sft_train.py runs its micro-step as a CUDA graph"),
     ("sft_train", [], r"--cuda_graphs needs --lora_dropout 0 \(got 0.05\)"),
-    ("sft_train", ["--lora_dropout", "0", "--activation_offloading"], "--activation_offloading do not go together"),
 ])
 def test_what_a_captured_step_cannot_do_is_refused_in_one_line(script, flags, msg, tiny_model_dir, creditmix_dir,
                                                                  tmp_path, capsys):
@@ -151,14 +184,19 @@ def test_what_a_captured_step_cannot_do_is_refused_in_one_line(script, flags, ms
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_captured_step_replays_the_eager_loss_and_gradients(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("offload", [False, True])
+def test_a_captured_step_replays_the_eager_loss_and_gradients(tiny_model_dir, tmp_path, offload):
     """On a GPU (4-bit, bf16 autocast): after two eager warm-ups and the capture, replays of other batches of the
-    same shape give the eager micro-step's loss and LoRA gradients; a .grad freed since the capture is refused."""
+    same shape give the eager micro-step's loss and LoRA gradients; a .grad freed since the capture is refused.
+    offload: with gradient checkpointing, the layers' inputs copied to pinned host memory inside the graph."""
     trainer = _trainer(tiny_model_dir, tmp_path, pad_to=128)
     model, ds = trainer.model, trainer.train_dataset
+    if offload:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                           "preserve_rng_state": False})
     speedups.keep_grads(model)
     eager = speedups.GraphedTrainingStep(trainer, capture=False)
-    graphed = speedups.GraphedTrainingStep(trainer, capture=True)
+    graphed = speedups.GraphedTrainingStep(trainer, capture=True, offload=offload)
     batches = [trainer.data_collator([ds[0], ds[1]]), trainer.data_collator([ds[2], ds[0]])]
     assert batches[0]["input_ids"].shape == batches[1]["input_ids"].shape == (2, 128)
     lora = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -180,6 +218,8 @@ def test_a_captured_step_replays_the_eager_loss_and_gradients(tiny_model_dir, tm
             assert p.grad.abs().max() > 0, n
             torch.testing.assert_close(p.grad, want_grads[n], rtol=1e-3, atol=1e-5, msg=n)
     assert len(graphed.graphed.captures) == 1  # replayed, not captured again
+    if offload:
+        assert graphed.micro.offload.offloaded_bytes() > 0
     model.zero_grad(set_to_none=True)
     with pytest.raises(RuntimeError, match="freed or replaced since its capture"):
         graphed(model, dict(batches[0]))
