@@ -182,7 +182,7 @@ def live_at_peak(snapshot: dict, device: int = 0) -> tuple[int, list[dict]]:
     the trace's window (a ring buffer) count as alive from its start: those freed in the window, from their free
     event, and those still alive at the snapshot, from its segments."""
     trace = snapshot.get("device_traces", [[]])[device]
-    allocated_in_window, live, pre = set(), {}, {}
+    allocated_in_window, pre = set(), {}
     for ev in trace:
         a = ev["action"]
         if a == "alloc":
@@ -242,9 +242,9 @@ def memory_table(blocks: list[dict], title: str, rows: int = 20) -> str:
 
 def record_memory(args) -> None:
     """--memory_history: record allocations from here on, and on an out-of-memory error write what was alive."""
-    if not (args.memory_history and torch_cuda()):
-        return
     import torch
+    if not (args.memory_history and torch.cuda.is_available()):
+        return
     Path(args.memory_history).mkdir(parents=True, exist_ok=True)
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
 
@@ -259,10 +259,10 @@ def record_memory(args) -> None:
 
 def save_memory(args) -> dict:
     """--memory_history: what was alive at the case's peak, by allocation site (mem_<case>.txt, and the pickle)."""
-    if not (args.memory_history and torch_cuda()):
-        return {}
     import pickle
     import torch
+    if not (args.memory_history and torch.cuda.is_available()):
+        return {}
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     d = Path(args.memory_history)
@@ -273,11 +273,6 @@ def save_memory(args) -> dict:
     (d / f"mem_{args.one}.txt").write_text(text + "\n")
     print(text, file=sys.stderr, flush=True)
     return {"memory_history": str(d / f"mem_{args.one}.txt")}
-
-
-def torch_cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 def trainer_args(args, save_dir, batch, accum, untimed: int = 1, cuda_graphs: bool = False):
