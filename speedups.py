@@ -383,7 +383,7 @@ class GraphedTrainingStep:
     TRL's token count. TRL's entropy and mean_token_accuracy are not computed: each waits for the GPU."""
 
     def __init__(self, trainer, capture: bool, offload: bool = False):
-        self.trainer, self.capture = trainer, capture
+        self.trainer = trainer
         self.micro = sft_micro_step(trainer.model, bool(trainer.args.bf16), offload=offload)
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         self.graphed = GraphedStep(self.micro, params=params) if capture else None

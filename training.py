@@ -142,13 +142,18 @@ def check_training_args(args) -> None:
 GRAPH_TRAINERS = ("sft_train",)  # --cuda_graphs: the trainers whose micro-step speedups.sft_micro_step reproduces
 
 
+def only_in(trainers: tuple, title: str, flag: str, does: str) -> None:
+    """Refuse `flag` in a trainer outside `trainers`, with one line."""
+    if title not in trainers:
+        raise UserError(f"{flag}: only {', '.join(t + '.py' for t in trainers)} {does} so far; run {title}.py "
+                        "without it")
+
+
 def check_cuda_graphs(title: str, args) -> None:
     """--cuda_graphs: what its captured micro-step cannot do, refused up front with one line."""
     if not getattr(args, "cuda_graphs", False):
         return
-    if title not in GRAPH_TRAINERS:
-        raise UserError(f"--cuda_graphs: only {', '.join(t + '.py' for t in GRAPH_TRAINERS)} runs its micro-step as a "
-                        f"CUDA graph so far; run {title}.py without it")
+    only_in(GRAPH_TRAINERS, title, "--cuda_graphs", "runs its micro-step as a CUDA graph")
     if args.lora_dropout > 0:
         # A captured step replays the same kernels: dropout would need the CUDA generator's state registered with
         # the graph and gradient checkpointing's saved RNG state inside the capture; neither is verified on a GPU.
@@ -167,9 +172,8 @@ def check_padding_free(title: str, args) -> None:
     """--padding_free: refused for the trainers that cannot take it, with one line. KD: KDTrainer's teacher forward,
     cached teacher rows and cross-tokenizer pairs are laid out per padded row. DPO: TRL 1.16's DPOTrainer turns
     padding_free off itself ("temporarily unavailable after a refactor") and trains padded."""
-    if getattr(args, "padding_free", False) and title not in PADDING_FREE_TRAINERS:
-        raise UserError(f"--padding_free: only {', '.join(t + '.py' for t in PADDING_FREE_TRAINERS)} trains on "
-                        f"padding-free batches so far; run {title}.py without it")
+    if getattr(args, "padding_free", False):
+        only_in(PADDING_FREE_TRAINERS, title, "--padding_free", "trains on padding-free batches")
 
 
 def cuda_graphs_on(args) -> bool:

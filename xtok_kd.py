@@ -92,9 +92,15 @@ def teacher_end_id(ttok, own_template: bool) -> int:
 def teacher_example(ttok, prompt: str, answer: str, own_template: bool) -> dict:
     """The teacher's side of one row, as encode_example lays out the student's: its own prompt (teacher_prompt;
     <bos> first when it is the plain text), then the answer and its end token, the loss on those."""
+    return _teacher_side(ttok, prompt, answer, own_template)[0]
+
+
+def _teacher_side(ttok, prompt: str, answer: str, own_template: bool) -> tuple[dict, list[int]]:
+    """(teacher_example, the character offset each answer token ends at)."""
     tp = ttok(teacher_prompt(ttok, prompt, own_template), add_special_tokens=not own_template)["input_ids"]
-    comp = answer_tokens(ttok, answer)[0] + [teacher_end_id(ttok, own_template)]
-    return {"input_ids": tp + comp, "labels": [-100] * len(tp) + comp}
+    ids, ends = answer_tokens(ttok, answer)
+    comp = ids + [teacher_end_id(ttok, own_template)]
+    return {"input_ids": tp + comp, "labels": [-100] * len(tp) + comp}, ends
 
 
 def encode_pair(stok, ttok, prompt: str, answer: str, max_len: int, keep_whole: bool = False,
@@ -106,8 +112,7 @@ def encode_pair(stok, ttok, prompt: str, answer: str, max_len: int, keep_whole: 
     if ex is None:
         return None, status, 0
     s_ids, ends_s = answer_tokens(stok, answer)
-    _, ends_t = answer_tokens(ttok, answer)
-    t = teacher_example(ttok, prompt, answer, own_template)
+    t, ends_t = _teacher_side(ttok, prompt, answer, own_template)
     t_input, t_labels = t["input_ids"], t["labels"]
     if max_len and len(t_input) > max_len:
         t_input, t_labels = t_input[:max_len], t_labels[:max_len]
