@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import cli
@@ -695,6 +696,7 @@ def run_one(args) -> dict:
         row["status"] = "ok"
         row.update(save_memory(args))
     except Exception as e:  # a case that OOMs or breaks is a row in the table, not a crash of the bench
+        traceback.print_exc()  # to the case's stderr (the parent shows it)
         row.update(status="failed", error=f"{type(e).__name__}: {str(e).splitlines()[0][:640]}" if str(e) else
                    type(e).__name__)
     return row

@@ -82,6 +82,34 @@ def test_graph_micro_step_gives_sft_trainers_loss_and_gradients(tiny_model_dir, 
     assert trainer._metrics["train"]["num_tokens"] == [trainer._total_train_tokens]
 
 
+def test_an_unpadded_micro_batch_runs_causal_sdpa_without_a_mask(tiny_model_dir, tmp_path, monkeypatch):
+    """Nothing padded: the micro-step passes no mask and runs SDPA with is_causal (its flash kernel on a GPU), and
+    still gives SFTTrainer's loss and gradients; the model's attention setting is back to sdpa afterwards."""
+    trainer = _trainer(tiny_model_dir, tmp_path, pad_to=None)
+    ds = trainer.train_dataset
+    batches = [trainer.data_collator([ds[2]]), trainer.data_collator([ds[0]])]
+    assert all(b["attention_mask"].all() for b in batches)
+    _, num_items = trainer.get_batch_samples(iter(batches), 2, trainer.args.device)
+    trl_losses, trl_grads = _run(trainer, trainer.training_step, batches, num_items)
+    ours = speedups.GraphedTrainingStep(trainer, capture=False)
+    assert "attention_mask" not in ours.tensors(batches[0], num_items)
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kw):
+        seen.append(attention_mask)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+    monkeypatch.setitem(AttentionInterface._global_mapping, speedups.CAUSAL_SDPA, spy)
+    our_losses, our_grads = _run(trainer, ours, batches, num_items)
+    assert seen and all(m is None for m in seen)
+    assert trainer.model.config._attn_implementation == "sdpa"
+    for a, b in zip(our_losses, trl_losses):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name in trl_grads:
+        torch.testing.assert_close(our_grads[name], trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_offloaded_hidden_states_give_the_same_loss_and_gradients(tiny_model_dir, tmp_path, checkpointing):
     """--cuda_graphs --activation_offloading: the forward pass's saved [batch, tokens, hidden] tensors go to host
