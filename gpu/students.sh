@@ -3,7 +3,8 @@
 # (--quantize none, so evaluation loads bf16 too) on the real data: CreditMix twenty and six features (longer
 # schedules, LoRA r16 and r64) evaluated with the calibration eval_creditmix.py picks and its ECE; IDP SFT on SROIE
 # for more epochs, constrained, raw / normalized / canonical metrics; CodeGen distilled with the sandbox as verifier
-# (gpu/codegen_star.sh: two STaR rounds, HumanEval / MBPP-test pass@1 at the base and after each round).
+# (gpu/codegen_star.sh: STaR rounds, HumanEval / MBPP-test pass@1 at the base and after each round). PARTS picks the
+# jobs (default "cm idp star"; also idp_kd: SFT, then KD from it and DPO on top of it, on SROIE); they share the GPU.
 #   P=<prepared data: data_cm6, data_cm20, data_idp, mbpp.jsonl, humaneval.jsonl> bash gpu/students.sh   (~9 min, H200)
 # CPU dry run: M=<tiny model dir> P=<dir> MIN=0.2 LIMIT=4 ROUNDS=1 N=2 STAR_LIMIT=4 EVAL_LIMIT=2 TOK=16 ES=2 K=1,2 OUT=/tmp/out bash gpu/students.sh
 set -u
@@ -21,17 +22,31 @@ cm() {  # name features extra-flags...: train, then evaluate with the calibratio
   $DL python3 eval_creditmix.py --model_dir $R/$name --data $R/data_$f/creditmix_val.jsonl --batch_size 64 $LIM \
     > $R/logs/eval_$name.log 2>&1
 }
-cm cm20_bf16 cm20 &
-cm cm20_bf16_r64 cm20 --lora_r 64 --lora_alpha 128 --lr 5e-4 &
-cm cm6_bf16 cm6 &
-( $DL python3 sft_train.py $COM --data $R/data_idp/sroie_idp_sft.jsonl --save_dir $R/idp_bf16 --epochs 8 --max_len 2048 \
-    --per_device_train_batch_size 8 --gradient_accumulation_steps 2 --lr 5e-4 > $R/logs/idp_bf16.log 2>&1
-  $DL python3 eval_idp.py --model_dir $R/idp_bf16 --data $R/data_idp/sroie_idp_test.jsonl \
-    --schema $R/data_idp/sroie_schema.json --batch_size 64 $LIM --out $R/logs/idp_bf16_con.json > $R/logs/eval_idp_bf16.log 2>&1 ) &
-( MIN=1 LIMIT=${STAR_LIMIT:-0} OUT=$OUT R=$R M=$M P=$P $DL bash "$(dirname "$0")/codegen_star.sh" > $R/logs/star.log 2>&1 ) &
+IDPT="--max_len 2048 --per_device_train_batch_size 8 --gradient_accumulation_steps 2"
+IDPE="--data $R/data_idp/sroie_idp_test.jsonl --schema $R/data_idp/sroie_schema.json --batch_size 64 $LIM"
+idp() {  # name script flags...: train on SROIE, then evaluate constrained
+  local name=$1 script=$2; shift 2
+  $DL python3 $script $COM $IDPT --save_dir $R/$name "$@" > $R/logs/$name.log 2>&1
+  $DL python3 eval_idp.py --model_dir $R/$name $IDPE --out $R/logs/${name}_con.json > $R/logs/eval_$name.log 2>&1
+}
+for part in ${PARTS:-cm idp star}; do case $part in
+  cm) cm cm20_bf16 cm20 &
+      cm cm20_bf16_r64 cm20 --lora_r 64 --lora_alpha 128 --lr 5e-4 &
+      cm cm6_bf16 cm6 & ;;
+  idp) idp idp_bf16 sft_train.py --data $R/data_idp/sroie_idp_sft.jsonl --epochs 8 --lr 5e-4 & ;;
+  idp_kd)  # SFT, then logit KD from it into a fresh student and DPO on top of it (reference: the SFT run)
+    ( idp idp_sft_t sft_train.py --data $R/data_idp/sroie_idp_sft.jsonl --epochs 8 --lr 5e-4
+      idp idp_kd kd_train.py --teacher $R/idp_sft_t --data $R/data_idp/sroie_idp_kd.jsonl --idp_mode \
+        --schema $R/data_idp/sroie_schema.json --kd_loss forward_kl --alpha 0.5 --epochs 8 --lr 5e-4 &
+      idp idp_dpo dpo_train.py --ref_model_dir $R/idp_sft_t --data $R/data_idp/sroie_idp_dpo.jsonl --epochs 1 \
+        --beta 0.1 --lr 5e-6 &
+      wait ) & ;;
+  star) ( MIN=1 LIMIT=${STAR_LIMIT:-0} OUT=$OUT R=$R M=$M P=$P $DL bash "$(dirname "$0")/codegen_star.sh" \
+          > $R/logs/star.log 2>&1 ) & ;;
+esac; done
 wait
 tar czf $OUT/runs_students.tgz --exclude='*.safetensors' --exclude='checkpoint-*' --exclude='*.bin' --exclude='*.pt' \
   --exclude='tokenizer.json' --exclude='data_*' $R
 for f in $R/logs/eval_*.log; do echo "== $f"; grep -E "^(precision|multi_null|batch|none|calibration|micro|field|exact|EM|schema|json)" "$f" | cut -c1-200; done
-grep -h -E "stopped|train_runtime|steps" $R/logs/cm*.log $R/logs/idp_bf16.log | cut -c1-200 | tail -12
+grep -h -E "stopped|train_runtime|steps" $R/logs/cm*.log $R/logs/idp*.log 2>/dev/null | cut -c1-200 | tail -12
 cat $OUT/codegen_star.txt 2>/dev/null | tail -20
