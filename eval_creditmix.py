@@ -2,7 +2,8 @@
 confusion matrix for each calibration (multi_null, batch, none), all from one pass of raw label scores. Records the
 best calibration, with a temperature fitted to its scores, beside the run (creditmix_calibration.json): that is
 what `--calibration auto` in infer_creditmix.py and the server use. Its expected calibration error is printed
-before and after the temperature.
+before and after the temperature (and after it on rows the temperature was not fitted to); the raw label scores are
+saved beside it (creditmix_scores.json).
 
     python eval_creditmix.py --model_dir smollm2-135m --data data/creditmix_val.jsonl
     python eval_creditmix.py --model_dir runs/creditmix_sft --data data/creditmix_dataset.json --val_per_class 1500
@@ -23,7 +24,7 @@ from common import load_model, world_size
 from fileio import UserError, need_file, read_records, user_errors, write_json
 from models import resolve_model
 from run_record import data_record, eval_run_dir, save_eval
-from scoring import CALIBRATION_FILE, CALIBRATIONS, choose_calibration, prior_for
+from scoring import CALIBRATION_FILE, CALIBRATIONS, SCORES_FILE, choose_calibration, prior_for
 
 
 def parse_args(argv=None):
@@ -162,10 +163,13 @@ def main(args):
         print("\n".join("  " + " ".join(f"{v:>6}" for v in row) for row in results[mode]["confusion_matrix"]))
     print(f"\ncalibration for --calibration auto (infer_creditmix.py, the server): {chosen['calibration']}, "
           f"temperature {chosen['temperature']}: expected calibration error {chosen['ece_before']} -> "
-          f"{chosen['ece_after']}")
+          f"{chosen['ece_after']} ({chosen['ece_after_heldout']} with each half's temperature fitted on the other)")
     saved = save_eval(args.model_dir, "creditmix", args.data, args, metrics, "eval_creditmix.py")
-    write_json(eval_run_dir(args.model_dir) / CALIBRATION_FILE,
+    where = eval_run_dir(args.model_dir)
+    write_json(where / CALIBRATION_FILE,
                {**chosen, "model_dir": args.model_dir, "data": data_record(args.data), "picked_by": "eval_creditmix.py"})
+    write_json(where / SCORES_FILE, {"labels": cm.LABELS, "y": y_true, "raw": np.round(raw, 5).tolist(),
+                                     "null_raw": np.round(nulls, 5).tolist(), "data": data_record(args.data)})
     if args.out:
         write_json(args.out, metrics)
     print(f"\nsaved {saved}")

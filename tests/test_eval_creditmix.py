@@ -54,7 +54,7 @@ def test_records_the_calibration_that_infer_auto_then_serves(tiny_sft_run, credi
     import numpy as np
 
     import infer_creditmix
-    from scoring import CALIBRATION_FILE
+    from scoring import CALIBRATION_FILE, SCORES_FILE
     m = run(["--model_dir", str(tiny_sft_run), "--data", str(creditmix_dir / "creditmix_val.jsonl")])
     chosen = m["chosen_calibration"]
     best = max(m["calibrations"][c]["accuracy"] for c in ("multi_null", "batch", "none"))
@@ -62,6 +62,12 @@ def test_records_the_calibration_that_infer_auto_then_serves(tiny_sft_run, credi
     rec = json.loads((tiny_sft_run / CALIBRATION_FILE).read_text())
     assert rec["calibration"] == chosen["calibration"] and rec["temperature"] > 0
     assert 0 <= rec["ece_after"] <= 1 and rec["data"]["path"].endswith("creditmix_val.jsonl")
+    assert 0 <= rec["ece_after_heldout"] <= 1
+    # the raw scores it chose from, row by row: the recorded accuracy follows from them
+    saved = json.loads((tiny_sft_run / SCORES_FILE).read_text())
+    raw, y = np.array(saved["raw"]), np.array([saved["labels"].index(v) for v in saved["y"]])
+    assert raw.shape == (m["n"], 3)
+    assert float((raw.argmax(1) == y).mean()) == pytest.approx(m["calibrations"]["none"]["accuracy"], abs=1e-3)
     capsys.readouterr()
     out = infer_creditmix.main(infer_creditmix.parse_args(["--model_dir", str(tiny_sft_run), "--features", "Age: 30"]))
     assert "--calibration auto: " + rec["calibration"] in capsys.readouterr().err

@@ -94,6 +94,21 @@ def test_temperature_scaling_recovers_an_overconfident_models_temperature():
     assert before > 0.1 and after < 0.03
 
 
+def test_heldout_ece_uses_temperatures_fitted_on_the_other_rows():
+    """An overconfident model (labels from softmax(z / 3)): each half's temperature from the other half still
+    calibrates it; when the halves disagree (the second half's labels drawn at another temperature) the held-out ECE
+    is worse than the ECE on the rows the single temperature was fitted to."""
+    from scoring import expected_calibration_error, fit_temperature, heldout_ece, softmax
+    rng = np.random.default_rng(1)
+    z = rng.normal(0, 4, size=(4000, 3))
+    y = np.array([rng.choice(3, p=row) for row in softmax(z / 3)])
+    assert expected_calibration_error(softmax(z), y) > 0.1 and heldout_ece(z, y) < 0.03
+    t_half = np.where(np.arange(4000) % 2 == 0, 1.0, 6.0)  # even rows sharp, odd rows flat
+    y2 = np.array([rng.choice(3, p=row) for row in softmax(z / t_half[:, None])])
+    in_sample = expected_calibration_error(softmax(z / fit_temperature(z, y2)), y2)
+    assert heldout_ece(z, y2) > in_sample + 0.05
+
+
 def test_expected_calibration_error_of_known_cases():
     from scoring import expected_calibration_error
     y = np.array([0, 0, 1, 1])
