@@ -318,10 +318,10 @@ def causal_sdpa(config):
     Registered as its own implementation with transformers' AttentionInterface and no mask function, for which
     create_causal_mask builds no mask; set on the config for the forward only (compiled layers recompile once for
     it)."""
-    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    if CAUSAL_SDPA not in AttentionInterface._global_mapping:
-        AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    if CAUSAL_SDPA not in ALL_ATTENTION_FUNCTIONS:
+        ALL_ATTENTION_FUNCTIONS.register(CAUSAL_SDPA, sdpa_attention_forward)
     before = config._attn_implementation
     config._attn_implementation = CAUSAL_SDPA
     try:
