@@ -212,3 +212,62 @@ def label_scores(model, tok, user_prompts: list[str], batch_size: int = 16, prog
 def null_scores(model, tok, batch_size: int = 16):
     """Raw label scores of the content-free prompts: their mean is the multi-null prior."""
     return label_scores(model, tok, null_prompts(), batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the tree: the reference a student has to beat, and a teacher (creditmix_tree.py)
+
+def feature_values(text: str, cols: list[str]) -> list[str]:
+    """The values of `cols` in a features text made by features_text (None where the text does not match)."""
+    names = [re.escape(c.replace("_", " ")) for c in cols]
+    m = re.fullmatch(", ".join(f"{n}: (.*?)" for n in names), text)
+    return list(m.groups()) if m else None
+
+
+def _number(col: str, value: str) -> float | None:
+    """A value as a number (Credit_History_Age '16 Years and 3 Months' in months; 'unknown' is NaN), else None."""
+    if value == UNKNOWN:
+        return float("nan")
+    if col == "Credit_History_Age":  # a duration or nothing: never a category
+        m = re.fullmatch(r"(\d+) Years and (\d+) Months", value)
+        return float(int(m[1]) * 12 + int(m[2])) if m else float("nan")
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def feature_matrix(texts: list[str], cols: list[str], categories: dict | None = None):
+    """(X [rows, cols] float, categorical mask, categories) from features texts: numbers as numbers, 'unknown' as
+    missing, every other column's values as category codes (from `categories`, made from these texts when None;
+    a value not in them is missing). For scikit-learn's HistGradientBoostingClassifier."""
+    import numpy as np
+    values = []
+    for i, t in enumerate(texts):
+        v = feature_values(t, cols)
+        if v is None:
+            raise UserError(f"row {i + 1}: the features text does not list {', '.join(cols)} in order: {t[:120]!r}")
+        values.append(v)
+    if categories is None:
+        categories = {}
+        for j, c in enumerate(cols):
+            if any(_number(c, v[j]) is None for v in values):
+                categories[c] = sorted({v[j] for v in values if v[j] != UNKNOWN})
+    codes = {c: {v: float(k) for k, v in enumerate(vals)} for c, vals in categories.items()}
+    X = np.array([[codes[c].get(v[j], np.nan) if c in codes else (_number(c, v[j]) if _number(c, v[j]) is not None
+                   else np.nan) for j, c in enumerate(cols)] for v in values], dtype=float)
+    return X, np.array([c in codes for c in cols]), categories
+
+
+def tree(categorical, seed: int):
+    """The reference classifier: gradient-boosted trees, class-balanced, the categorical columns as categories."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    return HistGradientBoostingClassifier(class_weight="balanced", categorical_features=categorical, random_state=seed)
+
+
+def out_of_fold_probabilities(X, y, categorical, folds: int, seed: int):
+    """Each row's class probabilities [rows, len(LABELS)] from a tree that did not train on it (stratified
+    `folds`-fold cross-fitting): a teacher's targets on its own training rows that are not just the labels."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    return cross_val_predict(tree(categorical, seed), X, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                             method="predict_proba")

@@ -270,6 +270,37 @@ def write_shards(teacher, tok, dataset, out: Path, *, first: int = 0, top_k: int
     bar.close()
 
 
+def cache_meta(teacher: str, data: str, tok, dataset, *, temperature: float, shard_rows: int, encoding: dict,
+               sampling: str = "topk", top_k: int | None = None, draws: int | None = None,
+               seed: int | None = None) -> dict:
+    """meta.json of a cache for `dataset` (kd_train.py's encoding of `data`, as `encoding` says) made with `tok`."""
+    from fileio import sha256_file
+    return {"teacher": teacher, "data": data, "data_sha256": sha256_file(data), "tokenizer": tokenizer_fingerprint(tok),
+            "rows_sha256": rows_fingerprint(dataset), "rows": len(dataset), "sampling": sampling, "top_k": top_k,
+            "draws": draws, "seed": seed, "temperature": temperature, "shard_rows": shard_rows,
+            "encoding": encoding,
+            "format": "kd_cache v1: packed uint32 id<<14 | round(-logp*512) (16383: empty), float16 log tail mass"}
+
+
+def label_targets(dataset, probs, label_ids: list[int]) -> list[tuple]:
+    """Cache rows (ids [P, k], logp [P, k], tail [P]) for a classifier as the teacher, k = the number of labels: at
+    each row's first answer token (the label's, a single token per label) the classifier's probabilities over the
+    labels' ids, `probs` [rows, labels]; at the answer's later tokens (end of turn) all mass on the token there."""
+    k = len(label_ids)
+    rows = []
+    for ex, p in zip(dataset, probs):
+        labels = np.asarray(ex["labels"][1:])
+        targets = labels[labels != -100]
+        ids = np.repeat(targets[:, None], k, 1)
+        logp = np.full((len(targets), k), MIN_LOGP)
+        logp[:, 0] = 0.0
+        if len(targets):
+            ids[0] = label_ids
+            logp[0] = np.log(np.clip(p, np.exp(MIN_LOGP), 1.0))
+        rows.append((ids, logp, np.full(len(targets), TAIL_FLOOR)))
+    return rows
+
+
 def mass_outside(out: Path, shards: int, sampling: str = "topk") -> dict:
     """The teacher's probability outside the stored ids per answer position, over the `shards` shards at `out`: its
     mean, 90th percentile and largest (top-k: the tail bucket; sample: outside the distinct drawn ids), and for a

@@ -24,7 +24,7 @@ from pathlib import Path
 import kd_cache
 import cli
 from common import load_model
-from fileio import UserError, check_output_dir, note, read_records, sha256_file, user_errors, write_json
+from fileio import UserError, check_output_dir, note, read_records, user_errors, write_json
 from kd_losses import add_kd_data_args, canonical_rows, load_schema
 
 
@@ -92,13 +92,11 @@ def main(args):
                                  max_memory_gb=args.max_memory_gb)
     dataset, _ = encode_rows(tok, rows, "input", "teacher_output", args.max_len, keep_whole=args.idp_mode,
                              source=args.data)
-    meta = {"teacher": args.teacher, "data": args.data, "data_sha256": sha256_file(args.data),
-            "tokenizer": kd_cache.tokenizer_fingerprint(tok), "rows_sha256": kd_cache.rows_fingerprint(dataset),
-            "rows": len(dataset), "sampling": args.sampling, "top_k": None if sampled else args.top_k,
-            "draws": args.draws if sampled else None, "seed": args.seed if sampled else None,
-            "temperature": args.temperature, "shard_rows": args.shard_rows,
-            "encoding": {"max_len": args.max_len, "idp_mode": args.idp_mode, "schema": args.schema},
-            "format": "kd_cache v1: packed uint32 id<<14 | round(-logp*512) (16383: empty), float16 log tail mass"}
+    meta = kd_cache.cache_meta(args.teacher, args.data, tok, dataset, temperature=args.temperature,
+                               shard_rows=args.shard_rows, sampling=args.sampling,
+                               top_k=None if sampled else args.top_k, draws=args.draws if sampled else None,
+                               seed=args.seed if sampled else None,
+                               encoding={"max_len": args.max_len, "idp_mode": args.idp_mode, "schema": args.schema})
     first = check_out(args, meta)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

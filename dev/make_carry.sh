@@ -2,7 +2,7 @@
 # DEV ONLY (plumbing for a borrowed GPU machine: see dev/setup.sh). Build .carry/ (git-ignored) for the device calls, each under the 64 MiB a call carries:
 #   p1: the embedded model's GGUF, first 37.5 MB (fits one call with .whl, .whl_serve and tok)
 #   p2: the GGUF's rest + prepared.tgz: the real data (../shared/data, never committed) already converted here by the
-#       project's prepare scripts (the sandbox checks of codegen_prepare.py take minutes on this CPU, seconds there
+#       project's prepare scripts and the CreditMix trees' teacher caches (the sandbox checks of codegen_prepare.py take minutes on this CPU, seconds there
 #       would still cost device time), plus HumanEval and MBPP for the evaluations
 #   tok: the tokenizer files (bench.py's random models need one)
 #   idp: the SROIE test split and schema (gpu/issue8b.sh, gpu/multi.sh)
@@ -17,6 +17,10 @@ tail -c +37500001 "$G" > .carry/p2/gguf.part2
 P=$(mktemp -d)
 $PY creditmix_prepare.py --src $D/creditmix/creditmix_labeled.jsonl --outdir $P/data_cm6
 $PY creditmix_prepare.py --src $D/creditmix/creditmix_labeled.jsonl --features rich --outdir $P/data_cm20
+for fs in cm6:readme cm20:rich; do  # the tree as a KD teacher (gpu/students.sh PARTS=cm_tree): made here, in seconds
+  $PY creditmix_tree.py --src $D/creditmix/creditmix_labeled.jsonl --features ${fs#*:} \
+    --data $P/data_${fs%:*}/creditmix_kd.jsonl --idp_mode --out $P/data_${fs%:*}/cache_tree
+done
 $PY idp_prepare.py --src $D/idp/sroie.jsonl --outdir $P/data_idp
 cp $P/data_idp/sroie_idp_test.jsonl $P/data_idp/sroie_schema.json .carry/idp/
 $PY codegen_prepare.py --src $D/codegen/mbpp.jsonl --outdir $P/data_code 2> >(tail -n 1 >&2)
