@@ -93,9 +93,8 @@ def one_training_step(trainer, rows: list[dict]) -> None:
     trainer.current_gradient_accumulation_steps = 1
     try:
         trainer.training_step(trainer.model, trainer._prepare_inputs(trainer.data_collator(rows)))
-    finally:
-        for values in getattr(trainer, "_metrics", {}).get("train", {}).values():
-            values.clear()
+    finally:  # the metrics' names too: a step that logs fewer (--cuda_graphs) must not leave empty lists to average
+        getattr(trainer, "_metrics", {}).get("train", {}).clear()
         if hasattr(trainer, "_total_train_tokens"):
             trainer._total_train_tokens = 0
 

@@ -110,6 +110,19 @@ def test_an_unpadded_micro_batch_runs_causal_sdpa_without_a_mask(tiny_model_dir,
         torch.testing.assert_close(our_grads[name], trl_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_training_after_the_memory_probe_logs(tiny_model_dir, tmp_path):
+    """--max_memory_gb's probe runs the trainer's own step (which records TRL's accuracy and entropy) before
+    --cuda_graphs installs its step (which does not): the probe's metrics are gone, names included, so the logs do not
+    average an empty list (a ZeroDivisionError in TRL's log at the first logging step)."""
+    trainer = _trainer(tiny_model_dir, tmp_path)
+    trainer.args.logging_steps = 1
+    compat.one_training_step(trainer, [trainer.train_dataset[0]])
+    assert not trainer._metrics["train"]
+    assert speedups.use_cuda_graphs(trainer, capture=False)
+    trainer.train()
+    assert any("loss" in h for h in trainer.state.log_history)
+
+
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_offloaded_hidden_states_give_the_same_loss_and_gradients(tiny_model_dir, tmp_path, checkpointing):
     """--cuda_graphs --activation_offloading: the forward pass's saved [batch, tokens, hidden] tensors go to host
