@@ -14,9 +14,10 @@ Unsloth on the same folder, shape, LoRA (r16 a32, all seven projections), sequen
         datasets==4.8.0 tyro docstring_parser typeguard shtab cut_cross_entropy torchao msgspec hf_transfer
     python bench.py --cases sft,unsloth --unsloth_site /tmp/unsloth_site --seq 2048 --batch 1 --accum 8
 Cases: matmul, sft_baseline, sft, sft_auto (micro-batch picked by --max_memory_gb), sft_graph (sft with
---cuda_graphs; needs --lora_dropout 0), unsloth, unsloth_auto (its largest micro-batch under --max_memory_gb, by the
-same rule), kd, dpo, score (label ranking: one forward per label per example vs ours). --kernels picks our
-speed-ups (speedups.py) to measure each on its own. Constrained decoding has its own benchmark: bench_idp.py.
+--cuda_graphs; needs --lora_dropout 0), sft_graph_auto (at sft_auto's micro-batch), unsloth, unsloth_auto (its
+largest micro-batch under --max_memory_gb, by the same rule), kd, dpo, score (label ranking: one forward per label per
+example vs ours). --kernels picks our speed-ups (speedups.py) to measure each on its own. Constrained decoding has
+its own benchmark: bench_idp.py.
 """
 import argparse
 import json
@@ -451,8 +452,9 @@ def _our_sft(args, batch, accum, auto, graphs: bool | None = None):
     path = model_dir(args)
     model, tok, _ = common.load_student(str(path), lora_dropout=args.lora_dropout)
     params = n_params(model)
-    # with graphs, the steps whose micro-steps are the eager warm-ups and the capture stay untimed
-    untimed = -(-(speedups.GRAPH_WARMUP + 1) // accum) if graphs else 1
+    # with graphs, the steps whose micro-steps are the eager warm-ups and the capture stay untimed (auto: as many as
+    # the smallest accumulation it may pick, 1, needs)
+    untimed = -(-(speedups.GRAPH_WARMUP + 1) // (1 if auto else accum)) if graphs else 1
     ns, kw = trainer_args(args, tempfile.mkdtemp(), batch, accum, untimed=untimed, cuda_graphs=graphs is not None)
     batch, accum = kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]  # per process
     ds = Dataset.from_list(synthetic_rows(args.seq, batch * accum * common.world_size() * (ns.max_steps + 1),
@@ -501,6 +503,12 @@ def case_sft_graph(args):
     import torch
     graphs = os.environ.get("BENCH_GRAPH", "1") == "1" and torch.cuda.is_available()
     return _our_sft(args, args.batch, args.accum, auto=False, graphs=graphs)
+
+
+def case_sft_graph_auto(args):
+    """sft_graph at the micro-batch --max_memory_gb picks, as sft_train.py --cuda_graphs --max_memory_gb does."""
+    import torch
+    return _our_sft(args, args.batch, args.accum, auto=True, graphs=torch.cuda.is_available())
 
 
 def case_sft(args):

@@ -13,9 +13,8 @@ S="--seq 2048 --batch 1 --accum 8 --steps 3"
 for part in ${PARTS:-a b c d}; do case $part in
   a) within $B --cases sft_graph,unsloth $S --activation_offloading
      within $B --cases sft_graph $S ;;
-  b) C="--seq 2048 --steps 3 --cap_gb 8"   # ours: 4 x 2 is what --max_memory_gb 8 picks; 8 x 1 runs out in the capture
-     within $B --cases sft_graph $C --batch 4 --accum 2 --activation_offloading
-     within $B --cases unsloth_auto $C --batch 1 --accum 8 --max_memory_gb 8 ;;
+  b) within $B --cases sft_graph_auto,unsloth_auto --seq 2048 --batch 1 --accum 8 --steps 3 --cap_gb 8 --max_memory_gb 8 \
+       --activation_offloading ;;
   c) within $B --cases sft_graph --seq 16384 --batch 1 --accum 1 --steps 2 --cap_gb 8 --activation_offloading
      # the same micro-step eagerly: our hidden-state offloading (same-stream copies) instead of TRL's (sft)
      within env BENCH_GRAPH=0 $B --cases sft_graph --seq 16384 --batch 1 --accum 1 --steps 2 --cap_gb 8 --activation_offloading
