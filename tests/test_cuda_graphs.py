@@ -207,6 +207,25 @@ def test_cuda_graphs_on_a_cpu_trains_eagerly_and_says_so(tiny_model_dir, creditm
 
 
 
+def test_sft_train_runs_the_graphed_step_with_offloading_end_to_end(tiny_model_dir, creditmix_dir, tmp_path,
+                                                                    monkeypatch):
+    """sft_train.py --cuda_graphs --activation_offloading as on a GPU (the memory probe, then the graphed step with
+    host-memory hidden states, logging every step), its micro-steps run eagerly here: it trains, logs and records."""
+    import functools
+    import sft_train
+    monkeypatch.setattr(speedups, "use_cuda_graphs", functools.partial(speedups.use_cuda_graphs, capture=False))
+    run = tmp_path / "run"
+    metrics = sft_train.main(sft_train.parse_args([
+        "--student", str(tiny_model_dir), "--data", str(creditmix_dir / "creditmix_sft.jsonl"), "--save_dir",
+        str(run), "--max_steps", "3", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+        "--logging_steps", "1", "--cuda_graphs", "--activation_offloading", "--lora_dropout", "0",
+        "--report_to", "none"]))
+    assert metrics["train_steps"] == 3 and "cuda_graphs" in metrics["speedups"]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum("loss" in r for r in logged) == 3 and not any("mean_token_accuracy" in r for r in logged)
+    assert (run / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("script,flags,msg", [
     ("kd_train", ["--teacher", "TINY"], "only sft_train.py runs its micro-step as a CUDA graph"),
     ("dpo_train", [], "only sft_train.py runs its micro-step as a CUDA graph"),
