@@ -1,6 +1,6 @@
 """CreditMix task helpers shared by creditmix_prepare.py, sft/kd/dpo data, infer, eval and the server: the prompt
-template, the labels and content-free ("null") inputs, readers for the seed and Kaggle formats, and the
-deterministic balanced split that prepare and eval both rebuild."""
+template, the labels and content-free ("null") inputs, readers for the seed and Kaggle formats, the deterministic
+balanced split that prepare and eval both rebuild, and the features as a table for the tree (creditmix_tree.py)."""
 from __future__ import annotations
 
 import csv
