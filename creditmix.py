@@ -217,7 +217,7 @@ def null_scores(model, tok, batch_size: int = 16):
 # ----------------------------------------------------------------------------------------------------------------
 # the tree: the reference a student has to beat, and a teacher (creditmix_tree.py)
 
-def feature_values(text: str, cols: list[str]) -> list[str]:
+def feature_values(text: str, cols: list[str]) -> list[str] | None:
     """The values of `cols` in a features text made by features_text (None where the text does not match)."""
     names = [re.escape(c.replace("_", " ")) for c in cols]
     m = re.fullmatch(", ".join(f"{n}: (.*?)" for n in names), text)
@@ -254,8 +254,11 @@ def feature_matrix(texts: list[str], cols: list[str], categories: dict | None = 
             if any(_number(c, v[j]) is None for v in values):
                 categories[c] = sorted({v[j] for v in values if v[j] != UNKNOWN})
     codes = {c: {v: float(k) for k, v in enumerate(vals)} for c, vals in categories.items()}
-    X = np.array([[codes[c].get(v[j], np.nan) if c in codes else (_number(c, v[j]) if _number(c, v[j]) is not None
-                   else np.nan) for j, c in enumerate(cols)] for v in values], dtype=float)
+
+    def cell(c, v):
+        x = codes[c].get(v) if c in codes else _number(c, v)
+        return np.nan if x is None else x
+    X = np.array([[cell(c, v[j]) for j, c in enumerate(cols)] for v in values], dtype=float)
     return X, np.array([c in codes for c in cols]), categories
 
 
