@@ -211,8 +211,8 @@ def fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
 
 def heldout_ece(scores: np.ndarray, y: np.ndarray, folds: int = 2) -> float:
     """ECE after temperature scaling where each row's temperature was fitted on the other folds only (rows split by
-    index): what the fitted temperature gives on data it has not seen, which the ECE on its own fitting rows
-    overstates."""
+    index): what the fitted temperature gives on data it has not seen, where the ECE on the rows it was fitted to
+    can look better than it is."""
     fold = np.arange(len(y)) % folds
     probs = np.empty_like(scores, dtype=float)
     for k in range(folds):
