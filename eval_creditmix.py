@@ -1,6 +1,7 @@
 """Evaluate a CreditMix classifier on a balanced validation split: accuracy, macro-F1, classification report and
 confusion matrix for each calibration (multi_null, batch, none), all from one pass of raw label scores. Records the
-best calibration, with a temperature fitted to its scores, beside the run (creditmix_calibration.json): that is
+best calibration (one of the three, or `fitted`: a prior and a temperature fitted on the split, chosen on its
+cross-fitted accuracy), with a temperature fitted to its scores, beside the run (creditmix_calibration.json): that is
 what `--calibration auto` in infer_creditmix.py and the server use. Its expected calibration error is printed
 before and after the temperature (and after it on rows the temperature was not fitted to); the raw label scores are
 saved beside it (creditmix_scores.json).
@@ -24,7 +25,7 @@ from common import load_model, world_size
 from fileio import UserError, need_file, read_records, user_errors, write_json
 from models import resolve_model
 from run_record import data_record, eval_run_dir, save_eval
-from scoring import CALIBRATION_FILE, CALIBRATIONS, SCORES_FILE, choose_calibration, prior_for
+from scoring import CALIBRATION_FILE, CALIBRATIONS, FITTED, SCORES_FILE, choose_calibration, prior_for
 
 
 def parse_args(argv=None):
@@ -157,13 +158,15 @@ def main(args):
     print(f"{'calibration':<12} {'accuracy':>9} {'macro_f1':>9}")
     for mode in CALIBRATIONS:
         print(f"{mode:<12} {results[mode]['accuracy']:>9.4f} {results[mode]['macro_f1']:>9.4f}")
+    print(f"{FITTED:<12} {chosen['accuracy'][FITTED]:>9.4f}         -   (a prior and temperature fitted on each half, "
+          "scored on the other)")
     for mode in CALIBRATIONS:
         print(f"\n[{mode}] classification_report\n{reports[mode]}")
         print(f"[{mode}] confusion_matrix (rows: true {cm.LABELS}, cols: predicted)")
         print("\n".join("  " + " ".join(f"{v:>6}" for v in row) for row in results[mode]["confusion_matrix"]))
     print(f"\ncalibration for --calibration auto (infer_creditmix.py, the server): {chosen['calibration']}, "
           f"temperature {chosen['temperature']}: expected calibration error {chosen['ece_before']} -> "
-          f"{chosen['ece_after']} ({chosen['ece_after_heldout']} with each half's temperature fitted on the other)")
+          f"{chosen['ece_after']} ({chosen['ece_after_heldout']} with each half's calibration fitted on the other)")
     saved = save_eval(args.model_dir, "creditmix", args.data, args, metrics, "eval_creditmix.py")
     where = eval_run_dir(args.model_dir)
     write_json(where / CALIBRATION_FILE,

@@ -94,19 +94,44 @@ def test_temperature_scaling_recovers_an_overconfident_models_temperature():
     assert before > 0.1 and after < 0.03
 
 
-def test_heldout_ece_uses_temperatures_fitted_on_the_other_rows():
+def _heldout_ece(z, y):
+    from scoring import _temperature_only, cross_fitted, expected_calibration_error
+    return expected_calibration_error(cross_fitted(z, y, _temperature_only), y)
+
+
+def test_cross_fitted_temperatures_come_from_the_other_rows():
     """An overconfident model (labels from softmax(z / 3)): each half's temperature from the other half still
     calibrates it; when the halves disagree (the second half's labels drawn at another temperature) the held-out ECE
     is worse than the ECE on the rows the single temperature was fitted to."""
-    from scoring import expected_calibration_error, fit_temperature, heldout_ece, softmax
+    from scoring import expected_calibration_error, fit_temperature, softmax
     rng = np.random.default_rng(1)
     z = rng.normal(0, 4, size=(4000, 3))
     y = np.array([rng.choice(3, p=row) for row in softmax(z / 3)])
-    assert expected_calibration_error(softmax(z), y) > 0.1 and heldout_ece(z, y) < 0.03
+    assert expected_calibration_error(softmax(z), y) > 0.1 and _heldout_ece(z, y) < 0.03
     t_half = np.where(np.arange(4000) % 2 == 0, 1.0, 6.0)  # even rows sharp, odd rows flat
     y2 = np.array([rng.choice(3, p=row) for row in softmax(z / t_half[:, None])])
     in_sample = expected_calibration_error(softmax(z / fit_temperature(z, y2)), y2)
-    assert heldout_ece(z, y2) > in_sample + 0.05
+    assert _heldout_ece(z, y2) > in_sample + 0.05
+
+
+def test_a_fitted_prior_gives_an_under_predicted_label_its_share_back():
+    """Scores biased against the second label (as the six-feature CreditMix student, which almost never says
+    Standard) and overconfident: the fitted calibration's cross-fitted accuracy beats the three fixed ones (batch's
+    mean comes close on such a constant bias), it is chosen, its prior undoes the bias, and its held-out
+    probabilities are calibrated."""
+    from scoring import FITTED, choose_calibration, softmax
+    rng = np.random.default_rng(2)
+    z = rng.normal(0, 1.5, size=(3000, 3))
+    y = np.array([rng.choice(3, p=row) for row in softmax(z)])
+    raw = 2.5 * z - np.array([0.0, 3.0, 0.0])  # overconfident, and Standard pushed down
+    nulls = np.zeros((4, 3))
+    chosen = choose_calibration(raw, nulls, y)
+    assert chosen["calibration"] == FITTED
+    acc = chosen["accuracy"]
+    assert acc[FITTED] > max(acc["multi_null"], acc["batch"], acc["none"]) and acc[FITTED] > acc["none"] + 0.05
+    prior = np.array(chosen["prior"])
+    assert prior[1] - prior[0] == pytest.approx(-3.0, abs=0.4) and chosen["temperature"] == pytest.approx(2.5, rel=0.15)
+    assert chosen["ece_after_heldout"] < 0.03 < chosen["ece_before"]
 
 
 def test_expected_calibration_error_of_known_cases():
