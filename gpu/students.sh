@@ -55,6 +55,6 @@ esac; done
 wait
 tar czf $OUT/runs_students.tgz --exclude='*.safetensors' --exclude='checkpoint-*' --exclude='*.bin' --exclude='*.pt' \
   --exclude='tokenizer.json' --exclude='data_*' $R
-for f in $R/logs/eval_*.log; do echo "== $f"; grep -E "^(precision|multi_null|batch|none|calibration|micro|field|exact|EM|schema|json)" "$f" | cut -c1-200; done
+for f in $R/logs/eval_*.log; do echo "== $f"; grep -E "^(precision|multi_null|batch|none|fitted|calibration|micro|field|exact|company|date|total|address|JSON)" "$f" | cut -c1-200; done
 grep -h -E "stopped|train_runtime|steps" $R/logs/cm*.log $R/logs/idp*.log 2>/dev/null | cut -c1-200 | tail -12
 cat $OUT/codegen_star.txt 2>/dev/null | tail -20
