@@ -46,10 +46,8 @@ def kd_rows_in_train(path: str, train_prompts: dict, src: str) -> tuple[list[dic
     """The KD file's rows and, for each, its index among the rebuilt training rows; refuses a row that is not one
     (a validation row, or a file made with other --features / --seed)."""
     rows, where = [], []
-    for place, r in read_records_placed(path):
-        for f in ("input", "teacher_output"):
-            if not isinstance(r.get(f), str) or not r[f].strip():
-                raise UserError(f"{path}: {place}: missing or empty field '{f}'")
+    fields = ("input", "teacher_output")
+    for place, r in read_records_placed(path, required=fields, nonempty=fields):
         if r["input"] not in train_prompts:
             raise UserError(f"{path}: {place}: field 'input' is not among the training rows rebuilt from {src}: make "
                             "the file with creditmix_prepare.py and the same --features, --seed and --val_per_class")
