@@ -202,12 +202,14 @@ def fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
     """The temperature T minimising the negative log-likelihood of softmax(scores / T) on (scores, y): temperature
     scaling (Guo et al. 2017), one parameter, so the ranking (and accuracy) cannot change."""
     from scipy.optimize import minimize_scalar
+    return float(np.exp(minimize_scalar(lambda log_t: _nll(scores / np.exp(log_t), y), bounds=(-5.0, 5.0),
+                                        method="bounded").x))
 
-    def nll(log_t):
-        z = scores / np.exp(log_t)
-        z = z - z.max(1, keepdims=True)
-        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))).mean())
-    return float(np.exp(minimize_scalar(nll, bounds=(-5.0, 5.0), method="bounded").x))
+
+def _nll(z: np.ndarray, y: np.ndarray) -> float:
+    """Mean negative log-likelihood of labels y under softmax(z)."""
+    z = z - z.max(1, keepdims=True)
+    return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))).mean())
 
 
 def fit_prior_temperature(raw: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -219,9 +221,7 @@ def fit_prior_temperature(raw: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, f
     n = raw.shape[1]
 
     def nll(theta):
-        z = (raw - np.concatenate([[0.0], theta[:-1]])) / np.exp(theta[-1])
-        z = z - z.max(1, keepdims=True)
-        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))).mean())
+        return _nll((raw - np.concatenate([[0.0], theta[:-1]])) / np.exp(theta[-1]), y)
     x = minimize(nll, np.zeros(n), method="L-BFGS-B", bounds=[(None, None)] * (n - 1) + [(-5.0, 5.0)]).x
     return np.concatenate([[0.0], x[:-1]]), float(np.exp(x[-1]))
 
