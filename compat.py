@@ -117,10 +117,10 @@ def sft_loss_divisor(trainer, labels, num_items_in_batch):
     return divisor.reshape(())
 
 
-def count_sft_tokens(trainer, attention_mask) -> None:
+def count_sft_tokens(trainer, tokens: int) -> None:
     """SFTTrainer's `num_tokens` metric (its compute_loss keeps the running count of non-padding input tokens), for a
-    training_step that does not run its compute_loss. One process."""
-    trainer._total_train_tokens += int(attention_mask.sum())
+    training_step that does not run its compute_loss: add `tokens` of one micro-batch. One process."""
+    trainer._total_train_tokens += tokens
     trainer._metrics["train"]["num_tokens"] = [trainer._total_train_tokens]
 
 

@@ -436,7 +436,8 @@ class GraphedTrainingStep:
                 raise
             raise UserError(f"--cuda_graphs: {str(e).splitlines()[0]}; lower --per_device_train_batch_size or "
                             "--max_memory_gb, or train without --cuda_graphs") from e
-        count_sft_tokens(self.trainer, batch.get("attention_mask", torch.ones_like(batch["input_ids"])))
+        mask = batch.get("attention_mask")  # none: nothing padded (tensors)
+        count_sft_tokens(self.trainer, batch["input_ids"].numel() if mask is None else int(mask.sum()))
         return loss
 
 
