@@ -209,8 +209,9 @@ def test_cuda_graphs_on_a_cpu_trains_eagerly_and_says_so(tiny_model_dir, creditm
 
 def test_sft_train_runs_the_graphed_step_with_offloading_end_to_end(tiny_model_dir, creditmix_dir, tmp_path,
                                                                     monkeypatch):
-    """sft_train.py --cuda_graphs --activation_offloading as on a GPU (the memory probe, then the graphed step with
-    host-memory hidden states, logging every step), its micro-steps run eagerly here: it trains, logs and records."""
+    """sft_train.py --cuda_graphs --activation_offloading as on a GPU (the graphed step with host-memory hidden
+    states, logging every step), its micro-steps run eagerly here: it trains, logs and records. The memory probe
+    before it needs CUDA: test_training_after_the_memory_probe_logs runs it."""
     import functools
     import sft_train
     monkeypatch.setattr(speedups, "use_cuda_graphs", functools.partial(speedups.use_cuda_graphs, capture=False))
