@@ -6,6 +6,8 @@
 #        graph's pool: ~1.7 GiB more outside the pool than model, LoRA and optimizer state explain)
 #   16k: the same at 16,384 x 1 (its capture runs out with 4.19 GiB in the graph's pool)
 #   32k: eager sft with activation offloading and the tiled MLP at 32,768 x 1 (out of memory at 7.80 GiB)
+#   32k_ours: the --cuda_graphs micro-step run eagerly (BENCH_GRAPH=0) with our hidden-state offloading and the
+#        tiled MLP at 32,768 x 1
 # The recording slows the cases: their tokens/s do not count. Any CUDA machine:
 #   bash gpu/memory_where.sh      # about 5 minutes on an H200; PARTS picks and orders them (default: 8x1 16k 32k)
 . "$(dirname "$0")/env.sh"
@@ -18,6 +20,8 @@ for part in ${PARTS:-8x1 16k 32k}; do case $part in
          > $OUT/mem_16k.log 2>&1 ;;
   32k) within $B --cases sft --seq 32768 --batch 1 --accum 1 --activation_offloading --kernels tiled_mlp \
          --memory_history $M/32k > $OUT/mem_32k.log 2>&1 ;;
+  32k_ours) within env BENCH_GRAPH=0 $B --cases sft_graph --seq 32768 --batch 1 --accum 1 --activation_offloading \
+         --kernels tiled_mlp --memory_history $M/32k_ours > $OUT/mem_32k_ours.log 2>&1 ;;
 esac; done
-for d in 8x1 16k 32k; do for f in $M/$d/*.txt; do [ -f "$f" ] && cp "$f" "$OUT/${d}_$(basename "$f")"; done; done
+for d in 8x1 16k 32k 32k_ours; do for f in $M/$d/*.txt; do [ -f "$f" ] && cp "$f" "$OUT/${d}_$(basename "$f")"; done; done
 head -n 24 $OUT/*_mem_*.txt
