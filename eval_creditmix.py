@@ -166,7 +166,8 @@ def main(args):
         print("\n".join("  " + " ".join(f"{v:>6}" for v in row) for row in results[mode]["confusion_matrix"]))
     print(f"\ncalibration for --calibration auto (infer_creditmix.py, the server): {chosen['calibration']}, "
           f"temperature {chosen['temperature']}: expected calibration error {chosen['ece_before']} -> "
-          f"{chosen['ece_after']} ({chosen['ece_after_heldout']} with each half's calibration fitted on the other)")
+          f"{chosen['ece_after']} ({chosen['ece_after_heldout']} with each half's calibration fitted on the other; "
+          f"{chosen['ece_floor']} for perfectly calibrated probabilities on {len(pairs)} rows)")
     saved = save_eval(args.model_dir, "creditmix", args.data, args, metrics, "eval_creditmix.py")
     where = eval_run_dir(args.model_dir)
     write_json(where / CALIBRATION_FILE,

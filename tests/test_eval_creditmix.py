@@ -62,7 +62,7 @@ def test_records_the_calibration_that_infer_auto_then_serves(tiny_sft_run, credi
     rec = json.loads((tiny_sft_run / CALIBRATION_FILE).read_text())
     assert rec["calibration"] == chosen["calibration"] and rec["temperature"] > 0
     assert 0 <= rec["ece_after"] <= 1 and rec["data"]["path"].endswith("creditmix_val.jsonl")
-    assert 0 <= rec["ece_after_heldout"] <= 1
+    assert 0 <= rec["ece_after_heldout"] <= 1 and 0 < rec["ece_floor"] < 1
     # the raw scores it chose from, row by row: the recorded accuracy follows from them
     saved = json.loads((tiny_sft_run / SCORES_FILE).read_text())
     raw, y = np.array(saved["raw"]), np.array([saved["labels"].index(v) for v in saved["y"]])

@@ -134,6 +134,20 @@ def test_a_fitted_prior_gives_an_under_predicted_label_its_share_back():
     assert chosen["ece_after_heldout"] < 0.03 < chosen["ece_before"]
 
 
+def test_ece_floor_is_what_calibrated_probabilities_score_on_a_finite_split():
+    """Labels drawn from the probabilities themselves (perfect calibration) score about the floor, not 0; the floor
+    shrinks with the number of rows, and a miscalibrated model (its scores twice too sharp) scores well above it."""
+    from scoring import ece_floor, expected_calibration_error, softmax
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 1.5, size=(20000, 3))
+    p = softmax(z)
+    y = np.array([rng.choice(3, p=row) for row in p])
+    small = ece_floor(p[:1000])
+    assert 0.01 < small < 0.06 and ece_floor(p) < small / 2
+    assert expected_calibration_error(p[:1000], y[:1000]) == pytest.approx(small, abs=0.02)
+    assert expected_calibration_error(softmax(2 * z[:1000]), y[:1000]) > small + 0.05
+
+
 def test_expected_calibration_error_of_known_cases():
     from scoring import expected_calibration_error
     y = np.array([0, 0, 1, 1])
