@@ -480,6 +480,8 @@ def _graph_check(trainer, ds, batch: int) -> dict:
 
     from compat import prepare_inputs
     step = trainer.training_step  # speedups.GraphedTrainingStep
+    if step.graphed is None:  # a capture ran out of memory: the step went eager (give_up_graphs)
+        return {"graph_captured": False, **step.record()}
     model = trainer.model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
     inputs = prepare_inputs(trainer, trainer.data_collator([ds[i] for i in range(batch)]))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 import sys
 
@@ -413,6 +414,8 @@ class GraphedTrainingStep:
         self.micro = sft_micro_step(trainer.model, bool(trainer.args.bf16), offload=offload)
         params = [p for p in trainer.model.parameters() if p.requires_grad]
         self.graphed = GraphedStep(self.micro, params=params) if capture else None
+        self.eager_after = None  # why the graphs gave way to eager micro-steps (a capture that ran out of memory)
+        self.dropped_captures: list[dict] = []
 
     def tensors(self, inputs: dict, num_items_in_batch=None) -> dict:
         """The micro-step's inputs from a prepared batch; no attention mask where nothing is padded (its own graph:
@@ -429,16 +432,38 @@ class GraphedTrainingStep:
         from compat import count_sft_tokens, prepare_inputs
         model.train()
         batch = self.tensors(prepare_inputs(self.trainer, inputs), num_items_in_batch)
+        failed = None
         try:  # the graph's loss tensor is rewritten by the next replay (of any shape: one pool): the loop gets a copy
             loss = self.graphed(**batch).clone() if self.graphed else self.micro(**batch)
         except torch.OutOfMemoryError as e:
             if "CUDA graph capture" not in str(e):
                 raise
-            raise UserError(f"--cuda_graphs: {str(e).splitlines()[0]}; lower --per_device_train_batch_size or "
-                            "--max_memory_gb, or train without --cuda_graphs") from e
+            failed = str(e).splitlines()[0]
+        if failed:  # outside the handler: the failed capture's frames, and the tensors they hold, went with it
+            self.give_up_graphs(failed)
+            loss = self.micro(**batch)  # the same micro-step as the warm-ups of this shape, which fitted
         mask = batch.get("attention_mask")  # none: nothing padded (tensors)
         count_sft_tokens(self.trainer, batch["input_ids"].numel() if mask is None else int(mask.sum()))
         return loss
+
+    def give_up_graphs(self, why: str) -> None:
+        """A capture ran out of memory where the eager warm-ups of its shape fitted (a graph's pool holds its
+        intermediate tensors for good, which eager steps free and reuse: at 16,384 tokens of the 3B shape under 8 GiB
+        only eager fits): every micro-step from here on runs eagerly, the same arithmetic and offloading, and the
+        graphs and their pool are freed for it."""
+        note(f"--cuda_graphs: {why}; the micro-steps run eagerly from here on (same loss, slower; a smaller "
+             "--per_device_train_batch_size keeps the graphs)")
+        self.dropped_captures, self.eager_after, self.graphed = self.graphed.captures, why, None
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    def record(self) -> dict:
+        """run.json's record: each captured shape with the GPU memory around its capture, and why the step went
+        eager, if it did (nothing for a step that never captured: capture=False)."""
+        if self.graphed:
+            return {"cuda_graph_captures": self.graphed.captures}
+        return {"cuda_graph_captures": self.dropped_captures, "cuda_graphs_eager_after": self.eager_after} \
+            if self.eager_after else {}
 
 
 def keep_grads(model) -> None:

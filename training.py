@@ -489,9 +489,10 @@ def train_and_save(trainer, tok, args, *, script: str, method: str, base_model: 
 
 
 def graph_metrics(trainer) -> dict:
-    """run.json's record of --cuda_graphs: the shapes captured and the GPU memory around each capture."""
-    graphed = getattr(getattr(trainer, "training_step", None), "graphed", None)
-    return {"cuda_graph_captures": graphed.captures} if graphed is not None else {}
+    """run.json's record of --cuda_graphs (speedups.GraphedTrainingStep.record): the shapes captured, the GPU memory
+    around each capture, and why the micro-steps went eager if a capture ran out of memory."""
+    record = getattr(getattr(trainer, "training_step", None), "record", None)
+    return record() if record else {}
 
 
 def save_final(trainer, tok, args, base_model: str | None, write_record) -> None:

@@ -4,7 +4,8 @@
 #   a: 2048 x 1 x 8, our --cuda_graphs trainer path with and without --activation_offloading, against Unsloth
 #   b: 2048 under an 8 GiB cap, each at its best micro-batch (ours with the layers' inputs in host memory)
 #   c: 16,384 tokens under the 8 GiB cap (ours graphed, and eagerly with our offloading and with TRL's)
-#   d: 32,768 tokens under the 8 GiB cap (ours eagerly with our offloading)
+#   d: 32,768 tokens under the 8 GiB cap (ours eagerly with our offloading and the tiled MLP; then as --cuda_graphs
+#      runs it: captured, or eagerly if its capture runs out of memory)
 # Rows in $OUT/targets.jsonl, the table in $OUT/targets_table.txt. PARTS picks and orders them (default: all).
 #   UNSLOTH_SITE=/tmp/unsloth_site bash gpu/unsloth_targets.sh      # about 12 minutes on an H200
 . "$(dirname "$0")/env.sh"
@@ -19,7 +20,10 @@ for part in ${PARTS:-a b c d}; do case $part in
      # the same micro-step eagerly: our hidden-state offloading (same-stream copies) instead of TRL's (sft)
      within env BENCH_GRAPH=0 $B --cases sft_graph --seq 16384 --batch 1 --accum 1 --steps 2 --cap_gb 8 --activation_offloading
      within $B --cases sft,unsloth --seq 16384 --batch 1 --accum 1 --steps 2 --cap_gb 8 --activation_offloading ;;
-  d) within env BENCH_GRAPH=0 $B --cases sft_graph --seq 32768 --batch 1 --accum 1 --steps 1 --cap_gb 8 --activation_offloading
+  d) within env BENCH_GRAPH=0 $B --cases sft_graph --seq 32768 --batch 1 --accum 1 --steps 1 --cap_gb 8 --activation_offloading \
+       --kernels tiled_mlp
+     # as sft_train.py --cuda_graphs runs it: captured, or on eagerly if the capture runs out of memory
+     within $B --cases sft_graph --seq 32768 --batch 1 --accum 1 --steps 1 --cap_gb 8 --activation_offloading --kernels tiled_mlp
      within $B --cases unsloth --seq 32768 --batch 1 --accum 1 --steps 1 --cap_gb 8 ;;
 esac; done
 python3 bench.py --table "$OUT/targets.jsonl" | tee "$OUT/targets_table.txt"

@@ -82,6 +82,50 @@ def test_graph_micro_step_gives_sft_trainers_loss_and_gradients(tiny_model_dir, 
     assert trainer._metrics["train"]["num_tokens"] == [trainer._total_train_tokens]
 
 
+class _CaptureOutOfMemory:
+    """Stands in for GraphedStep where the capture of a shape runs out of memory (as 16,384 tokens of the 3B shape
+    under an 8 GiB cap do, with the eager warm-ups fitting); `raises` another error instead, once."""
+    captures = [{"shapes": {"input_ids": [2, 16]}, "allocated_before_gib": 3.3}]
+
+    def __init__(self, raises=None):
+        self.calls, self.raises = 0, raises
+
+    def __call__(self, **tensors):
+        self.calls += 1
+        raise self.raises or torch.OutOfMemoryError("CUDA graph capture ran out of memory (CUDA out of memory. Tried "
+                                                    "to allocate 688.00 MiB); 3.3 GiB were allocated before it")
+
+
+def test_a_capture_out_of_memory_trains_on_eagerly(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """When a capture runs out of memory the micro-batch still trains: the step says so in one NOTE, gives up its
+    graphs and runs this and every later micro-step eagerly, with the loss and gradients of the eager step; run.json
+    records why. Any other out-of-memory error is the user's to see."""
+    monkeypatch.setattr(fileio, "_notes_said", set())
+    trainer = _trainer(tiny_model_dir, tmp_path)
+    ds = trainer.train_dataset
+    batches = [trainer.data_collator([ds[0], ds[1]]), trainer.data_collator([ds[2]])]
+    want_losses, want_grads = _run(trainer, speedups.GraphedTrainingStep(trainer, capture=False), batches, None)
+    step = speedups.GraphedTrainingStep(trainer, capture=False)
+    step.graphed = fake = _CaptureOutOfMemory()
+    losses, grads = _run(trainer, step, batches, None)
+    assert fake.calls == 1 and step.graphed is None  # the second micro-batch never tried a graph
+    for a, b in zip(losses, want_losses):
+        torch.testing.assert_close(a, b)
+    for name in want_grads:
+        torch.testing.assert_close(grads[name], want_grads[name], msg=name)
+    err = capsys.readouterr().err
+    assert "--cuda_graphs: CUDA graph capture ran out of memory" in err and "run eagerly from here on" in err
+    trainer.training_step = step
+    rec = training.graph_metrics(trainer)
+    assert rec["cuda_graphs_eager_after"].startswith("CUDA graph capture ran out of memory")
+    assert rec["cuda_graph_captures"] == _CaptureOutOfMemory.captures
+
+    other = speedups.GraphedTrainingStep(trainer, capture=False)
+    other.graphed = _CaptureOutOfMemory(raises=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    with pytest.raises(torch.OutOfMemoryError, match="Tried to allocate 2 GiB"):
+        other(trainer.model, dict(batches[0]))
+
+
 def test_an_unpadded_micro_batch_runs_causal_sdpa_without_a_mask(tiny_model_dir, tmp_path, monkeypatch):
     """Nothing padded: the micro-step passes no mask and runs SDPA with is_causal (its flash kernel on a GPU), and
     still gives SFTTrainer's loss and gradients; the model's attention setting is back to sdpa afterwards."""
