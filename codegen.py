@@ -252,10 +252,25 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # generation
 
+def length_batches(order: list[int], lengths: list[int], max_rows: int, new_tokens: int) -> list[list[int]]:
+    """`order` (longest prompt first) cut into batches of at most `max_rows` prompts, and a new batch wherever a
+    prompt would be padded to more than twice its own size (prompt + new tokens): one very long prompt does not pad a
+    whole batch to its length. MBPP's test split has one of 3,754 tokens (median 139): in one batch of 500 every
+    decoding step read 500 caches of its length, and the greedy evaluation took 144 s on an H200."""
+    batches: list[list[int]] = []
+    for i in order:
+        if not batches or len(batches[-1]) == max_rows \
+                or 2 * (lengths[i] + new_tokens) < lengths[batches[-1][0]] + new_tokens:
+            batches.append([])
+        batches[-1].append(i)
+    return batches
+
+
 def generate(model, tok, messages: list[str], *, max_new_tokens: int = 512, temperature: float = 0.0,
              top_p: float = 1.0, num_samples: int = 1, batch_size: int = 8, desc: str | None = None) -> list[list[str]]:
-    """Answer each user message `num_samples` times: chat template, left padding, batches of `batch_size`
-    messages (longest first, so padding stays small). Greedy when temperature == 0. Returns answers[i][j]."""
+    """Answer each user message `num_samples` times: chat template, left padding, batches of up to `batch_size`
+    messages (longest first, so padding stays small; length_batches). Greedy when temperature == 0. Returns
+    answers[i][j]."""
     import torch
 
     if temperature <= 0 and num_samples > 1:
@@ -270,7 +285,7 @@ def generate(model, tok, messages: list[str], *, max_new_tokens: int = 512, temp
     gen_kw.update(dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else
                   dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     device = next(model.parameters()).device
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_batches(order, lengths, batch_size, max_new_tokens)
     bar = None
     if desc:
         from tqdm import tqdm

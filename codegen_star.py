@@ -63,7 +63,8 @@ def parse_args(argv=None):
     g.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass")
     g.add_argument("--max_new_tokens", type=int, default=512, help="token limit of each sampled answer")
     g.add_argument("--batch_sequences", type=int, default=64,
-                   help="sequences per generate() call (prompts per call = this / samples per prompt)")
+                   help="sequences per generate() call at most (prompts per call = this / samples per prompt); a prompt "
+                        "that would be padded to over twice its length starts the next call")
     g.add_argument("--max_kept_per_task", type=int, default=4,
                    help="distinct passing answers kept per task (over all rounds): easy tasks do not dominate")
     g.add_argument("--max_pairs_per_task", type=int, default=2, help="DPO pairs per task per round")

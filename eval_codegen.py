@@ -38,7 +38,9 @@ def parse_args(argv=None):
                                                    "instead of generating")
     # run
     codegen.add_decoding_args(p, "samples per problem (n of pass@k)")
-    p.add_argument("--batch_size", type=int, default=8, help="problems per generate() call (x num_samples sequences)")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="problems per generate() call at most (x num_samples sequences); a prompt that would be padded to "
+                        "over twice its length starts the next call")
     p.add_argument("--k", default="1,10,100", help="pass@k values to report (those with k <= n)")
     p.add_argument("--timeout", type=float, default=None,
                    help="wall-clock seconds per candidate (default 10; 60 for HumanEval+/MBPP+, whose big test "

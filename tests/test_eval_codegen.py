@@ -145,6 +145,22 @@ def test_smoke_tiny_model(tiny_model_dir, tmp_path):
     assert m2["pass@1"] == m["pass@1"]
 
 
+def test_a_very_long_prompt_gets_its_own_batch():
+    """Prompts longest first in batches of at most max_rows; one that would be padded to more than twice its size
+    starts a new batch, so MBPP's one 3,754-token prompt no longer pads the other 499 (and prompts of alike length
+    still fill whole batches)."""
+    from codegen import length_batches
+    lengths = [150 + (i * 37) % 300 for i in range(499)] + [3754]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches = length_batches(order, lengths, 1024, 512)
+    assert [len(b) for b in batches] == [1, 499] and batches[0] == [499]
+    assert [i for b in batches for i in b] == order
+    assert [len(b) for b in length_batches(order, lengths, 64, 512)] == [1] + [64] * 7 + [51]
+    # no outlier: fixed-size batches, as before
+    alike = order[1:]
+    assert [len(b) for b in length_batches(alike, lengths, 100, 512)] == [100] * 4 + [99]
+
+
 def test_greedy_with_several_samples_is_refused(tmp_path):
     data = write_jsonl(tmp_path / "he.jsonl", TINY_HE)
     with pytest.raises(UserError, match="--temperature"):
