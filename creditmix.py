@@ -41,6 +41,9 @@ PLAUSIBLE = {"Age": (14, 100), "Num_of_Loan": (0, 20), "Num_Bank_Accounts": (0, 
 UNKNOWN = "unknown"
 
 
+TRAIN_ROWS = ("balanced", "all")
+
+
 def add_split_args(p) -> None:
     """The flags that fix the held-out split: creditmix_prepare.py makes it, eval_creditmix.py rebuilds it from the
     same raw source with the same values."""
@@ -52,6 +55,10 @@ def add_split_args(p) -> None:
                         "else --val_frac of the smallest class)")
     p.add_argument("--val_frac", type=float, default=0.1, help="validation share of the smallest class")
     p.add_argument("--seed", type=int, default=42, help="seed of the split and of DPO's rejected labels")
+    p.add_argument("--train_rows", default="balanced", choices=TRAIN_ROWS,
+                   help="training rows: 'balanced' (each class cut to the smallest one's count) or 'all' (every "
+                        "training row, the source's label shares kept: eval_creditmix.py's fitted calibration "
+                        "corrects the prior a student learns from them); validation is the same either way")
 
 
 def prompt_for(features: str) -> str:
@@ -157,12 +164,14 @@ def _rank(seed: int, row: dict) -> str:
     return hashlib.sha256(f"{seed}\x00{row['features']}\x00{row['label']}".encode()).hexdigest()
 
 
-def split_balanced(rows: list[dict], seed: int, val_per_class: int | None = None, val_frac: float | None = None):
+def split_balanced(rows: list[dict], seed: int, val_per_class: int | None = None, val_frac: float | None = None,
+                   train_rows: str = "balanced"):
     """The held-out split prepare writes and eval rebuilds. Each class is ordered by a seeded hash of its content
     (independent of file order), validation takes the first N of each class, so a smaller N is a subset of a larger
     one. With a source split (Kaggle holdout), validation comes from the holdout only. Training never holds a
-    validation prompt; it is balanced to the smallest class (per-class cap = min class count).
-    Returns (val_rows, train_rows)."""
+    validation prompt; it is balanced to the smallest class (per-class cap = min class count), or with
+    train_rows="all" keeps every row (on the real twenty features the tree scores 0.939 from all 7,927 training rows
+    against 0.929 from the balanced 5,766; on six, 0.654 against 0.677). Returns (val_rows, train_rows)."""
     has_split = any(r["split"] for r in rows)
     pool_val = [r for r in rows if r["split"] in ("holdout", "test", "val", "validation")] if has_split else rows
     by_class = defaultdict(list)
@@ -189,7 +198,7 @@ def split_balanced(rows: list[dict], seed: int, val_per_class: int | None = None
     cap = min(len(train_by_class[c]) for c in LABELS)
     if cap == 0:
         raise UserError("no training rows left for some class after holding out validation: lower --val_per_class")
-    train = [r for c in LABELS for r in train_by_class[c][:cap]]
+    train = [r for c in LABELS for r in train_by_class[c][:cap if train_rows == "balanced" else None]]
     random.Random(seed).shuffle(train)
     return val, train
 

@@ -7,9 +7,9 @@
 Sources: the README's seed format ({"question": features, "answer": Good|Standard|Bad}, JSON list or JSONL), a
 Kaggle-style credit CSV (dirty values cleaned; Name, SSN and Credit_Score never reach a prompt; Credit_Mix "_" rows
 skipped and counted), or creditmix_labeled.jsonl (its `source_split` holdout becomes the validation split).
-Writes creditmix_{sft,kd,dpo}.jsonl (balanced: per-class cap = smallest class), creditmix_val.jsonl (balanced, no
-prompt shared with training) and creditmix_prepare.json (what was done). eval_creditmix.py rebuilds the same
-validation split from the same --src, --features and --seed.
+Writes creditmix_{sft,kd,dpo}.jsonl (balanced: per-class cap = smallest class; --train_rows all keeps every
+training row), creditmix_val.jsonl (balanced, no prompt shared with training) and creditmix_prepare.json (what was
+done). eval_creditmix.py rebuilds the same validation split from the same --src, --features and --seed.
 """
 import random
 from collections import Counter
@@ -36,7 +36,7 @@ OUTPUTS = ["creditmix_sft.jsonl", "creditmix_kd.jsonl", "creditmix_dpo.jsonl", "
 
 
 def training_files(train: list[dict], seed: int) -> dict[str, list[dict]]:
-    """The README's three formats from the balanced training rows; DPO's rejected is a wrong label."""
+    """The README's three formats from the training rows; DPO's rejected is a wrong label."""
     rng = random.Random(seed)
     prompts = [cm.prompt_for(r["features"]) for r in train]
     return {
@@ -55,17 +55,20 @@ def main(args):
     cols = cm.resolve_features(args.features)
     rows, report = cm.load_examples(args.src, cols)
     # run
-    val, train = cm.split_balanced(rows, args.seed, args.val_per_class, args.val_frac)
+    val, train = cm.split_balanced(rows, args.seed, args.val_per_class, args.val_frac, args.train_rows)
     files = training_files(train, args.seed)
     files["creditmix_val.jsonl"] = [{"input": cm.prompt_for(r["features"]), "output": r["label"],
                                      "features": r["features"]} for r in val]
     # save
     summary = {"src": str(args.src), "src_sha256": sha256_file(args.src), "features": cols, "seed": args.seed,
-               "val_per_class": len(val) // len(cm.LABELS), "train_per_class": len(train) // len(cm.LABELS),
+               "val_per_class": len(val) // len(cm.LABELS), "train_rows": args.train_rows,
+               "train_counts": {c: sum(r["label"] == c for r in train) for c in cm.LABELS},
                "source_counts": dict(Counter(r["label"] for r in rows)), **report}
     write_outputs({**{out / name: recs for name, recs in files.items()}, out / "creditmix_prepare.json": summary})
     skipped = f", skipped {report['skipped_unknown_label']} rows with unknown Credit_Mix" if report else ""
-    print(f"{len(rows)} labelled rows{skipped}; per class: {summary['train_per_class']} train, "
+    counts = summary["train_counts"]
+    per_class = counts["Good"] if len(set(counts.values())) == 1 else ", ".join(f"{c} {n}" for c, n in counts.items())
+    print(f"{len(rows)} labelled rows{skipped}; per class: {per_class} train, "
           f"{summary['val_per_class']} validation -> {', '.join(str(out / n) for n in files)}")
     return summary
 

@@ -85,7 +85,7 @@ def main(args):
     # load
     cols = cm.resolve_features(args.features)
     source, _ = cm.load_examples(args.src, cols)
-    val, train = cm.split_balanced(source, args.seed, args.val_per_class, args.val_frac)
+    val, train = cm.split_balanced(source, args.seed, args.val_per_class, args.val_frac, args.train_rows)
     X, categorical, categories = cm.feature_matrix([r["features"] for r in train], cols)
     Xv, _, _ = cm.feature_matrix([r["features"] for r in val], cols, categories)
     y, yv = (np.array([cm.LABELS.index(r["label"]) for r in part]) for part in (train, val))

@@ -80,10 +80,24 @@ def test_kaggle_csv_cleaned_private_columns_never_in_prompts(tmp_path, capsys):
 def test_real_kaggle_subset_keeps_holdout_for_validation(tmp_path):
     src = shared_data("creditmix/creditmix_labeled.jsonl")
     summary = run(["--src", str(src), "--outdir", str(tmp_path)])
-    assert summary["val_per_class"] == 438 and summary["train_per_class"] == 1922
+    assert summary["val_per_class"] == 438 and summary["train_counts"] == dict.fromkeys(cm.LABELS, 1922)
     holdout = {cm.prompt_for(cm.features_text(r, cm.README_FEATURES)) for r in map(json.loads, open(src))
                if r["source_split"] == "holdout"}
     assert {r["input"] for r in read(tmp_path / "creditmix_val.jsonl")} <= holdout
+
+
+def test_train_rows_all_keeps_every_training_row_and_the_same_validation(tmp_path):
+    """--train_rows all: the training files hold every training row (the classes' own shares), no validation
+    prompt among them, and the validation file is byte for byte the balanced run's."""
+    (tmp_path / "bal").mkdir()
+    src = write_creditmix_sample(tmp_path / "bal", {"Good": 20, "Standard": 30, "Bad": 16})
+    summary = run(["--src", str(src), "--outdir", str(tmp_path / "all"), "--val_per_class", "4", "--train_rows", "all"])
+    assert summary["train_counts"] == {"Good": 16, "Standard": 26, "Bad": 12}  # each class less its 4 held out
+    sft = read(tmp_path / "all" / "creditmix_sft.jsonl")
+    assert Counter(r["output"] for r in sft) == summary["train_counts"]
+    val = (tmp_path / "all" / "creditmix_val.jsonl").read_text()
+    assert val == (tmp_path / "bal" / "creditmix_val.jsonl").read_text()
+    assert not {json.loads(line)["input"] for line in val.splitlines()} & {r["input"] for r in sft}
 
 
 @pytest.mark.parametrize("content,message", [
