@@ -17,9 +17,11 @@ tail -c +37500001 "$G" > .carry/p2/gguf.part2
 P=$(mktemp -d)
 $PY creditmix_prepare.py --src $D/creditmix/creditmix_labeled.jsonl --outdir $P/data_cm6
 $PY creditmix_prepare.py --src $D/creditmix/creditmix_labeled.jsonl --features rich --outdir $P/data_cm20
-for fs in cm6:readme cm20:rich; do  # the tree as a KD teacher (gpu/students.sh PARTS=cm_tree): made here, in seconds
-  $PY creditmix_tree.py --src $D/creditmix/creditmix_labeled.jsonl --features ${fs#*:} \
-    --data $P/data_${fs%:*}/creditmix_kd.jsonl --idp_mode --out $P/data_${fs%:*}/cache_tree
+$PY creditmix_prepare.py --src $D/creditmix/creditmix_labeled.jsonl --features rich --train_rows all --outdir $P/data_cm20_all
+# the tree as a KD teacher (gpu/students.sh PARTS=cm_tree, cm_all): made here, in seconds
+for fs in cm6:readme:balanced cm20:rich:balanced cm20_all:rich:all; do IFS=: read -r name feats rows <<< "$fs"
+  $PY creditmix_tree.py --src $D/creditmix/creditmix_labeled.jsonl --features $feats --train_rows $rows \
+    --data $P/data_$name/creditmix_kd.jsonl --idp_mode --out $P/data_$name/cache_tree
 done
 $PY idp_prepare.py --src $D/idp/sroie.jsonl --outdir $P/data_idp
 cp $P/data_idp/sroie_idp_test.jsonl $P/data_idp/sroie_schema.json .carry/idp/

@@ -4,9 +4,10 @@
 # schedules, LoRA r16 and r64) evaluated with the calibration eval_creditmix.py picks and its ECE; IDP SFT on SROIE
 # for more epochs, constrained, raw / normalized / canonical metrics; CodeGen distilled with the sandbox as verifier
 # (gpu/codegen_star.sh: STaR rounds, HumanEval / MBPP-test pass@1 at the base and after each round). PARTS picks the
-# jobs (default "cm idp star"; also cm_r64: twenty features at LoRA r64; idp_kd: SFT, then KD from it and DPO on
-# top of it, on SROIE; cm_tree: KD from the gradient-boosted tree's cache, creditmix_tree.py, made by
-# dev/make_carry.sh; TREE_ALPHA, default 0.5, the divergence's weight); they share the GPU.
+# jobs (default "cm idp star"; also cm_r64: twenty features at LoRA r64; cm_tree: KD from the gradient-boosted
+# tree's cache, creditmix_tree.py, made by dev/make_carry.sh; TREE_ALPHA, default 0.5, the divergence's weight;
+# cm_all: twenty features from every training row, SFT and KD from the tree on those rows; idp_kd: SFT, then KD
+# from it and DPO on top of it, on SROIE); they share the GPU.
 #   P=<prepared data: data_cm6, data_cm20, data_idp, mbpp.jsonl, humaneval.jsonl> bash gpu/students.sh   (~9 min, H200)
 # CPU dry run: M=<tiny model dir> P=<dir> MIN=0.2 LIMIT=4 ROUNDS=1 N=2 STAR_LIMIT=4 EVAL_LIMIT=2 TOK=16 ES=2 K=1,2 OUT=/tmp/out bash gpu/students.sh
 set -u
@@ -35,6 +36,13 @@ for part in ${PARTS:-cm idp star}; do case $part in
   cm) cm cm20_bf16 cm20 &
       cm cm6_bf16 cm6 & ;;
   cm_r64) cm cm20_bf16_r64 cm20 --lora_r 64 --lora_alpha 128 --lr 5e-4 & ;;
+  cm_all)  # twenty features from every training row (creditmix_prepare.py --train_rows all): SFT, and KD from the
+    # tree trained on those rows (its cache in data_cm20_all, dev/make_carry.sh)
+    cm cm20_all cm20_all &
+    ( $DL python3 kd_train.py $CM --data $R/data_cm20_all/creditmix_kd.jsonl --idp_mode --alpha ${TREE_ALPHA:-0.5} \
+        --teacher_cache $R/data_cm20_all/cache_tree --save_dir $R/cm20_all_kd_tree > $R/logs/cm20_all_kd_tree.log 2>&1
+      $DL python3 eval_creditmix.py --model_dir $R/cm20_all_kd_tree --data $R/data_cm20_all/creditmix_val.jsonl \
+        --batch_size 64 $LIM > $R/logs/eval_cm20_all_kd_tree.log 2>&1 ) & ;;
   cm_tree)  # KD from the gradient-boosted tree (creditmix_tree.py's cache, dev/make_carry.sh) into fresh students
     for f in cm20 cm6; do
       ( $DL python3 kd_train.py $CM --data $R/data_$f/creditmix_kd.jsonl --idp_mode --teacher_cache $R/data_$f/cache_tree \
