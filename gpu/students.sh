@@ -7,7 +7,8 @@
 # jobs (default "cm idp star"; also cm_r64: twenty features at LoRA r64; cm_tree: KD from the gradient-boosted
 # tree's cache, creditmix_tree.py, made by dev/make_carry.sh; TREE_ALPHA, default 0.5, the divergence's weight;
 # cm_all: twenty features from every training row, SFT and KD from the tree on those rows; idp_kd: SFT, then KD
-# from it and DPO on top of it, on SROIE); they share the GPU.
+# from it and DPO on top of it, on SROIE; code_sft: SFT on MBPP train's reference solutions, HumanEval and MBPP-test
+# pass@1); they share the GPU.
 #   P=<prepared data: data_cm6, data_cm20, data_idp, mbpp.jsonl, humaneval.jsonl> bash gpu/students.sh   (~9 min, H200)
 # CPU dry run: M=<tiny model dir> P=<dir> MIN=0.2 LIMIT=4 ROUNDS=1 N=2 STAR_LIMIT=4 EVAL_LIMIT=2 TOK=16 ES=2 K=1,2 OUT=/tmp/out bash gpu/students.sh
 set -u
@@ -58,12 +59,20 @@ for part in ${PARTS:-cm idp star}; do case $part in
       idp idp_dpo dpo_train.py --ref_model_dir $R/idp_sft_t --data $R/data_idp/sroie_idp_dpo.jsonl --epochs 1 \
         --beta 0.1 --lr 5e-6 &
       wait ) & ;;
+  code_sft)  # SFT on MBPP train's reference solutions (codegen_prepare.py's file), then greedy pass@1 as in STaR
+    ( $DL python3 sft_train.py $COM --data $R/data_code/codegen_sft.jsonl --save_dir $R/code_sft --epochs 3 \
+        --max_len 1024 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 --lr 2e-4 \
+        > $R/logs/code_sft.log 2>&1
+      for set in humaneval mbpp; do
+        $DL python3 eval_codegen.py --model_dir $R/code_sft --data $P/$set.jsonl --batch_size 1024 --max_new_tokens 512 \
+          ${LIMIT:+--limit $LIMIT} > $R/logs/eval_code_sft_$set.log 2>&1
+      done ) & ;;
   star) ( MIN=1 LIMIT=${STAR_LIMIT:-0} OUT=$OUT R=$R M=$M P=$P $DL bash "$(dirname "$0")/codegen_star.sh" \
           > $R/logs/star.log 2>&1 ) & ;;
 esac; done
 wait
 tar czf $OUT/runs_students.tgz --exclude='*.safetensors' --exclude='checkpoint-*' --exclude='*.bin' --exclude='*.pt' \
   --exclude='tokenizer.json' --exclude='data_*' $R
-for f in $R/logs/eval_*.log; do echo "== $f"; grep -E "^(precision|multi_null|batch|none|fitted|calibration|micro|field|exact|company|date|total|address|JSON)" "$f" | cut -c1-200; done
+for f in $R/logs/eval_*.log; do echo "== $f"; grep -E "^(precision|multi_null|batch|none|fitted|calibration|micro|field|exact|company|date|total|address|JSON|\{\"pass@)" "$f" | cut -c1-200; done
 grep -h -E "stopped|train_runtime|steps" $R/logs/cm*.log $R/logs/idp*.log 2>/dev/null | cut -c1-200 | tail -12
 cat $OUT/codegen_star.txt 2>/dev/null | tail -20
