@@ -86,6 +86,9 @@ def parse_args(argv=None):
     g.add_argument("--eval_samples", type=int, default=20, help="samples per problem for pass@k")
     g.add_argument("--eval_temperature", type=float, default=0.8, help="temperature of the pass@k samples")
     g.add_argument("--k", default="1,10", help="pass@k values from the samples (k <= --eval_samples)")
+    g.add_argument("--eval_at", default="all",
+                   help="rounds evaluated at all (greedy pass@1; the two flags below apply within them): all, last, "
+                        "none, or a list such as 0,2")
     g.add_argument("--sampled_eval_at", default="all",
                    help="rounds that also get the sampled pass@k evaluation: all, last, none, or a list such as 0,2")
     g.add_argument("--plan_then_code_at", default="none",
@@ -227,7 +230,8 @@ def run_command(cmd: list[str], log: Path) -> float:
 # evaluate
 
 def rounds_in(spec: str, rounds: int, flag: str) -> set[int]:
-    """--sampled_eval_at / --plan_then_code_at: all, last, none, or a comma list of rounds (0 = the base)."""
+    """--eval_at / --sampled_eval_at / --plan_then_code_at: all, last, none, or a comma list of rounds (0 = the
+    base)."""
     spec = spec.strip().lower()
     if spec in ("all", "last", "none"):
         return {"all": set(range(rounds + 1)), "last": {rounds}, "none": set()}[spec]
@@ -341,8 +345,9 @@ def main(args):
     started = time.time()
     cli.print_config("codegen_star", args)
     ks = check_args(args)
-    sampled_at = rounds_in(args.sampled_eval_at, args.rounds, "--sampled_eval_at")
-    plan_at = rounds_in(args.plan_then_code_at, args.rounds, "--plan_then_code_at")
+    eval_at = rounds_in(args.eval_at, args.rounds, "--eval_at")
+    sampled_at = rounds_in(args.sampled_eval_at, args.rounds, "--sampled_eval_at") & eval_at
+    plan_at = rounds_in(args.plan_then_code_at, args.rounds, "--plan_then_code_at") & eval_at
     save = check_output_dir(args.save_dir)
     # load
     evals, held = held_out_tasks(args)
@@ -421,7 +426,7 @@ def main(args):
                 note(f"round {r}: nothing to train (--train {args.train}, {len(sft)} SFT rows, {len(all_pairs)} "
                      "pairs): the student stays as it was")
             rec["student"] = student
-        if evals:
+        if evals and r in eval_at:
             t0 = time.time()
             model, tok = models.get(student)
             rec["precision"] = models.precision

@@ -137,3 +137,27 @@ def test_one_round_trains_with_the_projects_trainers(tiny_model_dir, tmp_path, m
     assert r1["sft_rows"] == 1 and r1["dpo_rows"] == 1 and r1["student"] == str(out / "round_1" / "dpo")
     assert json.loads((out / "round_1" / "dpo" / "run.json").read_text())["script"] == "dpo_train.py"
     assert json.loads((out / "round_1" / "sft" / "run.json").read_text())["args"]["max_steps"] == 1
+
+
+def test_eval_at_evaluates_only_the_rounds_asked(tiny_model_dir, tmp_path, monkeypatch):
+    """--eval_at last: the base and round 1 are not evaluated (no eval in their records, '-' in the table), round 2
+    is; --sampled_eval_at all applies only within the evaluated rounds."""
+    train_file = write_jsonl(tmp_path / "tasks.jsonl", TASKS)
+    he = write_jsonl(tmp_path / "he.jsonl", HE)
+    monkeypatch.setattr(codegen_star.codegen, "generate_solutions", lambda model, tok, problems, **gen: sampled(
+        problems, {p.task_id: [PROSE] * gen["num_samples"] for p in problems}))
+    seen = []
+
+    def evaluate(model, tok, evals, args, ks, *, sampled, plan, out_dir):
+        seen.append((out_dir.name, sampled))
+        return {"he": {"greedy": {"pass@1": 0.5}}}
+    monkeypatch.setattr(codegen_star, "evaluate", evaluate)
+    out = tmp_path / "star"
+    m = codegen_star.main(codegen_star.parse_args([
+        "--student", str(tiny_model_dir), "--train_data", str(train_file), "--eval_data", str(he), "--rounds", "2",
+        "--num_samples", "2", "--train", "none", "--eval_at", "last", "--sampled_eval_at", "all",
+        "--save_dir", str(out)]))
+    assert seen == [("round_2", True)]
+    assert ["eval" in r for r in m["per_round"]] == [False, False, True]
+    rows = (out / "results.txt").read_text().splitlines()[1:]
+    assert "0.5" not in rows[0] and "0.5" not in rows[1] and "0.5" in rows[2]
