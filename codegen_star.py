@@ -15,7 +15,8 @@ restarts from the base model) by the project's own trainers, run as commands: sf
 dpo_train.py on top of it (--ref_model_dir), and evaluated on --eval_data: pass@1 greedy, and pass@1 / pass@10 from
 --eval_samples samples at --eval_temperature (Chen et al.'s unbiased estimator) where --sampled_eval_at says.
 Round 0 is the base student, before any training. run.json has every round's numbers and the commands it ran;
---dry_run writes round 1's files and prints its commands without training.
+--dry_run writes round 1's files and prints its commands without training; --resume continues a stopped run after
+its last finished round.
 
 Never a test-split task in training: only MBPP's train (or prompt) split is sampled, and any task whose id or text
 is also in an --eval_data file or in the train file's own test split is left out; the training files are checked
@@ -23,7 +24,10 @@ against those ids before they are written.
 """
 from __future__ import annotations
 
+import json
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -33,11 +37,12 @@ from pathlib import Path
 import cli
 import codegen
 from common import load_model
-from fileio import UserError, atomic_open, check_output_dir, note, user_errors, write_jsonl
+from fileio import UserError, atomic_open, check_output_dir, note, sha256_file, user_errors, write_json, write_jsonl
 from run_record import data_record, save_eval, write_run_json
 
 ROOT = Path(__file__).resolve().parent
 TRAIN_CHOICES = ("sft", "sft+dpo", "kd", "kd+dpo", "dpo", "none")
+STATE_FILE = "state.json"  # in each finished round_R/: what the next round starts from (--resume)
 
 
 def parse_args(argv=None):
@@ -97,6 +102,9 @@ def parse_args(argv=None):
                    help="sandbox seconds per evaluated candidate (default: eval_codegen.py's, 10; 60 for the + sets)")
     g = p.add_argument_group("output")
     g.add_argument("--save_dir", required=True, help="folder for the rounds' data, runs, evaluations and run.json")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --save_dir after its last finished round (same --student, --teacher "
+                        "and --train_data; --rounds may be raised); an unfinished round is run again")
     return cli.parse(p, argv)
 
 
@@ -368,9 +376,15 @@ def main(args):
     kept: dict[str, list[str]] = {}
     sampler_of: dict[tuple, str] = {}
     all_pairs: list[dict] = []
-    student, rounds = args.student, []
+    student, rounds, first = args.student, [], 0
+    if args.resume:
+        last, state = load_state(save, args)
+        student, rounds, all_pairs, kept = state["student"], state["rounds"], state["pairs"], state["kept"]
+        sampler_of = {(tid, code): who for tid, code, who in state["sampler_of"]}
+        first = last + 1
+        note(f"--resume: rounds 0-{last} are done in {save}; round {first} starts from {student}")
     # run
-    for r in range(0, args.rounds + 1):
+    for r in range(first, args.rounds + 1):
         rdir = save / f"round_{r}"
         rdir.mkdir(parents=True, exist_ok=True)
         rec: dict = {"round": r, "student": student}
@@ -443,10 +457,37 @@ def main(args):
                                            for n, m in rec["eval"].items()), file=sys.stderr, flush=True)
         rounds.append(rec)
         save_record(args, save, rounds, student, train, excluded, evals, started)  # after every round
+        write_json(rdir / STATE_FILE, {"student_arg": args.student, "teacher": args.teacher,
+                                       "train_data_sha256": sha256_file(args.train_data), "student": student,
+                                       "kept": kept, "pairs": all_pairs, "rounds": rounds,
+                                       "sampler_of": [[tid, code, who] for (tid, code), who in sampler_of.items()]})
     # save
     metrics = save_record(args, save, rounds, student, train, excluded, evals, started)
     print(table(rounds, list(evals)))
     return metrics
+
+
+def load_state(save: Path, args) -> tuple[int, dict]:
+    """--resume: the last finished round in `save` and the state it left (STATE_FILE); the folders of rounds after
+    it (unfinished) are removed, as that round runs again."""
+    done = sorted((int(m.group(1)), p) for p in save.glob(f"round_*/{STATE_FILE}")
+                  if (m := re.fullmatch(r"round_(\d+)", p.parent.name)))
+    if not done:
+        raise UserError(f"--resume: {save} holds no finished round ({STATE_FILE}); run without --resume")
+    last, path = done[-1]
+    state = json.loads(path.read_text(encoding="utf-8"))
+    for flag, key, now in (("--student", "student_arg", args.student), ("--teacher", "teacher", args.teacher),
+                           ("--train_data (its content)", "train_data_sha256", sha256_file(args.train_data))):
+        if state[key] != now:
+            raise UserError(f"--resume: {path} was made with another {flag}: give the run's own --student, --teacher "
+                            "and --train_data, or another --save_dir")
+    if last >= args.rounds:
+        raise UserError(f"--resume: all {last} rounds in {save} are done; raise --rounds to run more")
+    for p in save.glob("round_*"):
+        m = re.fullmatch(r"round_(\d+)", p.name)
+        if m and int(m.group(1)) > last and p.is_dir():
+            shutil.rmtree(p)
+    return last, state
 
 
 def save_record(args, save: Path, rounds: list[dict], student: str, train, excluded, evals, started) -> dict:

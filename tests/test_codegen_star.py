@@ -161,3 +161,42 @@ def test_eval_at_evaluates_only_the_rounds_asked(tiny_model_dir, tmp_path, monke
     assert ["eval" in r for r in m["per_round"]] == [False, False, True]
     rows = (out / "results.txt").read_text().splitlines()[1:]
     assert "0.5" not in rows[0] and "0.5" not in rows[1] and "0.5" in rows[2]
+
+
+def test_resume_continues_after_the_last_finished_round(tiny_model_dir, tmp_path, monkeypatch):
+    """A run of one round, then --resume --rounds 2: rounds 0 and 1 are neither sampled nor evaluated again, round 2
+    keeps the answers kept so far, and run.json and the table hold all three rounds. A resume with other training
+    data, or with no round left, is one line."""
+    train_file = write_jsonl(tmp_path / "tasks.jsonl", TASKS)
+    he = write_jsonl(tmp_path / "he.jsonl", HE)
+    calls = []
+
+    def answers(model, tok, problems, **gen):
+        calls.append(gen["desc"])
+        return sampled(problems, {p.task_id: [GOOD if p.task_id == "601" else PROSE] * gen["num_samples"]
+                                  for p in problems})
+    monkeypatch.setattr(codegen_star.codegen, "generate_solutions", answers)
+    monkeypatch.setattr(codegen_star, "evaluate", lambda *a, out_dir, **kw: {"he": {"greedy": {"pass@1": 0.1}}})
+    out = tmp_path / "star"
+    argv = ["--student", str(tiny_model_dir), "--train_data", str(train_file), "--eval_data", str(he),
+            "--num_samples", "2", "--train", "none", "--save_dir", str(out)]
+    codegen_star.main(codegen_star.parse_args([*argv, "--rounds", "1"]))
+    assert calls == ["round 1: sample"]
+    (out / "round_2" / "sft").mkdir(parents=True)  # an unfinished round of an earlier attempt: removed, run again
+    (out / "round_2" / "sft" / "adapter_model.safetensors").write_text("partial")
+    m = codegen_star.main(codegen_star.parse_args([*argv, "--rounds", "2", "--resume"]))
+    assert calls == ["round 1: sample", "round 2: sample"]
+    assert [r["round"] for r in m["per_round"]] == [0, 1, 2]
+    assert not (out / "round_2" / "sft").exists() and (out / "round_2" / "candidates.jsonl").is_file()
+    # task 601's answer, kept in round 1, is not counted new in round 2
+    assert m["per_round"][1]["kept_new"] == 1 and m["per_round"][2]["kept_new"] == 0
+    assert m["per_round"][2]["sft_rows"] == 1
+    assert len((out / "results.txt").read_text().splitlines()) == 4
+    assert json.loads((out / "run.json").read_text())["metrics"]["per_round"][0]["eval"]["he"]["greedy"]["pass@1"] == 0.1
+
+    with pytest.raises(UserError, match="all 2 rounds .* are done"):
+        codegen_star.main(codegen_star.parse_args([*argv, "--rounds", "2", "--resume"]))
+    other = write_jsonl(tmp_path / "other.jsonl", TASKS[:2] + TASKS[3:])
+    with pytest.raises(UserError, match=r"another --train_data \(its content\)"):
+        codegen_star.main(codegen_star.parse_args([*argv[:2], "--train_data", str(other), *argv[4:], "--rounds", "3",
+                                                   "--resume"]))
