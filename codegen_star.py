@@ -470,8 +470,10 @@ def main(args):
 def load_state(save: Path, args) -> tuple[int, dict]:
     """--resume: the last finished round in `save` and the state it left (STATE_FILE); the folders of rounds after
     it (unfinished) are removed, as that round runs again."""
-    done = sorted((int(m.group(1)), p) for p in save.glob(f"round_*/{STATE_FILE}")
-                  if (m := re.fullmatch(r"round_(\d+)", p.parent.name)))
+    def number(folder: Path) -> int:  # round_R -> R; -1 for other names
+        m = re.fullmatch(r"round_(\d+)", folder.name)
+        return int(m.group(1)) if m else -1
+    done = sorted((number(p.parent), p) for p in save.glob(f"round_*/{STATE_FILE}") if number(p.parent) >= 0)
     if not done:
         raise UserError(f"--resume: {save} holds no finished round ({STATE_FILE}); run without --resume")
     last, path = done[-1]
@@ -484,8 +486,7 @@ def load_state(save: Path, args) -> tuple[int, dict]:
     if last >= args.rounds:
         raise UserError(f"--resume: all {last} rounds in {save} are done; raise --rounds to run more")
     for p in save.glob("round_*"):
-        m = re.fullmatch(r"round_(\d+)", p.name)
-        if m and int(m.group(1)) > last and p.is_dir():
+        if number(p) > last and p.is_dir():
             shutil.rmtree(p)
     return last, state
 
