@@ -7,7 +7,8 @@
 # jobs (default "cm idp star"; also cm_r64: twenty features at LoRA r64; cm_tree: KD from the gradient-boosted
 # tree's cache, creditmix_tree.py, made by dev/make_carry.sh; TREE_ALPHA, default 0.5, the divergence's weight;
 # cm_all: twenty features from every training row, SFT and KD from the tree on those rows; idp_kd: SFT, then KD
-# from it and DPO on top of it, on SROIE; code_sft: SFT on MBPP train's reference solutions, HumanEval and MBPP-test
+# from it and DPO on top of it, on SROIE; idp_both: a QLoRA adapter, then a short bf16 pass from it, each scored
+# on the 4-bit and the bf16 base; code_sft: SFT on MBPP train's reference solutions, HumanEval and MBPP-test
 # pass@1); they share the GPU.
 #   P=<prepared data: data_cm6, data_cm20, data_idp, mbpp.jsonl, humaneval.jsonl> bash gpu/students.sh   (~9 min, H200)
 # CPU dry run: M=<tiny model dir> P=<dir> MIN=0.2 LIMIT=4 ROUNDS=1 N=2 STAR_LIMIT=4 EVAL_LIMIT=2 TOK=16 ES=2 K=1,2 OUT=/tmp/out bash gpu/students.sh
@@ -59,6 +60,16 @@ for part in ${PARTS:-cm idp star}; do case $part in
       idp idp_dpo dpo_train.py --ref_model_dir $R/idp_sft_t --data $R/data_idp/sroie_idp_dpo.jsonl --epochs 1 \
         --beta 0.1 --lr 5e-6 &
       wait ) & ;;
+  idp_both)  # an adapter for either base: QLoRA SFT on the 4-bit base, then a short pass from it on the bf16 base;
+    # each scored on both bases (Q4=none for a CPU dry run)
+    ( $DL python3 sft_train.py $COM $IDPT --quantize ${Q4:-4bit} --data $R/data_idp/sroie_idp_sft.jsonl --epochs 8 \
+        --lr 5e-4 --save_dir $R/idp_q4 > $R/logs/idp_q4.log 2>&1
+      $DL python3 sft_train.py $COM $IDPT --student $R/idp_q4 --data $R/data_idp/sroie_idp_sft.jsonl --max_steps 20 \
+        --lr 1e-4 --save_dir $R/idp_q4_bf16 > $R/logs/idp_q4_bf16.log 2>&1
+      for run in idp_q4 idp_q4_bf16; do for q in ${Q4:-4bit} none; do
+        $DL python3 eval_idp.py --model_dir $R/$run $IDPE --quantize $q --out $R/logs/${run}_$q.json \
+          > $R/logs/eval_${run}_$q.log 2>&1
+      done; done ) & ;;
   code_sft)  # SFT on MBPP train's reference solutions (codegen_prepare.py's file), then greedy pass@1 as in STaR
     ( $DL python3 sft_train.py $COM --data $R/data_code/codegen_sft.jsonl --save_dir $R/code_sft --epochs 3 \
         --max_len 1024 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 --lr 2e-4 \
