@@ -16,7 +16,7 @@ Unsloth on the same folder, shape, LoRA (r16 a32, all seven projections), sequen
 Cases: matmul, sft_baseline, sft, sft_auto (micro-batch picked by --max_memory_gb), sft_graph (sft with
 --cuda_graphs; needs --lora_dropout 0), sft_graph_auto (at sft_auto's micro-batch), unsloth, unsloth_auto (its
 largest micro-batch under --max_memory_gb, by the same rule), kd, dpo, score (label ranking: one forward per label per
-example vs ours). --kernels picks our speed-ups (speedups.py) to measure each on its own. Constrained decoding has
+example vs ours), codegen_batches (code generation's batches around one very long prompt, fixed vs ours). --kernels picks our speed-ups (speedups.py) to measure each on its own. Constrained decoding has
 its own benchmark: bench_idp.py.
 """
 import argparse
@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", default="smollm2-135m", help="tokenizer saved beside the random model")
     # run
     p.add_argument("--cases", default="matmul,sft_baseline,sft,sft_auto,score", help="comma-separated cases")
-    p.add_argument("--seq", type=int, default=2048, help="tokens per training sequence")
+    p.add_argument("--seq", type=int, default=2048,
+                   help="tokens per training sequence (codegen_batches: new tokens per answer)")
     p.add_argument("--batch", type=int, default=1, help="micro-batch")
     p.add_argument("--accum", type=int, default=4, help="gradient accumulation (tokens/step = seq x batch x accum)")
     p.add_argument("--steps", type=int, default=4, help="timed optimizer steps (after 1 warm-up step)")
@@ -55,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--lora_dropout", type=float, default=0.05, help="our cases' LoRA dropout (README: 0.05)")
     p.add_argument("--unsloth_site", default=os.environ.get("UNSLOTH_SITE"),
                    help="folder Unsloth was pip-installed into with --target (unsloth cases; default $UNSLOTH_SITE)")
-    p.add_argument("--score_examples", type=int, default=64, help="examples for the score case")
+    p.add_argument("--score_examples", type=int, default=64,
+                   help="examples for the score case (prompts for codegen_batches)")
     p.add_argument("--top_k", type=int, default=64, help="kd_cached: teacher log-probabilities cached per token")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="trainer cases: profile the last optimizer step (torch.profiler) into DIR/prof_<case>.txt: "
@@ -680,6 +682,31 @@ def case_score(args):
             "min_top2_margin": float((top2[:, 1] - top2[:, 0]).min()), **mem()}
 
 
+def case_codegen_batches(args):
+    """codegen.generate's batches on MBPP-test-like prompt lengths: --score_examples prompts of ~60-180 tokens and one
+    about 25x longer (MBPP's test split: median 139, one of 3,754), greedy for --seq new tokens, all asked in one
+    call: fixed batches (every row padded to the longest) against length_batches (the long prompt alone)."""
+    import numpy as np
+
+    import codegen
+    import common
+    model, tok, _ = common.load_model(str(model_dir(args)), quantize="none")
+    rng = np.random.default_rng(0)
+    long = min(3600, model.config.max_position_embeddings - args.seq - 200)
+    words = [int(w) for w in rng.integers(40, 160, args.score_examples - 1)] + [long]
+    msgs = [f"Write a Python function for: {' '.join(['data'] * w)}" for w in words]
+    codegen.generate(model, tok, msgs[:2], max_new_tokens=2, batch_size=2)  # warm-up
+    rates = {}
+    for split in (False, True):
+        sync()
+        t = time.perf_counter()
+        codegen.generate(model, tok, msgs, max_new_tokens=args.seq, batch_size=len(msgs), split_long=split)
+        sync()
+        rates[split] = len(msgs) / (time.perf_counter() - t)
+    return {"examples_per_s": round(rates[True], 2), "fixed_examples_per_s": round(rates[False], 2),
+            "speedup": round(rates[True] / rates[False], 2), **mem()}
+
+
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}
 
 
@@ -732,6 +759,8 @@ def table(rows: list[dict]) -> str:
                        + (f", max |diff| {r['max_abs_diff']:.2g}" if "max_abs_diff" in r else "")
                        + (f", closest margin {r['min_top2_margin']:.2g}" if "min_top2_margin" in r else "")
                        + f", naive {r['naive_examples_per_s']} ex/s)")
+        if "fixed_examples_per_s" in r:
+            status += f" (fixed batches: {r['fixed_examples_per_s']} ex/s)"
         fmt = lambda v: "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
         lines.append(f"{row_name(r):<24}{r['seq']:>7}{fmt(r.get('cap_gb')):>5}{bxa:>9}"
                      f"{fmt(r.get('peak_alloc_gib')):>10}{fmt(r.get('peak_reserved_gib')):>9}"

@@ -267,10 +267,11 @@ def length_batches(order: list[int], lengths: list[int], max_rows: int, new_toke
 
 
 def generate(model, tok, messages: list[str], *, max_new_tokens: int = 512, temperature: float = 0.0,
-             top_p: float = 1.0, num_samples: int = 1, batch_size: int = 8, desc: str | None = None) -> list[list[str]]:
+             top_p: float = 1.0, num_samples: int = 1, batch_size: int = 8, desc: str | None = None,
+             split_long: bool = True) -> list[list[str]]:
     """Answer each user message `num_samples` times: chat template, left padding, batches of up to `batch_size`
-    messages (longest first, so padding stays small; length_batches). Greedy when temperature == 0. Returns
-    answers[i][j]."""
+    messages (longest first, so padding stays small; length_batches; split_long=False: fixed batches of
+    `batch_size`, bench.py's comparison). Greedy when temperature == 0. Returns answers[i][j]."""
     import torch
 
     if temperature <= 0 and num_samples > 1:
@@ -285,7 +286,8 @@ def generate(model, tok, messages: list[str], *, max_new_tokens: int = 512, temp
     gen_kw.update(dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else
                   dict(do_sample=False, temperature=None, top_p=None, top_k=None))
     device = next(model.parameters()).device
-    batches = length_batches(order, lengths, batch_size, max_new_tokens)
+    batches = length_batches(order, lengths, batch_size, max_new_tokens) if split_long else \
+        [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     bar = None
     if desc:
         from tqdm import tqdm

@@ -1,6 +1,8 @@
 """bench.py's CPU smoke test (issue 8: the benchmark runs on a CPU with a tiny config, so CI runs its code paths)."""
 import json
 
+import pytest
+
 import bench
 
 
@@ -21,6 +23,18 @@ def test_bench_runs_the_trainer_and_scorer_paths_on_cpu(tmp_path, tiny_model_dir
     # --table re-reads the file into the same table
     bench.main(bench.parse_args(["--table", str(out)]))
     assert f"same predictions: {score['agree']}" in capsys.readouterr().out
+
+
+def test_codegen_batches_times_fixed_and_length_batches_on_cpu(tmp_path, tiny_model_dir, capsys):
+    """The codegen_batches case generates the same prompts both ways in one run and prints both rates."""
+    rows = bench.main(bench.parse_args(["--shape", "tiny", "--seq", "4", "--cases", "codegen_batches",
+                                        "--score_examples", "5", "--tokenizer", str(tiny_model_dir),
+                                        "--model_cache", str(tmp_path / "m"), "--out", str(tmp_path / "b.jsonl")]))
+    (row,) = rows
+    assert row["status"] == "ok", row
+    assert row["examples_per_s"] > 0 and row["fixed_examples_per_s"] > 0
+    assert row["speedup"] == pytest.approx(row["examples_per_s"] / row["fixed_examples_per_s"], rel=0.05)
+    assert f"fixed batches: {row['fixed_examples_per_s']} ex/s" in capsys.readouterr().out
 
 
 def test_bench_idp_measures_constrained_against_plain_decoding_on_cpu(tmp_path, tiny_model_dir, capsys):
@@ -48,8 +62,6 @@ def test_bench_idp_measures_constrained_against_plain_decoding_on_cpu(tmp_path, 
 
 def test_unsloth_case_without_unsloth_says_how_to_install_it_in_one_line(tmp_path):
     import importlib.util
-
-    import pytest
     if importlib.util.find_spec("unsloth"):
         pytest.skip("unsloth is importable here")
     args = bench.parse_args(["--shape", "tiny", "--model_cache", str(tmp_path / "m")])
