@@ -16,8 +16,9 @@ Unsloth on the same folder, shape, LoRA (r16 a32, all seven projections), sequen
 Cases: matmul, sft_baseline, sft, sft_auto (micro-batch picked by --max_memory_gb), sft_graph (sft with
 --cuda_graphs; needs --lora_dropout 0), sft_graph_auto (at sft_auto's micro-batch), unsloth, unsloth_auto (its
 largest micro-batch under --max_memory_gb, by the same rule), kd, dpo, score (label ranking: one forward per label per
-example vs ours), codegen_batches (code generation's batches around one very long prompt, fixed vs ours). --kernels picks our speed-ups (speedups.py) to measure each on its own. Constrained decoding has
-its own benchmark: bench_idp.py.
+example vs ours), codegen_batches (code generation's batches around one very long prompt, fixed vs ours). --kernels
+picks our speed-ups (speedups.py) to measure each on its own. Constrained decoding has its own benchmark:
+bench_idp.py.
 """
 import argparse
 import json
