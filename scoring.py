@@ -270,12 +270,13 @@ def choose_calibration(raw: np.ndarray, null_raw: np.ndarray, y: np.ndarray) -> 
         prior = prior_for(mode, raw, null_raw)
         t = fit_temperature(raw - prior, y)
         heldout = cross_fitted(raw - prior, y, _temperature_only)
+    served = softmax((raw - prior) / t)
     return {"calibration": mode, "prior": [round(float(v), 6) for v in prior], "temperature": round(t, 4),
             "accuracy": {m: round(v, 4) for m, v in acc.items()}, "n": int(len(y)),
             "ece_before": round(expected_calibration_error(softmax(raw - prior), y), 4),
-            "ece_after": round(expected_calibration_error(softmax((raw - prior) / t), y), 4),
+            "ece_after": round(expected_calibration_error(served, y), 4),
             "ece_after_heldout": round(expected_calibration_error(heldout, y), 4),
-            "ece_floor": round(ece_floor(softmax((raw - prior) / t)), 4)}
+            "ece_floor": round(ece_floor(served), 4)}
 
 
 def read_calibration(run_dir) -> dict | None:

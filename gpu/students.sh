@@ -21,11 +21,20 @@ mkdir -p $R/logs && cp -r $P/data_* $R/
 LIM=${LIMIT:+--limit $LIMIT}
 COM="--student $M --quantize none --gradient_checkpointing off --save_steps 100000 --logging_steps 50 --report_to none --max_minutes $MIN"
 CM="$COM --per_device_train_batch_size 32 --gradient_accumulation_steps 1 --lr 1e-3 --max_len 512 --epochs 8"
-cm() {  # name features extra-flags...: train, then evaluate with the calibration it picks
+cm_eval() {  # name data: evaluate with the calibration it picks
+  $DL python3 eval_creditmix.py --model_dir $R/$1 --data $R/data_$2/creditmix_val.jsonl --batch_size 64 $LIM \
+    > $R/logs/eval_$1.log 2>&1
+}
+cm() {  # name data extra-flags...: SFT, then evaluate
   local name=$1 f=$2; shift 2
   $DL python3 sft_train.py $CM --data $R/data_$f/creditmix_sft.jsonl --save_dir $R/$name "$@" > $R/logs/$name.log 2>&1
-  $DL python3 eval_creditmix.py --model_dir $R/$name --data $R/data_$f/creditmix_val.jsonl --batch_size 64 $LIM \
-    > $R/logs/eval_$name.log 2>&1
+  cm_eval $name $f
+}
+kd_tree() {  # name data: KD from the gradient-boosted tree (creditmix_tree.py's cache in the data folder), evaluate
+  local name=$1 f=$2
+  $DL python3 kd_train.py $CM --data $R/data_$f/creditmix_kd.jsonl --idp_mode --teacher_cache $R/data_$f/cache_tree \
+    --alpha ${TREE_ALPHA:-0.5} --save_dir $R/$name > $R/logs/$name.log 2>&1
+  cm_eval $name $f
 }
 IDPT="--max_len 2048 --per_device_train_batch_size 8 --gradient_accumulation_steps 2"
 IDPE="--data $R/data_idp/sroie_idp_test.jsonl --schema $R/data_idp/sroie_schema.json --batch_size 64 $LIM"
@@ -41,17 +50,10 @@ for part in ${PARTS:-cm idp star}; do case $part in
   cm_all)  # twenty features from every training row (creditmix_prepare.py --train_rows all): SFT, and KD from the
     # tree trained on those rows (its cache in data_cm20_all, dev/make_carry.sh)
     cm cm20_all cm20_all &
-    ( $DL python3 kd_train.py $CM --data $R/data_cm20_all/creditmix_kd.jsonl --idp_mode --alpha ${TREE_ALPHA:-0.5} \
-        --teacher_cache $R/data_cm20_all/cache_tree --save_dir $R/cm20_all_kd_tree > $R/logs/cm20_all_kd_tree.log 2>&1
-      $DL python3 eval_creditmix.py --model_dir $R/cm20_all_kd_tree --data $R/data_cm20_all/creditmix_val.jsonl \
-        --batch_size 64 $LIM > $R/logs/eval_cm20_all_kd_tree.log 2>&1 ) & ;;
-  cm_tree)  # KD from the gradient-boosted tree (creditmix_tree.py's cache, dev/make_carry.sh) into fresh students
-    for f in cm20 cm6; do
-      ( $DL python3 kd_train.py $CM --data $R/data_$f/creditmix_kd.jsonl --idp_mode --teacher_cache $R/data_$f/cache_tree \
-          --alpha ${TREE_ALPHA:-0.5} --save_dir $R/${f}_kd_tree > $R/logs/${f}_kd_tree.log 2>&1
-        $DL python3 eval_creditmix.py --model_dir $R/${f}_kd_tree --data $R/data_$f/creditmix_val.jsonl --batch_size 64 \
-          $LIM > $R/logs/eval_${f}_kd_tree.log 2>&1 ) &
-    done ;;
+    kd_tree cm20_all_kd_tree cm20_all & ;;
+  cm_tree)  # KD from the gradient-boosted tree (its caches made by dev/make_carry.sh) into fresh students
+    kd_tree cm20_kd_tree cm20 &
+    kd_tree cm6_kd_tree cm6 & ;;
   idp) idp idp_bf16 sft_train.py --data $R/data_idp/sroie_idp_sft.jsonl --epochs 8 --lr 5e-4 & ;;
   idp_kd)  # SFT, then logit KD from it into a fresh student and DPO on top of it (reference: the SFT run)
     ( idp idp_sft_t sft_train.py --data $R/data_idp/sroie_idp_sft.jsonl --epochs 8 --lr 5e-4
