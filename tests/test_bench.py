@@ -179,3 +179,21 @@ def test_memory_history_at_an_oom_tells_graph_pools_apart():
     assert "3.000 GiB in 2 blocks" in text
     assert any("graph" in ln and "speedups.py:250 _capture" in ln for ln in text.splitlines())
     assert any("default" in ln and "allocated before recording" in ln for ln in text.splitlines())
+
+
+def test_graph_check_that_runs_out_of_memory_keeps_the_timed_row():
+    """At 32,768 tokens under 8 GiB the graphed training ran, then the check's eager micro-step beside the graphs'
+    pool ran out of memory (an H200): the check says it did not run, the row keeps its numbers."""
+    import torch
+
+    from types import SimpleNamespace
+
+    def micro(**tensors):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+    lora = torch.nn.Linear(2, 2)
+    step = SimpleNamespace(graphed=SimpleNamespace(captures=1), micro=micro, tensors=lambda inputs, n: {})
+    trainer = SimpleNamespace(training_step=step, model=lora, data_collator=lambda rows: {"labels": torch.zeros(1, 3)},
+                              _prepare_inputs=lambda x: x)
+    out = bench._graph_check(trainer, [{}], batch=1)
+    assert out["graph_captured"] and out["graph_captures"] == 1 and "out of memory" in out["graph_check"]
+    assert "loss_eager" not in out

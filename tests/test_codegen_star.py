@@ -200,3 +200,14 @@ def test_resume_continues_after_the_last_finished_round(tiny_model_dir, tmp_path
     with pytest.raises(UserError, match=r"another --train_data \(its content\)"):
         codegen_star.main(codegen_star.parse_args([*argv[:2], "--train_data", str(other), *argv[4:], "--rounds", "3",
                                                    "--resume"]))
+
+
+def test_a_run_dir_student_is_continued_and_dpo_gets_its_base(tiny_sft_run, tiny_model_dir, tmp_path):
+    """--student an SFT run (an adapter): the round's SFT continues it, and dpo_train.py, which refuses an adapter
+    --student beside --ref_model_dir, is given that run's base (found on an H200: round 1's DPO exited 2)."""
+    args = codegen_star.parse_args(["--student", str(tiny_sft_run), "--train_data", "t.jsonl", "--save_dir", "o"])
+    (sft, dpo), student = codegen_star.train_commands(args, tmp_path, has_sft=True, has_dpo=True)
+    flag = lambda cmd, name: cmd[cmd.index(name) + 1]
+    assert flag(sft, "--student") == str(tiny_sft_run)
+    assert flag(dpo, "--student") == str(tiny_model_dir) and flag(dpo, "--ref_model_dir") == str(tmp_path / "sft")
+    assert student == tmp_path / "dpo"
