@@ -150,6 +150,77 @@ def humaneval_task(prompt: str) -> str:
     return f"Complete the following Python function.\n```python\n{prompt.rstrip()}\n```"
 
 
+HUMANEVAL_VIEW = "/he"  # task_id suffix of an MBPP task posed as HumanEval (mbpp_as_humaneval)
+
+
+def mbpp_as_humaneval(p: Problem) -> Problem | None:
+    """An MBPP task posed the way HumanEval asks: its reference's imports and the entry function's signature with a
+    docstring (the description, the first test as a >>> example) to complete; the same tests, the same text for
+    the held-out checks. None where the reference defines no such top-level function."""
+    try:
+        tree = ast.parse(p.reference)
+    except SyntaxError:
+        return None
+    fn = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == p.entry_point), None)
+    if fn is None:
+        return None
+    header = ast.unparse(ast.FunctionDef(name=fn.name, args=fn.args, body=[ast.Pass()], decorator_list=[],
+                                         returns=fn.returns, type_params=[], lineno=1)).splitlines()[0]
+    example = p.meta["tests"][0].strip()  # `assert f(x) == y` as `>>> f(x)` / `y`; another assert's test as True
+    t = ast.parse(example).body[0]
+    if isinstance(t, ast.Assert):
+        eq = isinstance(t.test, ast.Compare) and len(t.test.ops) == 1 and isinstance(t.test.ops[0], ast.Eq)
+        example = f"{ast.unparse(t.test.left)}\n    {ast.unparse(t.test.comparators[0])}" if eq else \
+            f"{ast.unparse(t.test)}\n    True"
+    imports = [ast.unparse(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    prompt = "".join(f"{i}\n" for i in imports) + ("\n\n" if imports else "") + \
+        f'{header}\n    """ {p.meta["text"].strip()}\n    >>> {example}\n    """\n'
+    try:
+        ast.parse(prompt + "    pass\n")
+    except SyntaxError:  # a description or example that breaks the docstring
+        return None
+    # the asserts run at module level as MBPP's do; HumanEval's check(entry_point) call then has nothing left to do
+    test = p.test + "\n\n\ndef check(candidate):\n    pass\n"
+    return Problem(p.task_id + HUMANEVAL_VIEW, humaneval_task(prompt), "humaneval", p.entry_point, prompt=prompt,
+                   test=test, setup=p.setup, reference=p.reference, meta={**p.meta, "view": "humaneval"})
+
+
+TRAIN_FORMATS = ("mbpp", "humaneval", "both")
+
+
+def add_train_format_arg(p, flag: str) -> None:
+    p.add_argument(flag, default="mbpp", choices=TRAIN_FORMATS,
+                   help="how training prompts ask MBPP's tasks: as MBPP does (the description and its tests), as "
+                        "HumanEval does (a signature and docstring to complete: mbpp_as_humaneval), or both")
+
+
+def train_views(problems: list[Problem], form: str) -> list[Problem]:
+    """--format / --train_format: MBPP's tasks as MBPP asks them ('mbpp'), as HumanEval asks them ('humaneval': the
+    tasks mbpp_as_humaneval cannot pose stay MBPP-style), or both."""
+    if form == "mbpp":
+        return problems
+    views = {p.task_id: mbpp_as_humaneval(p) for p in problems}
+    if form == "humaneval":
+        return [views[p.task_id] or p for p in problems]
+    return problems + [v for v in views.values() if v]
+
+
+def base_task_id(task_id: str) -> str:
+    """The dataset's task id of a task or of its HumanEval view."""
+    return task_id.removesuffix(HUMANEVAL_VIEW)
+
+
+def target_code(p: Problem, solution: str, raw: str) -> str:
+    """A passing answer's code as a training target: the program-ready solution, except for a HumanEval-style task,
+    where it is the whole function as written, or the prompt's function completed by the body written."""
+    if p.kind != "humaneval":
+        return solution
+    code = extract_code(raw, p.entry_point)
+    if p.entry_point and re.search(rf"^\s*(async\s+)?def\s+{re.escape(p.entry_point)}\s*\(", code, re.M):
+        return code
+    return solution
+
+
 def load_problems(path, split: str | None = None) -> list[Problem]:
     """Read HumanEval / HumanEval+ ({task_id, prompt, entry_point, canonical_solution, test}), MBPP
     ({task_id, prompt, code, test_list, test_setup_code, split}; `split` picks rows, default "test") or MBPP+

@@ -3,9 +3,12 @@
     python codegen_prepare.py --src ../shared/data/codegen/mbpp.jsonl --outdir data
     python codegen_prepare.py --src ../shared/data/codegen/mbpp.jsonl --outdir data --teacher smollm2-135m --limit 20
     python codegen_prepare.py --synthetic --outdir data
+    python codegen_prepare.py --src ../shared/data/codegen/mbpp.jsonl --outdir runs/data_code_both --format both
 
 Writes, in the README's formats (the prompt is the one eval_codegen.py asks: MBPP's task, its tests, and the ask
-for one ```python block, so a model is trained on exactly the prompt it is evaluated on):
+for one ```python block, so a model is trained on exactly the prompt it is evaluated on; --format humaneval or
+both: each task also, or instead, as HumanEval asks, a signature and docstring to complete, codegen.mbpp_as_humaneval,
+with the same answers):
   codegen_sft.jsonl  {"input", "output"}          output = the reference solution, in a ```python block
   codegen_kd.jsonl   {"input", "teacher_output"}  a --teacher answer that passed the tests, else the reference
   codegen_dpo.jsonl  {"prompt", "chosen", "rejected"}  chosen passes the tests, rejected verifiably FAILS them
@@ -52,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--synthetic", action="store_true", help="write a small generated sample instead of MBPP")
     p.add_argument("--n_synthetic", type=int, default=24, help="tasks in the --synthetic sample")
     p.add_argument("--seed", type=int, default=42, help="seed of the mutants and of the synthetic tasks")
+    codegen.add_train_format_arg(p, "--format")
     # run
     p.add_argument("--mutants", type=int, default=8, help="mutants tried per task to find a failing rejected answer")
     p.add_argument("--timeout", type=float, default=5.0, help="wall-clock seconds per program in the sandbox")
@@ -291,36 +295,20 @@ def main(args):
             ("mutant_fail" if not r.passed else "mutant_pass")
         status[f"{key}:{r.status}"] += 1
         found.setdefault(i, {}).setdefault(key, []).append((kind, answer, code, r))
-    # 3) the three files
+    # 3) the three files: a row per task and prompt form (--format; the answers are whole functions either way)
+    prompts: dict[str, list[tuple[str, str]]] = {}
+    for v in codegen.train_views(problems, args.format):
+        prompts.setdefault(codegen.base_task_id(v.task_id), []).append((v.task_id, codegen.code_request(v.task)))
     sft, kd, dpo, dropped = [], [], [], []
     for i, p in enumerate(problems):
         if i not in ok:
             dropped.append(p.task_id)
             continue
-        prompt = codegen.code_request(p.task)
-        gold = ok[i].get("normalized") or ok[i].get("original") or ok[i]["unparsed"]
-        source = SYNTHETIC_SOURCE if args.synthetic else f"mbpp/{p.task_id}"
-        sft.append({"input": prompt, "output": codegen.fenced(gold), "source": source})
-        f = found.get(i, {})
-        t_pass = f.get("teacher_pass", [])
-        kd.append({"input": prompt, "teacher_output": t_pass[0][1].strip() if t_pass else codegen.fenced(gold),
-                   "source": source, "teacher": args.teacher if t_pass else "reference"})
-        rejected = _pick_rejected(f.get("teacher_fail", [])) or _pick_rejected(f.get("mutant_fail", []))
-        if rejected:
-            kind, answer, _, r = rejected
-            if kind == "teacher":
-                chosen, chosen_from = (t_pass[0][1].strip(), args.teacher) if t_pass else \
-                    (codegen.fenced(gold), "reference")
-                answer = answer.strip()
-            else:   # a mutant: the chosen side is printed the same way, so the pair differs only in the bug
-                chosen, chosen_from = codegen.fenced(ok[i]["unparsed"]), "reference (ast.unparse)"
-                answer = codegen.fenced(answer)
-            dpo.append({"prompt": prompt, "chosen": chosen, "rejected": answer, "source": source,
-                        "chosen_from": chosen_from, "rejected_from": kind,
-                        "rejected_result": f"{r.status}: {r.reason}"[:200]})
+        for tid, prompt in prompts[p.task_id]:
+            task_rows(args, tid, prompt, ok[i], found.get(i, {}), sft, kd, dpo)
     # save
     files = {"codegen_sft.jsonl": sft, "codegen_kd.jsonl": kd, "codegen_dpo.jsonl": dpo}
-    report.update(tasks=len(problems), dropped_reference_failed=dropped, rows={k: len(v) for k, v in files.items()},
+    report.update(tasks=len(problems), format=args.format, dropped_reference_failed=dropped, rows={k: len(v) for k, v in files.items()},
                   dpo_without_failing_candidate=len(sft) - len(dpo), teacher=args.teacher,
                   candidate_results=dict(status), rejected_from=dict(Counter(
                       "teacher" if r["rejected_from"] == "teacher" else r["rejected_from"].split(":")[1].strip()
@@ -332,6 +320,30 @@ def main(args):
     print(f"{len(problems)} tasks ({len(dropped)} dropped: reference failed) -> "
           + ", ".join(f"{out / k} ({len(v)})" for k, v in files.items()))
     return report
+
+
+def task_rows(args, tid: str, prompt: str, ok: dict, found: dict, sft: list, kd: list, dpo: list) -> None:
+    """One task's SFT, KD and DPO rows for one prompt form: ok the reference forms that passed, found the
+    candidates by outcome."""
+    gold = ok.get("normalized") or ok.get("original") or ok["unparsed"]
+    source = SYNTHETIC_SOURCE if args.synthetic else f"mbpp/{tid}"
+    sft.append({"input": prompt, "output": codegen.fenced(gold), "source": source})
+    t_pass = found.get("teacher_pass", [])
+    kd.append({"input": prompt, "teacher_output": t_pass[0][1].strip() if t_pass else codegen.fenced(gold),
+               "source": source, "teacher": args.teacher if t_pass else "reference"})
+    rejected = _pick_rejected(found.get("teacher_fail", [])) or _pick_rejected(found.get("mutant_fail", []))
+    if rejected:
+        kind, answer, _, r = rejected
+        if kind == "teacher":
+            chosen, chosen_from = (t_pass[0][1].strip(), args.teacher) if t_pass else \
+                (codegen.fenced(gold), "reference")
+            answer = answer.strip()
+        else:   # a mutant: the chosen side is printed the same way, so the pair differs only in the bug
+            chosen, chosen_from = codegen.fenced(ok["unparsed"]), "reference (ast.unparse)"
+            answer = codegen.fenced(answer)
+        dpo.append({"prompt": prompt, "chosen": chosen, "rejected": answer, "source": source,
+                    "chosen_from": chosen_from, "rejected_from": kind,
+                    "rejected_result": f"{r.status}: {r.reason}"[:200]})
 
 
 def _unparse(code: str) -> str | None:

@@ -7,7 +7,8 @@
 Each round: sample --num_samples answers per MBPP-train task from the sampler (--teacher, or without it the current
 student itself: STaR), run each with the task's tests in the sandbox (sandbox.py; generated code never runs outside
 it), keep the passing ones as SFT / KD targets and pair failing ones with passing ones of the same task as DPO
-rejected answers. The round's training files (all rounds so far, deduplicated) are in the project's formats:
+rejected answers (--train_format both: each task also as HumanEval asks it, codegen.mbpp_as_humaneval). The
+round's training files (all rounds so far, deduplicated) are in the project's formats:
   round_R/codegen_sft.jsonl {"input", "output"}   round_R/codegen_kd.jsonl {"input", "teacher_output"}
   round_R/codegen_dpo.jsonl {"prompt", "chosen", "rejected"}   round_R/candidates.jsonl (every sample, its result)
 then the round's student is trained from the base --student (a fresh LoRA each round, on the growing data, as STaR
@@ -58,6 +59,7 @@ def parse_args(argv=None):
     g.add_argument("--train_data", required=True, help="MBPP-shaped JSONL (task_id, prompt, code, test_list, split)")
     g.add_argument("--train_split", default="train", choices=list(codegen.MBPP_TRAIN_SPLITS),
                    help="MBPP rows sampled for training (the test split never is)")
+    codegen.add_train_format_arg(g, "--train_format")
     g.add_argument("--limit", type=int, default=0, help="use only the first N training tasks; 0 = all")
     g.add_argument("--eval_data", nargs="*", default=[],
                    help="HumanEval / MBPP files to evaluate on after every round (MBPP: its test split); their tasks "
@@ -128,7 +130,7 @@ def load_train_tasks(path: str, split: str) -> list[codegen.Problem]:
 
 def check_no_eval_tasks(rows: list[dict], held_out_ids: set[str], where: str) -> None:
     """The last check before a training file is written: no row comes from an evaluation or test-split task."""
-    leaked = sorted({r["task_id"] for r in rows if r["task_id"] in held_out_ids})
+    leaked = sorted({r["task_id"] for r in rows if codegen.base_task_id(r["task_id"]) in held_out_ids})
     if leaked:
         raise RuntimeError(f"{where}: rows from held-out tasks {leaked[:5]} would be trained on")
 
@@ -163,7 +165,7 @@ def sort_candidates(problems: list[codegen.Problem], generated: list[tuple[str, 
     failed: dict[str, list[tuple[str, object]]] = {}
     rows = []
     for (tid, code, rec), r in zip(generated, results):
-        code = code.strip()
+        code = codegen.target_code(by_id[tid], code, rec["raw"]).strip()
         rows.append({"task_id": tid, "round": round_, "sampler": sampler, "raw": rec["raw"], "solution": code,
                      "passed": r.passed, "result": r.status if r.passed else f"{r.status}: {r.reason}"[:300]})
         if r.passed:
@@ -365,7 +367,7 @@ def main(args):
     # load
     evals, held = held_out_tasks(args)
     train, excluded = codegen.exclude_eval_tasks(load_train_tasks(args.train_data, args.train_split), held)
-    train = train[:args.limit] if args.limit else train
+    train = codegen.train_views(train[:args.limit] if args.limit else train, args.train_format)
     if not train:
         raise UserError(f"--train_data {args.train_data}: no training tasks left")
     if excluded:
@@ -463,6 +465,7 @@ def main(args):
         rounds.append(rec)
         save_record(args, save, rounds, student, train, excluded, evals, started)  # after every round
         write_json(rdir / STATE_FILE, {"student_arg": args.student, "teacher": args.teacher,
+                                       "train_format": args.train_format,
                                        "train_data_sha256": sha256_file(args.train_data), "student": student,
                                        "kept": kept, "pairs": all_pairs, "rounds": rounds,
                                        "sampler_of": [[tid, code, who] for (tid, code), who in sampler_of.items()]})
@@ -484,10 +487,11 @@ def load_state(save: Path, args) -> tuple[int, dict]:
     last, path = done[-1]
     state = json.loads(path.read_text(encoding="utf-8"))
     for flag, key, now in (("--student", "student_arg", args.student), ("--teacher", "teacher", args.teacher),
-                           ("--train_data (its content)", "train_data_sha256", sha256_file(args.train_data))):
-        if state[key] != now:
-            raise UserError(f"--resume: {path} was made with another {flag}: give the run's own --student, --teacher "
-                            "and --train_data, or another --save_dir")
+                           ("--train_data (its content)", "train_data_sha256", sha256_file(args.train_data)),
+                           ("--train_format", "train_format", args.train_format)):
+        if state.get(key, "mbpp" if key == "train_format" else None) != now:
+            raise UserError(f"--resume: {path} was made with another {flag}: give the run's own --student, --teacher, "
+                            "--train_data and --train_format, or another --save_dir")
     if last >= args.rounds:
         raise UserError(f"--resume: all {last} rounds in {save} are done; raise --rounds to run more")
     for p in save.glob("round_*"):

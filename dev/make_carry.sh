@@ -27,6 +27,7 @@ done
 $PY idp_prepare.py --src $D/idp/sroie.jsonl --outdir $P/data_idp
 cp $P/data_idp/sroie_idp_test.jsonl $P/data_idp/sroie_schema.json .carry/idp/
 $PY codegen_prepare.py --src $D/codegen/mbpp.jsonl --outdir $P/data_code 2> >(tail -n 1 >&2)
+$PY codegen_prepare.py --src $D/codegen/mbpp.jsonl --outdir $P/data_code_both --format both 2> >(tail -n 1 >&2)
 cp $D/codegen/humaneval.jsonl $D/codegen/mbpp.jsonl $P/
 tar czf .carry/p3/prepared.tgz -C "$P" . && rm -rf "$P"
 T=$($PY -c "import models; print(models.embedded_model_dir())")

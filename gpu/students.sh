@@ -9,7 +9,7 @@
 # cm_all: twenty features from every training row, SFT and KD from the tree on those rows; idp_kd: SFT, then KD
 # from it and DPO on top of it, on SROIE; idp_both: a QLoRA adapter, then a short bf16 pass from it, each scored
 # on the 4-bit and the bf16 base; code_sft: SFT on MBPP train's reference solutions, HumanEval and MBPP-test
-# pass@1); they share the GPU.
+# pass@1, CODE_DATA=data_code_both for the tasks also asked as HumanEval asks); they share the GPU.
 #   P=<prepared data: data_cm6, data_cm20, data_idp, mbpp.jsonl, humaneval.jsonl> bash gpu/students.sh   (~9 min, H200)
 # CPU dry run: M=<tiny model dir> P=<dir> MIN=0.2 LIMIT=4 ROUNDS=1 N=2 STAR_LIMIT=4 EVAL_LIMIT=2 TOK=16 ES=2 K=1,2 OUT=/tmp/out bash gpu/students.sh
 set -u
@@ -72,13 +72,15 @@ for part in ${PARTS:-cm idp star}; do case $part in
         $DL python3 eval_idp.py --model_dir $R/$run $IDPE --quantize $q --out $R/logs/${run}_$q.json \
           > $R/logs/eval_${run}_$q.log 2>&1
       done; done ) & ;;
-  code_sft)  # SFT on MBPP train's reference solutions (codegen_prepare.py's file), then greedy pass@1 as in STaR
-    ( $DL python3 sft_train.py $COM --data $R/data_code/codegen_sft.jsonl --save_dir $R/code_sft --epochs 3 \
+  code_sft)  # SFT on MBPP train's reference solutions (codegen_prepare.py's file), then greedy pass@1 as in STaR;
+    # CODE_DATA=data_code_both: the tasks asked as MBPP and as HumanEval asks (codegen_prepare.py --format both)
+    ( cdata=${CODE_DATA:-data_code}; name=code_sft${cdata#data_code}
+      $DL python3 sft_train.py $COM --data $R/$cdata/codegen_sft.jsonl --save_dir $R/$name --epochs 3 \
         --max_len 1024 --per_device_train_batch_size 16 --gradient_accumulation_steps 1 --lr 2e-4 \
-        > $R/logs/code_sft.log 2>&1
+        > $R/logs/$name.log 2>&1
       for set in humaneval mbpp; do
-        $DL python3 eval_codegen.py --model_dir $R/code_sft --data $P/$set.jsonl --batch_size 1024 --max_new_tokens 512 \
-          ${LIMIT:+--limit $LIMIT} > $R/logs/eval_code_sft_$set.log 2>&1
+        $DL python3 eval_codegen.py --model_dir $R/$name --data $P/$set.jsonl --batch_size 1024 --max_new_tokens 512 \
+          ${LIMIT:+--limit $LIMIT} > $R/logs/eval_${name}_$set.log 2>&1
       done ) & ;;
   star) ( MIN=1 LIMIT=${STAR_LIMIT:-0} OUT=$OUT R=$R M=$M P=$P $DL bash "$(dirname "$0")/codegen_star.sh" \
           > $R/logs/star.log 2>&1 ) & ;;

@@ -31,7 +31,7 @@ def read(path):
 
 def program_for(prompt: str, code_block: str, problems: dict) -> str:
     p = problems[prompt]
-    return codegen.build_program(p, codegen.extract_code(code_block, p.entry_point))
+    return codegen.build_program(p, codegen.solution_from_answer(p, code_block))
 
 
 def check_files(out, problems_by_prompt):
@@ -66,6 +66,22 @@ def test_mbpp_rows_become_verified_sft_kd_dpo(tmp_path):
     assert [r["teacher"] for r in kd] == ["reference", "reference"]
     assert len(dpo) == 2 and all(r["rejected_from"].startswith("mutant") for r in dpo)
     assert json.loads((tmp_path / "out" / "codegen_prepare.json").read_text())["rows"]["codegen_dpo.jsonl"] == 2
+
+
+def test_format_both_adds_each_task_as_humaneval_asks_it(tmp_path):
+    """--format both: every task also as a signature and docstring to complete (HumanEval's form), the same
+    answers, each verified under its own prompt, the test split still out."""
+    src = tmp_path / "mbpp.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in MBPP_ROWS))
+    rep = codegen_prepare.main(codegen_prepare.parse_args(["--src", str(src), "--outdir", str(tmp_path / "out"),
+                                                           "--timeout", "3", "--format", "both"]))
+    views = codegen.train_views([codegen.mbpp_problem(r) for r in MBPP_ROWS], "both")
+    sft, kd, dpo = check_files(tmp_path / "out", {codegen.code_request(v.task): v for v in views})
+    assert [r["source"] for r in sft] == ["mbpp/1", "mbpp/1/he", "mbpp/2", "mbpp/2/he"] and rep["format"] == "both"
+    he = sft[1]["input"]
+    assert he.startswith("Complete the following Python function.") and ">>> add(1, 2)\n    3\n" in he
+    assert ">>> is_even(4)\n    True\n" in sft[3]["input"]
+    assert sft[1]["output"] == sft[0]["output"] and len(kd) == 4 and len(dpo) == 4
 
 
 def test_synthetic_sample_is_marked_and_verified(tmp_path):

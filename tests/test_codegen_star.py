@@ -64,6 +64,23 @@ def test_passing_answers_become_sft_rows_and_failing_ones_dpo_rejected(tmp_path)
     assert kd[0]["teacher_output"] == sft[0]["output"]
 
 
+def test_train_format_both_samples_each_task_as_humaneval_asks_it_too(tmp_path):
+    """--train_format both: the HumanEval view of a task is sampled and verified beside it; a passing whole function
+    is its target as written, under the HumanEval prompt eval_codegen.py asks HumanEval's problems with."""
+    probs = codegen.train_views(codegen_star.load_train_tasks(write_jsonl(tmp_path / "t.jsonl", TASKS), "train"),
+                                "both")
+    assert [p.task_id for p in probs] == ["601", "602", "603", "601/he", "602/he", "603/he"]
+    body = "```python\n    return a + b\n```"
+    gen = sampled(probs, {"601/he": [GOOD, body, WRONG]})
+    results = codegen.run_solutions(probs, gen, codegen.eval_limits(False, 5), desc=None)
+    passed, pairs, _, _ = codegen_star.sort_candidates(probs, gen, results, max_pairs=2, sampler="m", round_=1)
+    he = probs[3]
+    assert passed == {"601/he": ["def add(a, b):\n    return a + b", he.prompt + "    return a + b"]}
+    assert pairs[0]["prompt"] == codegen.code_request(codegen.humaneval_task(he.prompt))
+    sft, _ = codegen_star.training_rows(probs, passed, {("601/he", c): "m" for c in passed["601/he"]}, max_kept=4)
+    assert [r["source"] for r in sft] == ["mbpp/601/he"] * 2 and sft[0]["input"].startswith("Complete the following")
+
+
 def test_evaluation_and_test_split_tasks_never_reach_training(tmp_path):
     leaky = TASKS + [dict(TASKS[0], task_id=700, split="train", prompt=TASKS[3]["prompt"]),  # a test task's text
                      {**HE[0], "split": "train"}]
@@ -80,6 +97,8 @@ def test_evaluation_and_test_split_tasks_never_reach_training(tmp_path):
     # and the last check before a file is written refuses a held-out row outright
     with pytest.raises(RuntimeError, match="held-out tasks"):
         codegen_star.check_no_eval_tasks([{"task_id": "11"}], {p.task_id for p in held}, "codegen_sft.jsonl")
+    with pytest.raises(RuntimeError, match="held-out tasks"):  # as HumanEval's view of it, too
+        codegen_star.check_no_eval_tasks([{"task_id": "11/he"}], {p.task_id for p in held}, "codegen_sft.jsonl")
     with pytest.raises(UserError, match="not MBPP-shaped"):
         codegen_star.load_train_tasks(str(he), "train")
 

@@ -101,6 +101,30 @@ def test_chat_answers_become_programs():
     assert [r.status for r in res] == ["passed", "passed", "failed"]
 
 
+def test_an_mbpp_task_posed_as_humaneval_keeps_its_tests():
+    """mbpp_as_humaneval: the reference's imports and signature, a docstring with the description and the first test
+    as an example; a whole function or a bare body passes, a wrong one fails; the training target is a whole
+    function either way; a reference without the entry function has no such view."""
+    p = codegen.mbpp_problem({"task_id": 7, "prompt": "Write a function to sort and square.",
+                              "code": "import math\r\ndef sq(xs):\r\n    return sorted(x * x for x in xs)",
+                              "test_list": ["assert sq([2, 1]) == [1, 4]", "assert sq([]) == []"]})
+    v = codegen.mbpp_as_humaneval(p)
+    assert v.task_id == "7/he" and codegen.base_task_id(v.task_id) == "7" and v.kind == "humaneval"
+    assert v.prompt == ('import math\n\n\ndef sq(xs):\n    """ Write a function to sort and square.\n'
+                        '    >>> sq([2, 1])\n    [1, 4]\n    """\n')
+    assert codegen.task_text(v) == codegen.task_text(p)  # the held-out checks see the same task
+    whole = "```python\ndef sq(xs):\n    return sorted(x * x for x in xs)\n```"
+    body = "```python\n    return sorted(x * x for x in xs)\n```"
+    wrong = "```python\n    return [x * x for x in xs]\n```"
+    sols = [codegen.solution_from_answer(v, a) for a in (whole, body, wrong)]
+    res = sandbox.run_programs([codegen.build_program(v, s) for s in sols])
+    assert [r.status for r in res] == ["passed", "passed", "failed"]
+    assert codegen.target_code(v, sols[0], whole) == "def sq(xs):\n    return sorted(x * x for x in xs)"
+    assert codegen.target_code(v, sols[1], body) == sols[1] and sols[1].startswith(v.prompt)
+    assert codegen.mbpp_as_humaneval(codegen.mbpp_problem({**p.meta, "task_id": 8, "prompt": "x", "code": "y = 1",
+                                                           "test_list": ["assert sq([]) == []"]})) is None
+
+
 def test_reference_solutions_pass_on_real_humaneval_and_mbpp(tmp_path):
     he = shared_data("codegen/humaneval.jsonl")
     mbpp = shared_data("codegen/mbpp.jsonl")
@@ -124,6 +148,12 @@ def test_readers_know_each_format():
         assert len(probs) == n and {p.kind for p in probs} == {kind} and all(p.entry_point for p in probs)
     train = codegen.load_problems(shared_data("codegen/mbpp.jsonl"), "train")
     assert len(train) == 464 and min(int(p.task_id) for p in train) == 511
+    # every MBPP training task can be posed as HumanEval asks, and its reference passes that way
+    views = [codegen.mbpp_as_humaneval(p) for p in train]
+    assert all(views)
+    res = sandbox.run_programs([codegen.build_program(v, codegen.solution_from_answer(v, codegen.fenced(v.reference)))
+                                for v in views[:40]])
+    assert all(r.passed for r in res)
 
 
 def test_smoke_tiny_model(tiny_model_dir, tmp_path):
