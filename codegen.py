@@ -77,6 +77,11 @@ def _longest_parsing_prefix(lines: list[str]) -> str:
     return "\n".join(lines).rstrip()
 
 
+def defines(code: str, name: str | None) -> bool:
+    """Whether `code` has a `def name(` line (at any indentation)."""
+    return bool(name) and re.search(rf"^\s*(async\s+)?def\s+{re.escape(name)}\s*\(", code, re.M) is not None
+
+
 def extract_code(text: str, entry_point: str | None = None) -> str:
     """The Python code in a model's answer. Fenced blocks (``` or ~~~, closed or cut off by the token limit) win:
     the one defining `entry_point` if given, else the first python/unlabelled block that defines something, else
@@ -87,8 +92,7 @@ def extract_code(text: str, entry_point: str | None = None) -> str:
     if py:
         pick = None
         if entry_point:
-            pat = re.compile(rf"^\s*(async\s+)?def\s+{re.escape(entry_point)}\s*\(", re.M)
-            pick = next((c for c in py if pat.search(c)), None)
+            pick = next((c for c in py if defines(c, entry_point)), None)
         if pick is None:
             pick = next((c for c in py if re.search(r"^\s*(def|class)\s", c, re.M)), None)
         if pick is None:
@@ -216,9 +220,7 @@ def target_code(p: Problem, solution: str, raw: str) -> str:
     if p.kind != "humaneval":
         return solution
     code = extract_code(raw, p.entry_point)
-    if p.entry_point and re.search(rf"^\s*(async\s+)?def\s+{re.escape(p.entry_point)}\s*\(", code, re.M):
-        return code
-    return solution
+    return code if defines(code, p.entry_point) else solution
 
 
 def load_problems(path, split: str | None = None) -> list[Problem]:
@@ -294,7 +296,7 @@ def solution_from_answer(p: Problem, answer: str) -> str:
     code = extract_code(answer, p.entry_point)
     if p.kind != "humaneval":
         return code
-    if p.entry_point and re.search(rf"^\s*(async\s+)?def\s+{re.escape(p.entry_point)}\s*\(", code, re.M):
+    if defines(code, p.entry_point):
         return p.prompt.rstrip() + "\n    pass\n\n" + code + "\n"
     return p.prompt + code + "\n"
 

@@ -308,7 +308,8 @@ def main(args):
             task_rows(args, tid, prompt, ok[i], found.get(i, {}), sft, kd, dpo)
     # save
     files = {"codegen_sft.jsonl": sft, "codegen_kd.jsonl": kd, "codegen_dpo.jsonl": dpo}
-    report.update(tasks=len(problems), format=args.format, dropped_reference_failed=dropped, rows={k: len(v) for k, v in files.items()},
+    report.update(tasks=len(problems), format=args.format, dropped_reference_failed=dropped,
+                  rows={k: len(v) for k, v in files.items()},
                   dpo_without_failing_candidate=len(sft) - len(dpo), teacher=args.teacher,
                   candidate_results=dict(status), rejected_from=dict(Counter(
                       "teacher" if r["rejected_from"] == "teacher" else r["rejected_from"].split(":")[1].strip()

@@ -51,7 +51,8 @@ STATE_FILE = "state.json"  # in each finished round_R/: what the next round star
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     g = p.add_argument_group("model")
-    g.add_argument("--student", default="smollm2-135m", help=f"the base student every round trains: {cli.MODEL_SPEC}; a run dir's adapter is continued")
+    g.add_argument("--student", default="smollm2-135m",
+                   help=f"the base student every round trains: {cli.MODEL_SPEC}; a run dir's adapter is continued")
     g.add_argument("--teacher", default=None,
                    help="the sampler of every round (default: the current student itself, STaR)")
     cli.add_load_args(g)
@@ -486,10 +487,11 @@ def load_state(save: Path, args) -> tuple[int, dict]:
         raise UserError(f"--resume: {save} holds no finished round ({STATE_FILE}); run without --resume")
     last, path = done[-1]
     state = json.loads(path.read_text(encoding="utf-8"))
+    state.setdefault("train_format", "mbpp")  # a round finished before --train_format existed
     for flag, key, now in (("--student", "student_arg", args.student), ("--teacher", "teacher", args.teacher),
                            ("--train_data (its content)", "train_data_sha256", sha256_file(args.train_data)),
                            ("--train_format", "train_format", args.train_format)):
-        if state.get(key, "mbpp" if key == "train_format" else None) != now:
+        if state[key] != now:
             raise UserError(f"--resume: {path} was made with another {flag}: give the run's own --student, --teacher, "
                             "--train_data and --train_format, or another --save_dir")
     if last >= args.rounds:
