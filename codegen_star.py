@@ -46,6 +46,8 @@ from run_record import data_record, save_eval, write_run_json
 ROOT = Path(__file__).resolve().parent
 TRAIN_CHOICES = ("sft", "sft+dpo", "kd", "kd+dpo", "dpo", "none")
 STATE_FILE = "state.json"  # in each finished round_R/: what the next round starts from (--resume)
+RESUME_SAME = {"student_arg": "--student", "teacher": "--teacher", "train_data_sha256": "--train_data (its content)",
+               "train_format": "--train_format"}  # what a resumed run shares with the run it continues, by flag
 
 
 def parse_args(argv=None):
@@ -108,8 +110,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("output")
     g.add_argument("--save_dir", required=True, help="folder for the rounds' data, runs, evaluations and run.json")
     g.add_argument("--resume", action="store_true",
-                   help="continue the run in --save_dir after its last finished round (same --student, --teacher "
-                        "and --train_data; --rounds may be raised); an unfinished round is run again")
+                   help="continue the run in --save_dir after its last finished round (same --student, --teacher, "
+                        "--train_data and --train_format; --rounds may be raised); an unfinished round is run again")
     return cli.parse(p, argv)
 
 
@@ -385,8 +387,10 @@ def main(args):
     sampler_of: dict[tuple, str] = {}
     all_pairs: list[dict] = []
     student, rounds, first = args.student, [], 0
+    same = {"student_arg": args.student, "teacher": args.teacher, "train_data_sha256": sha256_file(args.train_data),
+            "train_format": args.train_format}  # RESUME_SAME's values, recorded in every round's state
     if args.resume:
-        last, state = load_state(save, args)
+        last, state = load_state(save, args.rounds, same)
         student, rounds, all_pairs, kept = state["student"], state["rounds"], state["pairs"], state["kept"]
         sampler_of = {(tid, code): who for tid, code, who in state["sampler_of"]}
         first = last + 1
@@ -465,10 +469,7 @@ def main(args):
                                            for n, m in rec["eval"].items()), file=sys.stderr, flush=True)
         rounds.append(rec)
         save_record(args, save, rounds, student, train, excluded, evals, started)  # after every round
-        write_json(rdir / STATE_FILE, {"student_arg": args.student, "teacher": args.teacher,
-                                       "train_format": args.train_format,
-                                       "train_data_sha256": sha256_file(args.train_data), "student": student,
-                                       "kept": kept, "pairs": all_pairs, "rounds": rounds,
+        write_json(rdir / STATE_FILE, {**same, "student": student, "kept": kept, "pairs": all_pairs, "rounds": rounds,
                                        "sampler_of": [[tid, code, who] for (tid, code), who in sampler_of.items()]})
     # save
     metrics = save_record(args, save, rounds, student, train, excluded, evals, started)
@@ -476,9 +477,10 @@ def main(args):
     return metrics
 
 
-def load_state(save: Path, args) -> tuple[int, dict]:
-    """--resume: the last finished round in `save` and the state it left (STATE_FILE); the folders of rounds after
-    it (unfinished) are removed, as that round runs again."""
+def load_state(save: Path, rounds: int, same: dict) -> tuple[int, dict]:
+    """--resume: the last finished round in `save` and the state it left (STATE_FILE), refused where it was made
+    with other RESUME_SAME values than `same` or no round up to `rounds` is left; the folders of rounds after it
+    (unfinished) are removed, as that round runs again."""
     def number(folder: Path) -> int:  # round_R -> R; -1 for other names
         m = re.fullmatch(r"round_(\d+)", folder.name)
         return int(m.group(1)) if m else -1
@@ -488,13 +490,11 @@ def load_state(save: Path, args) -> tuple[int, dict]:
     last, path = done[-1]
     state = json.loads(path.read_text(encoding="utf-8"))
     state.setdefault("train_format", "mbpp")  # a round finished before --train_format existed
-    for flag, key, now in (("--student", "student_arg", args.student), ("--teacher", "teacher", args.teacher),
-                           ("--train_data (its content)", "train_data_sha256", sha256_file(args.train_data)),
-                           ("--train_format", "train_format", args.train_format)):
-        if state[key] != now:
+    for key, flag in RESUME_SAME.items():
+        if state[key] != same[key]:
             raise UserError(f"--resume: {path} was made with another {flag}: give the run's own --student, --teacher, "
                             "--train_data and --train_format, or another --save_dir")
-    if last >= args.rounds:
+    if last >= rounds:
         raise UserError(f"--resume: all {last} rounds in {save} are done; raise --rounds to run more")
     for p in save.glob("round_*"):
         if number(p) > last and p.is_dir():

@@ -23,7 +23,8 @@ T="--quantize none --per_device_train_batch_size 16 --gradient_accumulation_step
 python3 codegen_star.py --student $M ${TEACHER:+--teacher $TEACHER} --train_data $P/mbpp.jsonl \
   --eval_data $P/humaneval.jsonl $P/mbpp.jsonl --rounds $ROUNDS --num_samples $N --temperature 0.8 --top_p 0.95 \
   --max_new_tokens $TOK --eval_max_new_tokens $TOK --batch_sequences $BS --limit $LIMIT --eval_limit $EVAL_LIMIT \
-  --eval_samples $ES --k $K --train_format $FORMAT --eval_at $EVAL_AT --sampled_eval_at $SAMPLED_AT --timeout 3 --eval_timeout 5 --train $TRAIN \
+  --eval_samples $ES --k $K --train_format $FORMAT --eval_at $EVAL_AT --sampled_eval_at $SAMPLED_AT --timeout 3 \
+  --eval_timeout 5 --train $TRAIN \
   --train_args "$T --epochs 2 --lr 2e-4" --dpo_args "$T --epochs 1 --lr 5e-6 --beta 0.1" \
   --save_dir $R/codegen_star ${RESUME:+--resume} 2>> $R/logs/codegen_star.log | tee $OUT/codegen_star.txt
 grep -E "^(precision|round [0-9]|NOTE|error)" $R/logs/codegen_star.log | cut -c1-400 | tee -a $OUT/codegen_star.txt
